@@ -1,0 +1,99 @@
+"""Public API: ``transform`` a model into its token-merging version."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .capture import batch_size, capture, normalize_example_inputs
+from .passes import TomePlan, apply_tome
+from .schedule import Schedule, resolve_schedule
+
+
+class TokenState(NamedTuple):
+    """Tokens after the last merge: ``size`` [B, N] patches per token and, with
+    ``trace_source=True``, ``source`` [B, N, N0] (row i marks the original tokens in token i)."""
+
+    size: torch.Tensor | None
+    source: torch.Tensor | None
+
+
+class ToMeModel(torch.nn.Module):
+    """A model rewritten to merge tokens; called exactly like the original.
+
+    Parameters and buffers are *shared* with the original model (not copied): the
+    original is never modified by ``transform``, but an in-place change made through
+    either module afterwards (``.half()``, training) shows in both. ``copy.deepcopy``
+    the model first if the two must be independent.
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, plan: TomePlan, input_shapes, prop_attn, trace_source):
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self._input_shapes = input_shapes
+
+    @property
+    def schedule(self) -> list[int]:
+        """Tokens each block merges away (after clamping)."""
+        return self.plan.schedule
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Tokens entering each block, then the final count."""
+        return self.plan.token_counts
+
+    def _check_inputs(self, args, kwargs) -> None:
+        leaves = pytree.tree_leaves((args, kwargs))
+        shapes = [tuple(t.shape[1:]) for t in leaves if isinstance(t, torch.Tensor) and t.dim()]
+        if shapes != self._input_shapes:
+            raise ValueError(
+                f"inputs of shape {[('batch',) + s for s in shapes]} differ from the ones this model was "
+                f"transformed for, {[('batch',) + s for s in self._input_shapes]}: token counts are fixed "
+                "when the graph is built; call tome_fx.transform again with example_inputs of the new size"
+            )
+
+    def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
+        """The model's outputs together with the final token sizes (and sources)."""
+        self._check_inputs(args, kwargs)
+        outputs, size, source = self.graph_module(*args, **kwargs)
+        return outputs, TokenState(size, source)
+
+    def forward(self, *args, **kwargs):
+        return self.forward_with_tokens(*args, **kwargs)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"ToMeModel(schedule={self.schedule}, tokens={self.token_counts}, protected={self.plan.protected}, "
+            f"prop_attn={self.prop_attn}, trace_source={self.trace_source})"
+        )
+
+
+def transform(
+    model: torch.nn.Module,
+    r: Schedule,
+    *,
+    example_inputs=None,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+) -> ToMeModel:
+    """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
+
+    ``r``: tokens merged per block -- an int, a list (one per block, padded with 0), or
+    ``(r, inflection)`` with inflection in [-1, 1]. ``example_inputs``: a tensor, a tuple
+    of positional args or a dict of keyword args; optional where the model states its
+    input size. The batch size stays dynamic; other input dims are fixed by the example.
+    Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
+    proven safe.
+    """
+    resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
+    inputs = normalize_example_inputs(model, example_inputs)
+    batch_size(inputs)
+    graph_module = capture(model, inputs)
+    plan = apply_tome(graph_module, r, prop_attn=prop_attn, trace_source=trace_source)
+    shapes = [tuple(t.shape[1:]) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim()]
+    return ToMeModel(graph_module, plan, shapes, prop_attn, trace_source)

@@ -1,0 +1,78 @@
+"""Capture a model as an aten-level fx graph with a dynamic batch dimension."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import UnsupportedModelError
+
+ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def default_example_inputs(model: torch.nn.Module) -> torch.Tensor | None:
+    """An image batch of the size the model states (timm ``pretrained_cfg['input_size']``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not input_size:
+        return None
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else None
+    return torch.randn(2, *input_size, dtype=dtype, device=device)
+
+
+def normalize_example_inputs(model: torch.nn.Module, example_inputs) -> ExampleInputs:
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+        if example_inputs is None:
+            raise ValueError(
+                f"{type(model).__name__} does not state its input size; pass example_inputs "
+                "(a tensor, a tuple of positional args, or a dict of keyword args)"
+            )
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def batch_size(inputs: ExampleInputs) -> int:
+    sizes = {t.shape[0] for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim()}
+    if len(sizes) != 1:
+        raise ValueError(f"example inputs must share one batch size (dim 0), got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _with_batch_of_two(inputs: ExampleInputs) -> ExampleInputs:
+    """torch.export specializes a batch of 1 to a constant; trace with 2 to keep it dynamic."""
+    if batch_size(inputs) != 1:
+        return inputs
+    return pytree.tree_map(
+        lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t, inputs
+    )
+
+
+def capture(model: torch.nn.Module, inputs: ExampleInputs) -> torch.fx.GraphModule:
+    """``torch.export`` the model (batch dynamic) and return its unlifted GraphModule.
+
+    Parameters and buffers of the result are the model's own tensors (shared, not copied).
+    """
+    args, kwargs = _with_batch_of_two(inputs)
+    batch = torch.export.Dim("batch", min=1)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    dynamic = {
+        name: pytree.tree_map(lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None, value)
+        for name, value in bound.arguments.items()
+    }
+    try:
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
+    except Exception as error:  # export raises many types; all mean "not capturable"
+        raise UnsupportedModelError(
+            f"torch.export could not capture {type(model).__name__} with a dynamic batch: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+    return program.module()

@@ -1,0 +1,144 @@
+"""The merge math of Token Merging as pure tensor functions.
+
+Plain ``gather``/``scatter_add``/``argsort`` code, so ``torch.compile`` traces and
+fuses it like the rest of the model. Tokens are laid out ``[batch, tokens, ...]``.
+The first ``protected`` tokens (class, distillation, register tokens) never merge
+and keep their places at the front; the order of the other tokens is
+``[unmerged set-A tokens by original position, set-B tokens]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Matching(NamedTuple):
+    """Result of bipartite soft matching for one batch of token sequences."""
+
+    unm_idx: Tensor  # [B, Na - r] set-A tokens that stay, ascending
+    src_idx: Tensor  # [B, r] set-A tokens merged away
+    dst_idx: Tensor  # [B, r] set-B token each of them merges into
+    protected: int
+
+
+def max_merges(tokens: int, protected: int) -> int:
+    """Largest r a block of ``tokens`` tokens with ``protected`` fixed ones allows."""
+    return max(tokens - protected, 0) // 2
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sizes and weighted sums are kept in at least float32 (bf16 cannot count past 256)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Matching:
+    """Pair each even-position token (set A) with its most similar odd-position token (set B)
+    by cosine similarity of ``metric`` [B, N, C]; the ``r`` best pairs are chosen to merge."""
+    tokens = metric.shape[1]
+    if not 0 <= r <= max_merges(tokens, protected):
+        raise ValueError(f"r={r} merges are impossible with {tokens} tokens, {protected} protected")
+    metric = metric.detach()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    if protected:
+        # protected set-A tokens never leave; protected set-B tokens never receive
+        rows = torch.arange(scores.shape[1], device=scores.device) < (protected + 1) // 2
+        cols = torch.arange(scores.shape[2], device=scores.device) < protected // 2
+        scores = scores.masked_fill(rows[:, None] | cols[None, :], -torch.inf)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_idx = edge_idx[:, :r]
+    return Matching(
+        unm_idx=edge_idx[:, r:].sort(dim=-1).values,
+        src_idx=src_idx,
+        dst_idx=node_idx.gather(1, src_idx),
+        protected=protected,
+    )
+
+
+def _expand_index(idx: Tensor, like: Tensor) -> Tensor:
+    return idx.reshape(idx.shape + (1,) * (like.dim() - 2)).expand(idx.shape + like.shape[2:])
+
+
+def merge_sum(matching: Matching, t: Tensor) -> Tensor:
+    """Sum each merged set-A token into its set-B partner: [B, N, ...] -> [B, N - r, ...]."""
+    p = matching.protected
+    a, b = t[:, ::2], t[:, 1::2]
+    unm = a.gather(1, _expand_index(matching.unm_idx, a))
+    src = a.gather(1, _expand_index(matching.src_idx, a))
+    dst = b.scatter_add(1, _expand_index(matching.dst_idx, b), src)
+    # protected tokens are untouched by the merge, so they are read straight from t
+    return torch.cat([t[:, :p], unm[:, (p + 1) // 2 :], dst[:, p // 2 :]], dim=1)
+
+
+def merge_wavg(matching: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted average of merged tokens; ``size`` [B, N] counts patches per token."""
+    acc = accumulation_dtype(x.dtype)
+    size = size.to(acc)
+    weighted = merge_sum(matching, x.to(acc) * size[..., None])
+    new_size = merge_sum(matching, size)
+    return (weighted / new_size[..., None]).to(x.dtype), new_size
+
+
+def initial_size(x: Tensor) -> Tensor:
+    """Every token starts as one patch: ones of shape [B, N]."""
+    return torch.ones(x.shape[:2], dtype=accumulation_dtype(x.dtype), device=x.device)
+
+
+def initial_source(x: Tensor) -> Tensor:
+    """Source map [B, N, N0]: row i marks the original tokens that token i holds."""
+    eye = torch.eye(x.shape[1], dtype=accumulation_dtype(x.dtype), device=x.device)
+    return eye.expand(x.shape[0], -1, -1)
+
+
+def key_metric(keys: Tensor, token_dim: int) -> Tensor:
+    """Matching metric from attention keys [B, heads, ..] with tokens on ``token_dim``:
+    the keys averaged over heads, as [B, N, C]."""
+    return keys.movedim(token_dim, 2).mean(dim=1)
+
+
+def tome_merge(
+    x: Tensor, keys: Tensor, size: Tensor, source: Tensor | None, r: int, protected: int, token_dim: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One ToMe step as inserted into a graph: match on ``keys``, merge ``x``, ``size`` and ``source``."""
+    matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected)
+    x, new_size = merge_wavg(matching, x, size)
+    if source is not None:
+        source = merge_sum(matching, source)
+    return x, new_size, source
+
+
+def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+    """``size`` [B, N] (tokens from ``start`` on) laid out to broadcast against an ``ndim``-dim
+    tensor whose batch is on ``batch_dim`` and tokens on ``token_dim``."""
+    size = size[:, start:]
+    shape = [1] * ndim
+    shape[batch_dim], shape[token_dim] = size.shape
+    if batch_dim > token_dim:
+        size = size.transpose(0, 1)
+    return size.reshape(shape)
+
+
+def log_size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, dtype: torch.dtype) -> Tensor:
+    """Proportional attention: log(size) added to the logits of the keys on ``token_dim``."""
+    return size_bias(size, ndim, batch_dim, token_dim).log().to(dtype)
+
+
+def add_attention_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
+    """Combine an optional ``scaled_dot_product_attention`` mask (bool or additive) with ``bias``."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=bias.dtype).masked_fill(~mask, -torch.inf)
+    return mask + bias
+
+
+def weighted_mean(x: Tensor, weight: Tensor, dim: list[int], keepdim: bool = False) -> Tensor:
+    """Mean over token dims that counts each token ``weight`` times (size-weighted pooling)."""
+    acc = accumulation_dtype(x.dtype)
+    weight = weight.to(acc)
+    total = (x.to(acc) * weight).sum(dim=dim, keepdim=keepdim)
+    return (total / weight.expand_as(x).sum(dim=dim, keepdim=keepdim)).to(x.dtype)

@@ -1,0 +1,102 @@
+"""Run the ToMe passes in order over a captured graph.
+
+find blocks -> count protected tokens -> resolve schedule -> insert merges ->
+token-flow analysis (refuses what it cannot prove) -> repair shapes ->
+proportional attention -> weighted pooling -> expose size/source as extra outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from ..errors import UnsupportedModelError
+from ..schedule import Schedule, clamp_schedule, resolve_schedule
+from .find_blocks import find_attention_blocks
+from .graph_utils import shape_of
+from .insert_merges import InsertMerges
+from .proportional_attention import ProportionalAttention
+from .protected_tokens import count_protected_tokens
+from .repair_shapes import RepairShapes
+from .token_flow import analyze_token_flow
+from .weighted_pooling import WeightedPooling
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    name: str
+    tokens_in: int
+    r: int
+
+    @property
+    def tokens_out(self) -> int:
+        return self.tokens_in - self.r
+
+
+@dataclass(frozen=True)
+class TomePlan:
+    blocks: tuple[BlockPlan, ...]
+    protected: int
+    requested: tuple[int, ...]  # the schedule before clamping
+
+    @property
+    def schedule(self) -> list[int]:
+        return [b.r for b in self.blocks]
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Tokens entering each block, then the final count."""
+        return [b.tokens_in for b in self.blocks] + [self.blocks[-1].tokens_out]
+
+
+def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, trace_source: bool) -> TomePlan:
+    """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, source)``."""
+    blocks = find_attention_blocks(gm.graph)
+    if not blocks:
+        raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
+    stream_shape = shape_of(blocks[0].stream)
+    if len(stream_shape) != 3:
+        raise UnsupportedModelError(
+            f"block {blocks[0].name}: residual stream has shape {stream_shape}; expected [batch, tokens, channels]"
+        )
+    tokens = stream_shape[1]
+    protected = count_protected_tokens(blocks[0].stream)
+    requested = resolve_schedule(r, len(blocks))
+    schedule = clamp_schedule(requested, tokens, protected)
+
+    insert = InsertMerges(blocks, schedule, protected, trace_source)
+    insert(gm)
+    flow = analyze_token_flow(gm.graph, insert.result.seeds, protected)
+    attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
+    for block in blocks:
+        if block.attention not in attended:
+            raise UnsupportedModelError(
+                f"block {block.name}: could not prove that its attention runs over the residual stream's tokens"
+            )
+    RepairShapes(flow)(gm)
+    if prop_attn:
+        ProportionalAttention(flow)(gm)
+    WeightedPooling(flow)(gm)
+    _append_outputs(gm, insert.result.size, insert.result.source)
+    gm.graph.lint()
+    gm.recompile()
+
+    plans, count = [], tokens
+    for block, block_r in zip(blocks, schedule):
+        plans.append(BlockPlan(block.name, count, block_r))
+        count -= block_r
+    return TomePlan(tuple(plans), protected, tuple(requested))
+
+
+def _append_outputs(gm: GraphModule, size, source) -> None:
+    output = gm.graph.output_node()
+    codegen = gm.graph._codegen
+    info = codegen.pytree_info
+    leaf = object()  # any non-container value is one pytree leaf (None would be none)
+    original = pytree.tree_unflatten([leaf] * info.out_spec.num_leaves, info.out_spec)
+    _, out_spec = pytree.tree_flatten((original, leaf, leaf))
+    flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    output.update_arg(0, tuple(flat + [size, source]))
+    codegen.pytree_info = info._replace(out_spec=out_spec)

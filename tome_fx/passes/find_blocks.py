@@ -1,0 +1,128 @@
+"""Find attention blocks by graph structure (not by module names).
+
+An attention block is: an attention op -- aten ``scaled_dot_product_attention``, or
+``matmul -> (scale/mask/cast) -> softmax -> (dropout/cast) -> matmul`` -- whose keys
+come from the residual stream, and the residual ``add`` that brings its output back
+into that stream. The merge goes right after that add, before the MLP branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from ..errors import UnsupportedModelError
+from .graph_utils import aten, ancestors, describe, module_path, tensor_meta
+
+SDPA = {aten.scaled_dot_product_attention.default}
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL = {aten.matmul.default, aten.bmm.default}
+# ops allowed between the scores matmul and the softmax, and between softmax and the value matmul
+_LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
+_PASS_THROUGH = {aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default}
+RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    name: str
+    attention: Node  # the sdpa node, or the softmax of a manual attention
+    output: Node  # the attention's output (sdpa node, or the value matmul)
+    keys: Node  # key operand as the attention consumes it
+    key_token_dim: int  # tokens of ``keys``: -2 for sdpa keys, -1 for k^T in q @ k^T
+    stream: Node  # residual stream entering the block
+    residual: Node  # residual add after the attention: the merge point
+
+
+def _walk_back(node: Node, through: set) -> Node:
+    while node.op == "call_function" and node.target in through:
+        node = node.args[0]
+    return node
+
+
+def _single_user(node: Node, through: set) -> Node | None:
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_function" or user.target not in through:
+            return user
+        node = user
+    return None
+
+
+def _manual_attention(softmax: Node) -> tuple[Node, Node] | None:
+    """(keys operand, output) of ``matmul -> softmax -> matmul``, or None."""
+    scores = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
+    if scores.op != "call_function" or scores.target not in MATMUL:
+        return None
+    value_matmul = _single_user(softmax, _PASS_THROUGH)
+    if value_matmul is None or value_matmul.target not in MATMUL:
+        return None
+    return scores.args[1], value_matmul
+
+
+def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:
+    """First add downstream of ``output`` whose other operand is an ancestor of the keys."""
+    key_ancestors = ancestors(keys) | {keys}
+    frontier, seen, candidates = [output], {output}, []
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            frontier.append(user)
+            if user.op == "call_function" and user.target in RESIDUAL_ADD:
+                candidates.append(user)
+    for add in sorted(candidates, key=graph_order.__getitem__):
+        for mine, other in (add.args[:2], add.args[1::-1]):
+            if isinstance(other, Node) and mine in seen | {output} and other in key_ancestors:
+                return add, other
+    return None
+
+
+def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    blocks: list[AttentionBlock] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA:
+            keys, key_token_dim, output = node.args[1], -2, node
+        elif node.target in SOFTMAX:
+            found = _manual_attention(node)
+            if found is None:
+                continue
+            (keys, output), key_token_dim = found, -1
+        else:
+            continue
+        found = _residual_add(output, keys, order)
+        if found is None:
+            raise UnsupportedModelError(
+                f"attention at {describe(node)} has no residual connection around it; "
+                "token merging is defined for residual transformer blocks"
+            )
+        residual, stream = found
+        key_meta = tensor_meta(keys)
+        if key_meta is None or key_meta.dim() != 4:
+            raise UnsupportedModelError(
+                f"attention at {describe(node)}: keys must be [batch, heads, tokens, dim] "
+                f"(4-d), got {None if key_meta is None else tuple(key_meta.shape)}"
+            )
+        name = module_path(residual) or module_path(node) or node.name
+        blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual))
+    _check_sequential(blocks)
+    return blocks
+
+
+def _check_sequential(blocks: list[AttentionBlock]) -> None:
+    """Each block must read the residual stream the previous block wrote."""
+    for prev, block in zip(blocks, blocks[1:]):
+        if prev.residual not in ancestors(block.keys):
+            raise UnsupportedModelError(
+                f"block {block.name}: its attention does not read the output of block {prev.name}; "
+                "only a single stream of sequential blocks can be merged"
+            )
+        if prev.residual is block.residual:
+            raise UnsupportedModelError(f"blocks {prev.name} and {block.name} share one residual add")

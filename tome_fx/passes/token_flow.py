@@ -1,0 +1,404 @@
+"""Token-flow analysis: which axis of every tensor holds the (merged) tokens.
+
+Starting from the residual stream of the first block and from every merge output,
+roles (batch / token) are carried forward op by op. Each op either has a rule that
+proves the rewrite safe -- and records what must change (a shape argument, a
+softmax over keys, a token-average pool) -- or the analysis refuses with the block
+and the reason. Nothing is matched by integer value: the token count may well equal
+another dimension.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.fx import Graph, Node
+
+from ..errors import UnsupportedModelError
+from .graph_utils import aten, describe, shape_of, tensor_meta
+
+BATCH, TOKEN = "batch", "token"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Roles of a tensor's dims, and the token sizes that go with its token dims."""
+
+    roles: tuple[str | None, ...]
+    size: Node | None  # [B, N] sizes; None while every token is still one patch
+    start: int = 0  # the tensor holds the tokens from this position of the sequence on
+
+    def dims(self, role: str) -> list[int]:
+        return [i for i, r in enumerate(self.roles) if r == role]
+
+    def batch_dim(self) -> int | None:
+        found = self.dims(BATCH)
+        return found[0] if len(found) == 1 else None
+
+    @property
+    def merged(self) -> bool:
+        return self.size is not None
+
+
+@dataclass(frozen=True)
+class ShapeArg:
+    """Entry ``position`` of the shape list ``node.args[1]`` must follow dim ``in_dim`` of ``node.args[0]``."""
+
+    node: Node
+    position: int
+    in_dim: int
+
+
+@dataclass
+class TokenFlow:
+    layouts: dict[Node, Layout] = field(default_factory=dict)
+    shape_args: list[ShapeArg] = field(default_factory=list)
+    open_slices: list[Node] = field(default_factory=list)  # slices whose end must become "to the end"
+    softmaxes: list[tuple[Node, int]] = field(default_factory=list)  # softmax over tokens, and its dim
+    sdpas: list[Node] = field(default_factory=list)  # sdpa whose keys are tokens
+    pools: list[tuple[Node, int]] = field(default_factory=list)  # mean over tokens, and the token dim
+
+
+class _Refuse(Exception):
+    pass
+
+
+_POINTWISE_EXTRA = {
+    aten.dropout.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.type_as.default,
+}
+_NORMS = {aten.layer_norm.default: 1, aten.rms_norm.default: 1}
+_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+
+
+def _is_pointwise(target) -> bool:
+    return target in _POINTWISE_EXTRA or (
+        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    )
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _ndim(node) -> int:
+    return tensor_meta(node).dim()
+
+
+def _view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Split two shapes of equal numel into groups of dims with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(src) and j < len(dst):
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                pi, i = pi * src[i], i + 1
+                gi.append(i - 1)
+            elif j < len(dst):
+                pj, j = pj * dst[j], j + 1
+                gj.append(j - 1)
+            else:
+                raise _Refuse(f"cannot relate shapes {src} and {dst}")
+        groups.append((gi, gj))
+    groups += [([k], []) for k in range(i, len(src))] + [([], [k]) for k in range(j, len(dst))]
+    return groups
+
+
+class _Analysis:
+    def __init__(self, seeds: dict[Node, Layout], protected: int):
+        self.flow = TokenFlow(layouts=dict(seeds))
+        self.seeds = seeds
+        self.protected = protected
+        self.lists: dict[Node, list[Layout | None]] = {}
+
+    def run(self, graph: Graph) -> TokenFlow:
+        for node in graph.nodes:
+            if node in self.seeds or node.op not in ("call_function", "output"):
+                continue
+            tracked = [n for n in node.all_input_nodes if n in self.flow.layouts or n in self.lists]
+            if not tracked:
+                continue
+            if node.op == "output":
+                raise UnsupportedModelError(
+                    f"the model returns per-token tensors ({', '.join(n.name for n in tracked)}); "
+                    "un-merging them back to the original token positions is not supported yet"
+                )
+            if getattr(node.target, "__module__", "").startswith("tome_fx"):
+                continue  # nodes tome_fx inserted itself
+            try:
+                result = self.visit(node)
+            except _Refuse as why:
+                raise UnsupportedModelError(
+                    f"block {describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}"
+                ) from None
+            if isinstance(result, list):
+                self.lists[node] = result
+            elif result is not None and TOKEN in result.roles:
+                self.flow.layouts[node] = result
+        return self.flow
+
+    # -- helpers ---------------------------------------------------------------------------
+    def layout(self, node) -> Layout | None:
+        return self.flow.layouts.get(node) if isinstance(node, Node) else None
+
+    def only_layout(self, node: Node) -> Layout:
+        layouts = {self.layout(n) for n in node.all_input_nodes} - {None}
+        if len(layouts) != 1:
+            raise _Refuse("it combines tensors of different token layouts")
+        return layouts.pop()
+
+    def token_count(self, node: Node, dim: int) -> int:
+        return shape_of(node)[dim]
+
+    # -- rules -------------------------------------------------------------------------------
+    def visit(self, node: Node):
+        target = node.target
+        if target is operator.getitem and node.args[0] in self.lists:
+            return self.lists[node.args[0]][node.args[1]]
+        if target == aten.sym_size.int:
+            return None  # reads the live size: stays right after merging
+        if _is_pointwise(target):
+            return self.pointwise(node)
+        if target in _NORMS:
+            return self.norm(node)
+        if target == aten.linear.default:
+            return self.linear(node)
+        if target in (aten.matmul.default, aten.bmm.default):
+            return self.matmul(node)
+        if target in _SOFTMAX:
+            return self.softmax(node)
+        if target == aten.scaled_dot_product_attention.default:
+            return self.sdpa(node)
+        if target in _RESHAPES:
+            return self.reshape(node)
+        if target == aten.expand.default:
+            return self.expand(node)
+        if target == aten.permute.default:
+            src = self.layout(node.args[0])
+            return replace(src, roles=tuple(src.roles[d] for d in node.args[1]))
+        if target == aten.transpose.int:
+            src = self.layout(node.args[0])
+            a, b = (_norm_dim(d, len(src.roles)) for d in node.args[1:3])
+            roles = list(src.roles)
+            roles[a], roles[b] = roles[b], roles[a]
+            return replace(src, roles=tuple(roles))
+        if target in (aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            return self.split(node)
+        if target == aten.select.int:
+            return self.select(node)
+        if target == aten.slice.Tensor:
+            return self.slice(node)
+        if target in (aten.mean.dim, aten.sum.dim_IntList):
+            return self.reduce(node)
+        if target == aten.cat.default:
+            return self.cat(node)
+        raise _Refuse("no rule describes how this op treats the token axis")
+
+    def pointwise(self, node: Node) -> Layout:
+        layout = self.only_layout(node)
+        out_ndim = _ndim(node)
+        roles: list[str | None] = [None] * out_ndim
+        for arg in node.all_input_nodes:
+            meta = tensor_meta(arg)
+            if meta is None:
+                continue
+            offset = out_ndim - meta.dim()
+            arg_layout = self.layout(arg)
+            for d in range(meta.dim()):
+                if arg_layout is not None and arg_layout.roles[d] is not None:
+                    roles[offset + d] = arg_layout.roles[d]
+        for arg in node.all_input_nodes:
+            meta = tensor_meta(arg)
+            if meta is None or self.layout(arg) is not None:
+                continue
+            offset = out_ndim - meta.dim()
+            for d in range(meta.dim()):
+                if roles[offset + d] == TOKEN and meta.shape[d] != 1:
+                    raise _Refuse(
+                        f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
+                        f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
+                    )
+        return replace(layout, roles=tuple(roles))
+
+    def norm(self, node: Node) -> Layout:
+        layout = self.layout(node.args[0])
+        normalized = len(node.args[1])
+        if any(layout.roles[-normalized:]):
+            raise _Refuse("it normalizes over the token or batch axis")
+        return layout
+
+    def linear(self, node: Node) -> Layout:
+        layout = self.layout(node.args[0])
+        if layout is None or layout.roles[-1] is not None or any(self.layout(a) for a in node.args[1:]):
+            raise _Refuse("its weights act on the token axis")
+        return layout
+
+    def matmul(self, node: Node) -> Layout:
+        a, b = node.args[:2]
+        la, lb = self.layout(a), self.layout(b)
+        if la and lb and la.size is not lb.size:
+            raise _Refuse("it multiplies tokens from before and after a merge")
+        if _ndim(a) < 2 or _ndim(b) < 2:
+            raise _Refuse("matrix-vector products over tokens are not understood")
+        ra = la.roles if la else (None,) * _ndim(a)
+        rb = lb.roles if lb else (None,) * _ndim(b)
+        if ra[-1] != rb[-2]:
+            raise _Refuse("it contracts the token axis of one operand with a non-token axis of the other")
+        out_ndim = _ndim(node)
+        roles = [None] * out_ndim
+        for src in (ra[:-2], rb[:-2]):
+            for d, role in enumerate(src):
+                roles[out_ndim - 2 - len(src) + d] = roles[out_ndim - 2 - len(src) + d] or role
+        roles[-2], roles[-1] = ra[-2], rb[-1]
+        return replace(la or lb, roles=tuple(roles))
+
+    def softmax(self, node: Node) -> Layout:
+        layout = self.layout(node.args[0])
+        dim = _norm_dim(node.args[1], len(layout.roles))
+        if layout.roles[dim] == BATCH:
+            raise _Refuse("softmax over the batch axis")
+        if layout.roles[dim] == TOKEN:
+            if layout.batch_dim() is None:
+                raise _Refuse("softmax over tokens where the batch axis is folded into another axis")
+            self.flow.softmaxes.append((node, dim))
+        return layout
+
+    def sdpa(self, node: Node) -> Layout | None:
+        q, k, v = node.args[:3]
+        lq, lk, lv = self.layout(q), self.layout(k), self.layout(v)
+        if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
+            raise _Refuse("causal attention depends on token order")
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        if isinstance(mask, Node) and (self.layout(mask) or tensor_meta(mask).shape[-1] != 1):
+            raise _Refuse("an attention mask over keys would have to be merged with the keys")
+        if (lk is None) != (lv is None) or (lk and (lk.roles[-2] != TOKEN or lv.roles[-2] != TOKEN)):
+            raise _Refuse("keys and values must both carry the tokens on dim -2")
+        if lk is not None:
+            if lq is not None and lq.size is not lk.size:
+                raise _Refuse("queries and keys come from before and after a merge")
+            if lk.batch_dim() is None:
+                raise _Refuse("the batch axis of the keys is folded into another axis")
+            self.flow.sdpas.append(node)
+        if lq is None:
+            return None
+        return replace(lq, roles=lq.roles[:-1] + (None,))
+
+    def reshape(self, node: Node) -> Layout:
+        src = self.layout(node.args[0])
+        in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
+        roles: list[str | None] = [None] * len(out_shape)
+        for gi, gj in _view_groups(in_shape, out_shape):
+            big_in = [d for d in gi if in_shape[d] != 1]
+            big_out = [d for d in gj if out_shape[d] != 1]
+            for d in gi:
+                role = src.roles[d]
+                if role is None:
+                    continue
+                if big_in == [d] and len(big_out) == 1:
+                    roles[big_out[0]] = role
+                    if role == TOKEN:
+                        self.flow.shape_args.append(ShapeArg(node, big_out[0], d))
+                elif role == TOKEN:
+                    raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})")
+        return replace(src, roles=tuple(roles))
+
+    def expand(self, node: Node) -> Layout:
+        src = self.layout(node.args[0])
+        offset = len(node.args[1]) - len(src.roles)
+        roles = (None,) * offset + src.roles
+        for d in src.dims(TOKEN):
+            self.flow.shape_args.append(ShapeArg(node, offset + d, d))
+        return replace(src, roles=roles)
+
+    def split(self, node: Node) -> list[Layout]:
+        src = self.layout(node.args[0])
+        dim_index = 1 if node.target == aten.unbind.int else 2
+        dim = _norm_dim(node.args[dim_index] if len(node.args) > dim_index else 0, len(src.roles))
+        if src.roles[dim] is not None:
+            raise _Refuse("it splits along the token or batch axis")
+        roles = src.roles[:dim] + src.roles[dim + 1 :] if node.target == aten.unbind.int else src.roles
+        return [replace(src, roles=roles)] * len(node.meta["val"])
+
+    def select(self, node: Node) -> Layout:
+        src = self.layout(node.args[0])
+        dim = _norm_dim(node.args[1], len(src.roles))
+        if src.roles[dim] == TOKEN:
+            index = node.args[2]
+            index = index + self.token_count(node.args[0], dim) if index < 0 else index
+            if src.start + index >= self.protected:
+                raise _Refuse(
+                    f"it reads token {src.start + index}, but only the {self.protected} protected "
+                    "tokens keep their positions when tokens merge"
+                )
+        return replace(src, roles=src.roles[:dim] + src.roles[dim + 1 :])
+
+    def slice(self, node: Node) -> Layout:
+        src = self.layout(node.args[0])
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
+        start = (node.args[2] if len(node.args) > 2 else None) or 0
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        if src.roles[dim] != TOKEN:
+            return src
+        count = self.token_count(node.args[0], dim)
+        end = sys.maxsize if end is None else end + count if end < 0 else end
+        if step != 1 or start < 0:
+            raise _Refuse("a strided or negative slice of merged tokens")
+        if src.start + end <= self.protected:  # only protected tokens: a fixed-size prefix
+            return replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim + 1 :])
+        if end < count or src.start + start > self.protected:
+            raise _Refuse(
+                f"it slices tokens [{start}:{end}] of {count}; merged tokens have no fixed positions "
+                f"past the {self.protected} protected ones"
+            )
+        if end != sys.maxsize:
+            self.flow.open_slices.append(node)
+        return replace(src, start=src.start + start)
+
+    def reduce(self, node: Node) -> Layout | None:
+        src = self.layout(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else None
+        if not dims:
+            raise _Refuse("a reduction over all axes")
+        keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+        dims = sorted(_norm_dim(d, len(src.roles)) for d in dims)
+        reduced = [src.roles[d] for d in dims]
+        if BATCH in reduced:
+            raise _Refuse("a reduction over the batch axis")
+        if TOKEN in reduced:
+            if node.target != aten.mean.dim:
+                raise _Refuse("a sum over tokens counts merged tokens once; only mean pooling is weighted")
+            if reduced.count(TOKEN) != 1 or src.batch_dim() is None or node.kwargs.get("dtype"):
+                raise _Refuse("mean over tokens needs one token axis and a batch axis")
+            self.flow.pools.append((node, dims[reduced.index(TOKEN)]))
+        if keepdim:
+            return replace(src, roles=tuple(None if d in dims else r for d, r in enumerate(src.roles)))
+        return replace(src, roles=tuple(r for d, r in enumerate(src.roles) if d not in dims))
+
+    def cat(self, node: Node) -> Layout:
+        parts = node.args[0]
+        layouts = {self.layout(p) for p in parts}
+        if None in layouts or len(layouts) != 1:
+            raise _Refuse("it concatenates merged tokens with other tensors")
+        src = layouts.pop()
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
+        if src.roles[dim] is not None:
+            raise _Refuse("it concatenates along the token or batch axis")
+        return src
+
+
+def analyze_token_flow(graph: Graph, seeds: dict[Node, Layout], protected: int) -> TokenFlow:
+    """Carry token roles from ``seeds`` through ``graph``; raise UnsupportedModelError where unsafe."""
+    return _Analysis(seeds, protected).run(graph)
