@@ -80,7 +80,9 @@ def merge_wavg(matching: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Ten
     size = size.to(acc)
     weighted = merge_sum(matching, x.to(acc) * size[..., None])
     new_size = merge_sum(matching, size)
-    return (weighted / new_size[..., None]).to(x.dtype), new_size
+    p = matching.protected  # protected tokens pass through bit for bit
+    merged = (weighted[:, p:] / new_size[:, p:, None]).to(x.dtype)
+    return torch.cat([x[:, :p], merged], dim=1), new_size
 
 
 def initial_size(x: Tensor) -> Tensor:

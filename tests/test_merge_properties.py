@@ -1,0 +1,141 @@
+"""Property tests of the merge math (tome_fx.merge): hypothesis hunts for counterexamples."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tome_fx import merge
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2}
+
+
+@st.composite
+def token_batches(draw):
+    batch = draw(st.integers(1, 3))
+    tokens = draw(st.integers(2, 40))
+    channels = draw(st.integers(1, 8))
+    protected = draw(st.integers(0, min(5, tokens)))
+    r = draw(st.integers(0, merge.max_merges(tokens, protected)))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, channels, generator=gen).to(dtype)
+    keys = torch.randn(batch, 2, tokens, channels, generator=gen).to(dtype)
+    size = torch.randint(1, 5, (batch, tokens), generator=gen).to(merge.accumulation_dtype(dtype))
+    return x, keys, size, r, protected
+
+
+def _step(x, keys, size, r, protected, source=None):
+    return merge.tome_merge(x, keys, size, source, r, protected, token_dim=-2)
+
+
+@given(token_batches())
+def test_merge_removes_exactly_r_tokens(case):
+    x, keys, size, r, protected = case
+    merged, new_size, _ = _step(x, keys, size, r, protected)
+    assert merged.shape == (x.shape[0], x.shape[1] - r, x.shape[2])
+    assert new_size.shape == merged.shape[:2]
+    assert merged.dtype == x.dtype
+
+
+@given(token_batches())
+def test_size_total_and_weighted_mass_are_preserved(case):
+    x, keys, size, r, protected = case
+    merged, new_size, _ = _step(x, keys, size, r, protected)
+    torch.testing.assert_close(new_size.sum(1), size.sum(1), rtol=0, atol=0)
+    acc = merge.accumulation_dtype(x.dtype)
+    before = (x.to(acc) * size[..., None]).sum(1)
+    after = (merged.to(acc) * new_size[..., None]).sum(1)
+    tol = TOLERANCE[x.dtype] * (1 + before.abs().max().item())
+    torch.testing.assert_close(after, before, rtol=0, atol=tol)
+
+
+@given(token_batches())
+def test_protected_tokens_never_merge_and_stay_in_front(case):
+    x, keys, size, r, protected = case
+    merged, new_size, _ = _step(x, keys, size, r, protected)
+    assert torch.equal(merged[:, :protected], x[:, :protected])
+    assert torch.equal(new_size[:, :protected], size[:, :protected])
+
+
+@given(token_batches(), st.lists(st.integers(0, 8), min_size=1, max_size=4))
+def test_source_map_partitions_the_original_tokens(case, rs):
+    x, keys, _, _, protected = case
+    size, source = merge.initial_size(x), merge.initial_source(x)
+    for r in rs:
+        r = min(r, merge.max_merges(x.shape[1], protected))
+        keys = torch.randn(x.shape[0], 2, x.shape[1], 4).to(x.dtype)
+        x, size, source = _step(x, keys, size, r, protected, source)
+    assert set(source.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(source.sum(1), torch.ones_like(source.sum(1)))  # each original token in one group
+    assert torch.equal(source.sum(2), size)  # a group holds as many originals as its size
+    protected_rows = source[:, :protected, :protected]
+    assert torch.equal(protected_rows, torch.eye(protected).expand_as(protected_rows).to(source.dtype))
+
+
+@given(token_batches())
+def test_merged_pairs_are_the_most_similar(case):
+    x, keys, _, r, protected = case
+    metric = merge.key_metric(keys.double(), token_dim=-2)
+    matching = merge.bipartite_soft_matching(metric, r, protected)
+    normed = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    scores = normed[:, ::2] @ normed[:, 1::2].transpose(1, 2)
+    scores[:, : (protected + 1) // 2] = -torch.inf
+    scores[:, :, : protected // 2] = -torch.inf
+    best = scores.max(-1).values
+    chosen = best.gather(1, matching.src_idx)
+    others = best.gather(1, matching.unm_idx)
+    if r and others.shape[1]:
+        assert (chosen.min(1).values >= others.max(1).values - 1e-12).all()
+    # each merged token goes to its best partner
+    rows = scores.gather(1, matching.src_idx[..., None].expand(-1, -1, scores.shape[2]))
+    torch.testing.assert_close(rows.gather(2, matching.dst_idx[..., None])[..., 0], chosen)
+
+
+def _attention(x, weights, bias=None):
+    q, k, v = (x @ w for w in weights)
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(-1) @ v
+
+
+@given(
+    st.integers(1, 3), st.integers(2, 30), st.integers(2, 6), st.integers(0, 3), st.integers(0, 2**16), st.data()
+)
+def test_merging_exact_duplicates_with_proportional_attention_is_exact(batch, pairs, channels, protected, seed, data):
+    """Merging tokens that are exact copies and weighting them by size leaves attention unchanged.
+
+    (channels >= 2: with one channel every cosine similarity is +-1, so copies are not the
+    unique best matches and the precondition of the property does not hold.)"""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = protected + 2 * pairs
+    x = torch.randn(batch, tokens, channels, generator=gen, dtype=torch.float64)
+    a_positions = [p for p in range(protected, tokens) if p % 2 == 0]
+    b_positions = [p for p in range(protected, tokens) if p % 2 == 1]
+    copies = data.draw(st.lists(st.sampled_from(a_positions), unique=True, max_size=len(a_positions)))
+    for a in copies:  # each copied A token duplicates some non-protected B token
+        x[:, a] = x[:, data.draw(st.sampled_from(b_positions))]
+    weights = [torch.randn(channels, channels, generator=gen, dtype=torch.float64) for _ in range(3)]
+    expected = x + _attention(x, weights)
+
+    size, source = merge.initial_size(x), merge.initial_source(x)
+    merged, size, source = merge.tome_merge(x, x[:, None], size, source, len(copies), protected, -2)
+    bias = merge.log_size_bias(size, 3, 0, 2, x.dtype)
+    got = merged + _attention(merged, weights, bias)
+    unmerged = source.transpose(1, 2) @ got  # each original token takes its group's value
+    torch.testing.assert_close(unmerged, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_weighted_mean_counts_each_token_by_its_size():
+    x = torch.tensor([[[1.0], [4.0]]])
+    weight = torch.tensor([[[3.0], [1.0]]])
+    assert merge.weighted_mean(x, weight, [1]).item() == (3 * 1 + 4) / 4
+
+
+def test_sdpa_mask_combines_with_boolean_and_additive_masks():
+    bias = torch.zeros(1, 1, 1, 2)
+    keep = torch.tensor([True, False])
+    assert merge.add_attention_bias(keep, bias)[..., 1].item() == -torch.inf
+    assert torch.equal(merge.add_attention_bias(torch.ones(2), bias), torch.ones(1, 1, 1, 2))
