@@ -40,6 +40,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Match
     tokens = metric.shape[1]
     if not 0 <= r <= max_merges(tokens, protected):
         raise ValueError(f"r={r} merges are impossible with {tokens} tokens, {protected} protected")
+    if tokens < 2:  # nothing to pair (then r == 0)
+        none = torch.zeros(metric.shape[0], 0, dtype=torch.long, device=metric.device)
+        keep = torch.arange(tokens, device=metric.device).expand(metric.shape[0], tokens)
+        return Matching(keep, none, none, protected)
     metric = metric.detach()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
