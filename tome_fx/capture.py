@@ -14,9 +14,14 @@ ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def default_example_inputs(model: torch.nn.Module) -> torch.Tensor | None:
-    """An image batch of the size the model states (timm ``pretrained_cfg['input_size']``)."""
+    """An image batch of the size the model states: timm's patch embedding (which follows an
+    ``img_size=`` override), else timm's ``pretrained_cfg['input_size']``."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    embed = getattr(model, "patch_embed", None)
+    img_size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+    if isinstance(img_size, tuple) and isinstance(getattr(proj, "in_channels", None), int):
+        input_size = (proj.in_channels, *img_size)
     if not input_size:
         return None
     param = next(model.parameters(), None)
