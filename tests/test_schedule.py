@@ -43,12 +43,15 @@ def test_bad_schedules_are_rejected(bad, error):
 
 
 @given(st.lists(st.integers(0, 200), min_size=1, max_size=12), st.integers(2, 300), st.integers(0, 5))
-def test_clamp_never_leaves_fewer_than_the_protected_tokens_plus_half(requested, tokens, protected):
+def test_clamp_keeps_protected_tokens_and_one_more(requested, tokens, protected):
     clamped = clamp_schedule(requested, tokens, protected)
     start = tokens
     for want, got in zip(requested, clamped):
         assert 0 <= got <= want
         assert got <= max(tokens - protected, 0) // 2
         tokens -= got
-    assert tokens >= min(protected, start) + (start - min(protected, start)) // 2 - (start - protected) % 2 * 0
+    if start > protected:
+        assert tokens > protected  # r <= (n - p) // 2 always leaves a non-protected token
+    else:
+        assert clamped == [0] * len(clamped)
     assert tokens == start - sum(clamped)

@@ -48,7 +48,7 @@ def module_path(node: Node) -> str:
 def describe(node: Node) -> str:
     """Where a node comes from, for error messages: module path and graph node."""
     path = module_path(node)
-    return f"{path or '<model>'} (graph node '{node.name}')"
+    return f"{f'block {path}' if path else 'model top level'} (graph node '{node.name}')"
 
 
 def input_nodes(node: Node) -> Iterator[Node]:

@@ -54,6 +54,8 @@ class InsertMerges(PassBase):
                 )
             with graph.inserting_after(step):
                 merged = graph.call_function(operator.getitem, (step, 0))
+            # the analysis reads every node's shape as captured (before any merge); so does this one
+            merged.meta["val"] = residual.meta["val"]
             with graph.inserting_after(merged):
                 size = graph.call_function(operator.getitem, (step, 1))
             if self.trace_source:

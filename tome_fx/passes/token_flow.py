@@ -141,7 +141,7 @@ class _Analysis:
                 result = self.visit(node)
             except _Refuse as why:
                 raise UnsupportedModelError(
-                    f"block {describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}"
+                    f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}"
                 ) from None
             if isinstance(result, list):
                 self.lists[node] = result
@@ -210,19 +210,21 @@ class _Analysis:
         layout = self.only_layout(node)
         out_ndim = _ndim(node)
         roles: list[str | None] = [None] * out_ndim
+        untracked = []
         for arg in node.all_input_nodes:
+            arg_layout = self.layout(arg)
+            if arg_layout is None:
+                untracked.append(arg)
+                continue
+            offset = out_ndim - len(arg_layout.roles)
+            for d, role in enumerate(arg_layout.roles):
+                roles[offset + d] = roles[offset + d] or role
+        for arg in untracked:
             meta = tensor_meta(arg)
             if meta is None:
-                continue
-            offset = out_ndim - meta.dim()
-            arg_layout = self.layout(arg)
-            for d in range(meta.dim()):
-                if arg_layout is not None and arg_layout.roles[d] is not None:
-                    roles[offset + d] = arg_layout.roles[d]
-        for arg in node.all_input_nodes:
-            meta = tensor_meta(arg)
-            if meta is None or self.layout(arg) is not None:
-                continue
+                if isinstance(arg.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat)):
+                    continue  # a scalar
+                raise _Refuse(f"`{arg.name}` has no recorded shape")
             offset = out_ndim - meta.dim()
             for d in range(meta.dim()):
                 if roles[offset + d] == TOKEN and meta.shape[d] != 1:

@@ -1,0 +1,140 @@
+"""Public API contract: errors, refusals, the original model left untouched, source tracking."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import tome_fx
+from tome_fx import UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return timm.create_model("deit_tiny_patch16_224", depth=2, num_classes=4).eval()
+
+
+def test_original_model_is_not_modified(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = tiny(images)
+        fast = tome_fx.transform(tiny, 8)
+        fast(images)
+        after_out = tiny(images)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert torch.equal(after_out, expected)
+    assert all(type(b).forward is timm.models.vision_transformer.Block.forward for b in tiny.blocks)
+    # documented: parameters are shared, not copied
+    assert fast.graph_module.get_parameter("cls_token") is tiny.cls_token
+
+
+@pytest.mark.parametrize("r, error", [(-1, ValueError), (1.5, TypeError), ([1, 2, 3], ValueError), ((2, 3.0), ValueError)])
+def test_bad_r_is_rejected_with_a_clear_error(tiny, r, error):
+    with pytest.raises(error, match=r"r|inflection|blocks"):
+        tome_fx.transform(tiny, r)
+
+
+def test_wrong_image_size_is_a_clear_error(tiny):
+    fast = tome_fx.transform(tiny, 4)
+    with pytest.raises(ValueError, match="transform again with example_inputs"):
+        fast(torch.randn(1, 3, 160, 160))
+
+
+def test_batch_size_is_dynamic_including_one(tiny):
+    fast = tome_fx.transform(tiny, 4, example_inputs=torch.randn(1, 3, 224, 224))
+    with torch.no_grad():
+        for batch in (1, 5):
+            images = torch.randn(batch, 3, 224, 224)
+            single = torch.cat([fast(images[i : i + 1]) for i in range(batch)])
+            torch.testing.assert_close(fast(images), single, rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_stated_input_size_needs_example_inputs():
+    class Net(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="example_inputs"):
+        tome_fx.transform(Net(), 2)
+
+
+def test_model_without_attention_is_refused():
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedModelError, match="no attention block"):
+        tome_fx.transform(cnn, 2, example_inputs=torch.randn(2, 3, 16, 16))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim, tokens, bias_in_block):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj, self.mlp = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.pos_bias = nn.Parameter(torch.randn(1, tokens, dim)) if bias_in_block else None
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, c))
+        if self.pos_bias is not None:
+            x = x + self.pos_bias
+        return x + self.mlp(self.norm2(x))
+
+
+class _TinyViT(nn.Module):
+    """A user's own ViT: plain PyTorch, class token, sdpa attention."""
+
+    def __init__(self, tokens=16, dim=8, depth=3, bias_in_block=False, readout=0, per_token=False):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(*[_Block(dim, tokens + 1, bias_in_block) for _ in range(depth)])
+        self.readout, self.per_token = readout, per_token
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+        x = self.blocks(x)
+        return x if self.per_token else x[:, self.readout]
+
+
+def test_users_own_vit_is_transformed():
+    model = _TinyViT().eval()
+    fast = tome_fx.transform(model, 3, example_inputs=torch.randn(2, 16, 4))
+    assert fast.plan.protected == 1
+    assert fast.token_counts == [17, 14, 11, 8]
+    assert fast(torch.randn(3, 16, 4)).shape == (3, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"bias_in_block": True}, r"block blocks\.0 .*fixed token count"),
+        ({"readout": 5}, "reads token 5"),
+        ({"per_token": True}, "per-token tensors"),
+    ],
+)
+def test_unprovable_rewrites_are_refused_naming_the_block(kwargs, reason):
+    model = _TinyViT(**kwargs).eval()
+    with pytest.raises(UnsupportedModelError, match=reason) as info:
+        tome_fx.transform(model, 2, example_inputs=torch.randn(2, 16, 4))
+    assert "graph node" in str(info.value) or "returns" in str(info.value)
+
+
+def test_trace_source_partitions_the_patches(tiny):
+    fast = tome_fx.transform(tiny, 20, trace_source=True)
+    with torch.no_grad():
+        _, state = fast.forward_with_tokens(torch.randn(2, 3, 224, 224))
+    assert state.source.shape == (2, fast.token_counts[-1], 197)
+    assert torch.equal(state.source.sum(1), torch.ones(2, 197))
+    assert torch.equal(state.source.sum(2), state.size)
+    assert state.source[:, 0, 0].eq(1).all()  # the class token holds itself only
+    assert state.source[:, 0].sum(-1).eq(1).all()
+
+
+def test_prop_attn_can_be_switched_off(tiny):
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        with_prop = tome_fx.transform(tiny, 16)(images)
+        without = tome_fx.transform(tiny, 16, prop_attn=False)(images)
+    assert not torch.allclose(with_prop, without)
