@@ -38,6 +38,11 @@ class ToMeModel(torch.nn.Module):
         self._input_shapes = input_shapes
 
     @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes (batch dim left out) of the tensor inputs this model was built for."""
+        return list(self._input_shapes)
+
+    @property
     def schedule(self) -> list[int]:
         """Tokens each block merges away (after clamping)."""
         return self.plan.schedule

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     print(f"protected tokens: {fast.plan.protected}")
     print("tokens per block:", " ".join(str(n) for n in fast.token_counts))
 
-    one = torch.randn(1, 3, *fast._input_shapes[0][1:])
+    one = torch.randn(1, *fast.input_shapes[0])
     flops_base, flops_fast = _flops(model, one), _flops(fast, one)
     print(f"FLOPs/image: {flops_base / 1e9:.2f} G -> {flops_fast / 1e9:.2f} G "
           f"({flops_base / flops_fast:.2f}x fewer; the speedup bound)")
