@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import torch
 from torch.fx import Node
@@ -35,10 +34,6 @@ def shape_of(node: Node) -> tuple[int, ...]:
     return tuple(concrete(d) for d in val.shape)
 
 
-def is_symbolic(dim) -> bool:
-    return not isinstance(dim, int)
-
-
 def module_path(node: Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [path for path, _ in stack.values() if path]
@@ -51,45 +46,26 @@ def describe(node: Node) -> str:
     return f"{f'block {path}' if path else 'model top level'} (graph node '{node.name}')"
 
 
-def input_nodes(node: Node) -> Iterator[Node]:
-    """Every Node among a node's args and kwargs, nested lists included, in order."""
-    yield from _flatten_nodes((node.args, node.kwargs))
-
-
-def _flatten_nodes(value) -> Iterator[Node]:
-    if isinstance(value, Node):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _flatten_nodes(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _flatten_nodes(item)
-
-
-def ancestors(node: Node) -> set[Node]:
+def ancestors(node: Node, stop=lambda n: False) -> set[Node]:
+    """Every node ``node`` depends on; the inputs of nodes where ``stop`` holds are not followed."""
     seen: set[Node] = set()
     stack = [node]
     while stack:
-        for parent in stack.pop().all_input_nodes:
+        current = stack.pop()
+        if current is not node and stop(current):
+            continue
+        for parent in current.all_input_nodes:
             if parent not in seen:
                 seen.add(parent)
                 stack.append(parent)
     return seen
 
 
+def _reads_shape_only(node: Node) -> bool:
+    return node.op == "call_function" and node.target == aten.sym_size.int
+
+
 def depends_on_inputs(node: Node) -> bool:
     """True when a node's *values* depend on a user input; reading only an input's
     shape (``sym_size``, e.g. to expand a class token to the batch) does not count."""
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current.op == "placeholder":
-            return True
-        if current.op == "call_function" and current.target == aten.sym_size.int:
-            continue
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return False
+    return node.op == "placeholder" or any(n.op == "placeholder" for n in ancestors(node, _reads_shape_only))
