@@ -29,9 +29,17 @@ def test_original_model_is_not_modified(tiny):
     assert fast.graph_module.get_parameter("cls_token") is tiny.cls_token
 
 
-@pytest.mark.parametrize("r, error", [(-1, ValueError), (1.5, TypeError), ([1, 2, 3], ValueError), ((2, 3.0), ValueError)])
-def test_bad_r_is_rejected_with_a_clear_error(tiny, r, error):
-    with pytest.raises(error, match=r"r|inflection|blocks"):
+@pytest.mark.parametrize(
+    "r, error, message",
+    [
+        (-1, ValueError, r"r must be >= 0, got -1"),
+        (1.5, TypeError, r"r must be an int"),
+        ([1, 2, 3], ValueError, r"r lists 3 values but the model has 2 attention blocks"),
+        ((2, 3.0), ValueError, r"inflection must be in \[-1, 1\], got 3.0"),
+    ],
+)
+def test_bad_r_is_rejected_with_a_clear_error(tiny, r, error, message):
+    with pytest.raises(error, match=message):
         tome_fx.transform(tiny, r)
 
 
