@@ -119,7 +119,6 @@ def test_users_own_vit_is_transformed():
     [
         ({"bias_in_block": True}, r"block blocks\.0 .*fixed token count"),
         ({"readout": 5}, "reads token 5"),
-        ({"per_token": True}, "per-token tensors"),
     ],
 )
 def test_unprovable_rewrites_are_refused_naming_the_block(kwargs, reason):
@@ -127,6 +126,24 @@ def test_unprovable_rewrites_are_refused_naming_the_block(kwargs, reason):
     with pytest.raises(UnsupportedModelError, match=reason) as info:
         tome_fx.transform(model, 2, example_inputs=torch.randn(2, 16, 4))
     assert "graph node" in str(info.value) or "returns" in str(info.value)
+
+
+def test_per_token_outputs_are_unmerged_to_the_original_positions():
+    model = _TinyViT(per_token=True).eval()
+    x = torch.randn(3, 16, 4)
+    drop_in = tome_fx.transform(model, 3, example_inputs=x)
+    merged = tome_fx.transform(model, 3, example_inputs=x, unmerge_outputs=False)
+    with torch.no_grad():
+        full = drop_in(x)
+        tokens, state = merged.forward_with_tokens(x)
+    assert full.shape == model(x).shape == (3, 17, 8)
+    assert tokens.shape == (3, 8, 8) and state.size.shape == (3, 8)
+    # every original token holds its group's value ...
+    torch.testing.assert_close(full, tokens.gather(1, state.positions[..., None].expand(-1, -1, 8)))
+    # ... so a plain mean over original positions is the size-weighted mean over merged tokens
+    weighted = (tokens * state.size[..., None]).sum(1) / state.size.sum(1, keepdim=True)
+    torch.testing.assert_close(full.mean(1), weighted)
+    assert torch.equal(full[:, 0], tokens[:, 0])  # the class token stays in place
 
 
 def test_trace_source_partitions_the_patches(tiny):

@@ -26,8 +26,9 @@ def token_batches(draw):
     return x, keys, size, r, protected
 
 
-def _step(x, keys, size, r, protected, source=None):
-    return merge.tome_merge(x, keys, size, source, r, protected, token_dim=-2)
+def _step(x, keys, size, r, protected, positions=None):
+    positions = merge.initial_positions(x) if positions is None else positions
+    return merge.tome_merge(x, keys, size, positions, r, protected, token_dim=-2)
 
 
 @given(token_batches())
@@ -61,12 +62,14 @@ def test_protected_tokens_never_merge_and_stay_in_front(case):
 
 @given(token_batches(), st.lists(st.integers(0, 8), min_size=1, max_size=4))
 def test_source_map_partitions_the_original_tokens(case, rs):
+    """``positions`` (followed merge by merge) and ``size`` (summed) must tell the same story."""
     x, keys, _, _, protected = case
-    size, source = merge.initial_size(x), merge.initial_source(x)
+    size, positions = merge.initial_size(x), merge.initial_positions(x)
     for r in rs:
         r = min(r, merge.max_merges(x.shape[1], protected))
         keys = torch.randn(x.shape[0], 2, x.shape[1], 4).to(x.dtype)
-        x, size, source = _step(x, keys, size, r, protected, source)
+        x, size, positions = _step(x, keys, size, r, protected, positions)
+    source = merge.source_map(positions, x.shape[1]).to(size.dtype)
     assert set(source.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(source.sum(1), torch.ones_like(source.sum(1)))  # each original token in one group
     assert torch.equal(source.sum(2), size)  # a group holds as many originals as its size
@@ -120,12 +123,24 @@ def test_merging_exact_duplicates_with_proportional_attention_is_exact(batch, pa
     weights = [torch.randn(channels, channels, generator=gen, dtype=torch.float64) for _ in range(3)]
     expected = x + _attention(x, weights)
 
-    size, source = merge.initial_size(x), merge.initial_source(x)
-    merged, size, source = merge.tome_merge(x, x[:, None], size, source, len(copies), protected, -2)
+    size, positions = merge.initial_size(x), merge.initial_positions(x)
+    merged, size, positions = merge.tome_merge(x, x[:, None], size, positions, len(copies), protected, -2)
     bias = merge.log_size_bias(size, 3, 0, 2, x.dtype)
     got = merged + _attention(merged, weights, bias)
-    unmerged = source.transpose(1, 2) @ got  # each original token takes its group's value
+    unmerged = merge.unmerge(got, positions, 0, 1)  # each original token takes its group's value
     torch.testing.assert_close(unmerged, expected, rtol=1e-9, atol=1e-9)
+
+
+@given(token_batches(), st.integers(0, 2))
+def test_unmerge_follows_the_source_map_on_any_layout(case, start):
+    """``unmerge`` (a gather) equals the source-map product, with tokens and batch on any axes."""
+    x, keys, size, r, protected = case
+    merged, _, positions = _step(x, keys, size, r, protected)
+    start = min(start, protected)
+    expected = merge.source_map(positions, merged.shape[1]).to(merged.dtype).transpose(1, 2) @ merged
+    layout = merged[:, start:].permute(2, 1, 0)  # [C, N, B]: tokens on 1, batch on 2
+    got = merge.unmerge(layout, positions, batch_dim=2, token_dim=1, start=start).permute(2, 1, 0)
+    assert torch.equal(got, expected[:, start:])
 
 
 def test_weighted_mean_counts_each_token_by_its_size():

@@ -7,16 +7,19 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from . import merge
 from .capture import batch_size, capture, normalize_example_inputs
 from .passes import TomePlan, apply_tome
 from .schedule import Schedule, resolve_schedule
 
 
 class TokenState(NamedTuple):
-    """Tokens after the last merge: ``size`` [B, N] patches per token and, with
-    ``trace_source=True``, ``source`` [B, N, N0] (row i marks the original tokens in token i)."""
+    """Tokens after the last merge: ``size`` [B, N] patches per token, ``positions`` [B, N0]
+    the final token that holds each original token and, with ``trace_source=True``,
+    ``source`` [B, N, N0] (row i marks the original tokens in token i)."""
 
-    size: torch.Tensor | None
+    size: torch.Tensor
+    positions: torch.Tensor
     source: torch.Tensor | None
 
 
@@ -29,12 +32,15 @@ class ToMeModel(torch.nn.Module):
     the model first if the two must be independent.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, plan: TomePlan, input_shapes, prop_attn, trace_source):
+    def __init__(
+        self, graph_module: torch.fx.GraphModule, plan: TomePlan, input_shapes, *, prop_attn, trace_source, unmerge_outputs
+    ):
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
         self.prop_attn = prop_attn
         self.trace_source = trace_source
+        self.unmerge_outputs = unmerge_outputs
         self._input_shapes = input_shapes
 
     @property
@@ -65,8 +71,9 @@ class ToMeModel(torch.nn.Module):
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
         """The model's outputs together with the final token sizes (and sources)."""
         self._check_inputs(args, kwargs)
-        outputs, size, source = self.graph_module(*args, **kwargs)
-        return outputs, TokenState(size, source)
+        outputs, size, positions = self.graph_module(*args, **kwargs)
+        source = merge.source_map(positions, size.shape[1]) if self.trace_source else None
+        return outputs, TokenState(size, positions, source)
 
     def forward(self, *args, **kwargs):
         return self.forward_with_tokens(*args, **kwargs)[0]
@@ -74,7 +81,7 @@ class ToMeModel(torch.nn.Module):
     def __repr__(self) -> str:
         return (
             f"ToMeModel(schedule={self.schedule}, tokens={self.token_counts}, protected={self.plan.protected}, "
-            f"prop_attn={self.prop_attn}, trace_source={self.trace_source})"
+            f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs})"
         )
 
 
@@ -85,6 +92,7 @@ def transform(
     example_inputs=None,
     prop_attn: bool = True,
     trace_source: bool = False,
+    unmerge_outputs: bool = True,
 ) -> ToMeModel:
     """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
 
@@ -92,6 +100,9 @@ def transform(
     ``(r, inflection)`` with inflection in [-1, 1]. ``example_inputs``: a tensor, a tuple
     of positional args or a dict of keyword args; optional where the model states its
     input size. The batch size stays dynamic; other input dims are fixed by the example.
+    Per-token outputs (``last_hidden_state``...) are un-merged back to the original token
+    positions, so outputs keep the original shapes; ``unmerge_outputs=False`` returns the
+    merged tokens instead (their sizes come from ``forward_with_tokens``).
     Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
     proven safe.
     """
@@ -99,6 +110,32 @@ def transform(
     inputs = normalize_example_inputs(model, example_inputs)
     batch_size(inputs)
     graph_module = capture(model, inputs)
-    plan = apply_tome(graph_module, r, prop_attn=prop_attn, trace_source=trace_source)
+    plan = apply_tome(graph_module, r, prop_attn=prop_attn, unmerge_outputs=unmerge_outputs)
     shapes = [tuple(t.shape[1:]) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim()]
-    return ToMeModel(graph_module, plan, shapes, prop_attn, trace_source)
+    return ToMeModel(
+        graph_module, plan, shapes, prop_attn=prop_attn, trace_source=trace_source, unmerge_outputs=unmerge_outputs
+    )
+
+
+def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compile_kwargs) -> torch.nn.Module:
+    """``transform`` then ``torch.compile``, with the batch dimension marked dynamic so that a
+    new batch size does not recompile. ``compile_kwargs`` go to ``torch.compile``, except the
+    ``transform`` options ``prop_attn``, ``trace_source`` and ``unmerge_outputs``."""
+    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs") if k in compile_kwargs}
+    fast = transform(model, r, example_inputs=example_inputs, **options)
+    return CompiledToMe(fast, torch.compile(fast, **compile_kwargs))
+
+
+class CompiledToMe(torch.nn.Module):
+    """A compiled ``ToMeModel`` whose inputs get their batch dimension marked dynamic first."""
+
+    def __init__(self, model: ToMeModel, compiled):
+        super().__init__()
+        self.model = model
+        self.__dict__["_compiled"] = compiled  # not a submodule: it wraps ``model`` itself
+
+    def forward(self, *args, **kwargs):
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.dim():
+                torch._dynamo.maybe_mark_dynamic(leaf, 0)
+        return self._compiled(*args, **kwargs)

@@ -67,15 +67,32 @@ def _expand_index(idx: Tensor, like: Tensor) -> Tensor:
     return idx.reshape(idx.shape + (1,) * (like.dim() - 2)).expand(idx.shape + like.shape[2:])
 
 
+def _assemble(matching: Matching, t: Tensor, b: Tensor) -> Tensor:
+    """``[protected, unmerged set-A, set-B]`` tokens of ``t``, with set B read from ``b``."""
+    p = matching.protected
+    a = t[:, ::2]
+    unm = a.gather(1, _expand_index(matching.unm_idx, a))
+    # protected tokens are untouched by the merge, so they are read straight from t
+    return torch.cat([t[:, :p], unm[:, (p + 1) // 2 :], b[:, p // 2 :]], dim=1)
+
+
 def merge_sum(matching: Matching, t: Tensor) -> Tensor:
     """Sum each merged set-A token into its set-B partner: [B, N, ...] -> [B, N - r, ...]."""
-    p = matching.protected
     a, b = t[:, ::2], t[:, 1::2]
-    unm = a.gather(1, _expand_index(matching.unm_idx, a))
     src = a.gather(1, _expand_index(matching.src_idx, a))
-    dst = b.scatter_add(1, _expand_index(matching.dst_idx, b), src)
-    # protected tokens are untouched by the merge, so they are read straight from t
-    return torch.cat([t[:, :p], unm[:, (p + 1) // 2 :], dst[:, p // 2 :]], dim=1)
+    return _assemble(matching, t, b.scatter_add(1, _expand_index(matching.dst_idx, b), src))
+
+
+def merge_positions(matching: Matching, positions: Tensor, tokens: int) -> Tensor:
+    """Follow a merge in ``positions`` [B, N0] (where each original token now sits, among
+    ``tokens`` tokens): a merged-away token moves to wherever its partner goes."""
+    batch = positions.shape[0]
+    current = torch.arange(tokens, device=positions.device).expand(batch, tokens)
+    kept = _assemble(matching, current, current[:, 1::2])  # old index of each new token
+    new_index = torch.arange(kept.shape[1], device=positions.device).expand_as(kept)
+    moved = torch.zeros_like(current).scatter(1, kept, new_index)
+    moved = moved.scatter(1, 2 * matching.src_idx, moved.gather(1, 2 * matching.dst_idx + 1))
+    return moved.gather(1, positions)
 
 
 def merge_wavg(matching: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,10 +111,23 @@ def initial_size(x: Tensor) -> Tensor:
     return torch.ones(x.shape[:2], dtype=accumulation_dtype(x.dtype), device=x.device)
 
 
-def initial_source(x: Tensor) -> Tensor:
-    """Source map [B, N, N0]: row i marks the original tokens that token i holds."""
-    eye = torch.eye(x.shape[1], dtype=accumulation_dtype(x.dtype), device=x.device)
-    return eye.expand(x.shape[0], -1, -1)
+def initial_positions(x: Tensor) -> Tensor:
+    """Original token i starts at position i: [B, N] indices."""
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+
+
+def source_map(positions: Tensor, tokens: int) -> Tensor:
+    """Source map [B, N, N0] from ``positions``: row i marks the original tokens token i holds."""
+    return torch.nn.functional.one_hot(positions, tokens).transpose(1, 2).float()
+
+
+def unmerge(x: Tensor, positions: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+    """Copy each token back to the original positions it holds (tokens from ``start`` on):
+    the inverse layout of the merges, each original token taking its group's value."""
+    index = positions[:, start:] - start
+    moved = x.movedim((batch_dim, token_dim), (0, 1))
+    moved = moved.gather(1, _expand_index(index, moved))
+    return moved.movedim((0, 1), (batch_dim, token_dim))
 
 
 def key_metric(keys: Tensor, token_dim: int) -> Tensor:
@@ -107,14 +137,13 @@ def key_metric(keys: Tensor, token_dim: int) -> Tensor:
 
 
 def tome_merge(
-    x: Tensor, keys: Tensor, size: Tensor, source: Tensor | None, r: int, protected: int, token_dim: int
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One ToMe step as inserted into a graph: match on ``keys``, merge ``x``, ``size`` and ``source``."""
+    x: Tensor, keys: Tensor, size: Tensor, positions: Tensor, r: int, protected: int, token_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One ToMe step as inserted into a graph: match on ``keys``, merge ``x`` and ``size``,
+    and follow the merge in ``positions``."""
     matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected)
     x, new_size = merge_wavg(matching, x, size)
-    if source is not None:
-        source = merge_sum(matching, source)
-    return x, new_size, source
+    return x, new_size, merge_positions(matching, positions, x.shape[1] + r)
 
 
 def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:

@@ -2,7 +2,8 @@
 
 find blocks -> count protected tokens -> resolve schedule -> insert merges ->
 token-flow analysis (refuses what it cannot prove) -> repair shapes ->
-proportional attention -> weighted pooling -> expose size/source as extra outputs.
+proportional attention -> weighted pooling -> un-merge returned tokens ->
+expose size/positions as extra outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
 from .repair_shapes import RepairShapes
 from .token_flow import analyze_token_flow
+from .unmerge_outputs import UnmergeOutputs
 from .weighted_pooling import WeightedPooling
 
 
@@ -51,8 +53,8 @@ class TomePlan:
         return [b.tokens_in for b in self.blocks] + [self.blocks[-1].tokens_out]
 
 
-def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, trace_source: bool) -> TomePlan:
-    """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, source)``."""
+def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool) -> TomePlan:
+    """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``."""
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
@@ -66,7 +68,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, trace_source: b
     requested = resolve_schedule(r, len(blocks))
     schedule = clamp_schedule(requested, tokens, protected)
 
-    insert = InsertMerges(blocks, schedule, protected, trace_source)
+    insert = InsertMerges(blocks, schedule, protected)
     insert(gm)
     flow = analyze_token_flow(gm.graph, insert.result.seeds, protected)
     attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
@@ -79,7 +81,9 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, trace_source: b
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedPooling(flow)(gm)
-    _append_outputs(gm, insert.result.size, insert.result.source)
+    if unmerge_outputs:
+        UnmergeOutputs(flow)(gm)
+    _append_outputs(gm, insert.result.size, insert.result.positions)
     gm.graph.lint()
     gm.recompile()
 
@@ -90,7 +94,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, trace_source: b
     return TomePlan(tuple(plans), protected, tuple(requested))
 
 
-def _append_outputs(gm: GraphModule, size, source) -> None:
+def _append_outputs(gm: GraphModule, size, positions) -> None:
     output = gm.graph.output_node()
     codegen = gm.graph._codegen
     info = codegen.pytree_info
@@ -98,5 +102,5 @@ def _append_outputs(gm: GraphModule, size, source) -> None:
     original = pytree.tree_unflatten([leaf] * info.out_spec.num_leaves, info.out_spec)
     _, out_spec = pytree.tree_flatten((original, leaf, leaf))
     flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-    output.update_arg(0, tuple(flat + [size, source]))
+    output.update_arg(0, tuple(flat + [size, positions]))
     codegen.pytree_info = info._replace(out_spec=out_spec)

@@ -1,8 +1,9 @@
 """Insert a ToMe merge after the attention residual add of every block with r > 0.
 
 The merge node (``tome_fx.merge.tome_merge``) takes the block's residual output, the
-keys its attention used, and the running ``size``/``source``; every later use of the
-residual output reads the merged tokens instead.
+keys its attention used, and the running ``size`` and ``positions`` (where each
+original token now sits); every later use of the residual output reads the merged
+tokens instead.
 """
 
 from __future__ import annotations
@@ -22,35 +23,30 @@ from .token_flow import BATCH, TOKEN, Layout
 class MergeNodes:
     seeds: dict[Node, Layout]  # merged token tensors (and the first stream) with their layouts
     size: Node | None  # size after the last merge
-    source: Node | None  # source map after the last merge
+    positions: Node | None  # positions after the last merge
 
 
 class InsertMerges(PassBase):
-    def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int, trace_source: bool):
+    def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int):
         super().__init__()
-        self.blocks, self.schedule = blocks, schedule
-        self.protected, self.trace_source = protected, trace_source
+        self.blocks, self.schedule, self.protected = blocks, schedule, protected
         self.result: MergeNodes | None = None
 
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph
         stream = self.blocks[0].stream
         seeds = {stream: Layout((BATCH, TOKEN, None), size=None)}
-        size = source = None
-        if any(self.schedule) or self.trace_source:
-            with graph.inserting_after(stream):
-                size = graph.call_function(merge.initial_size, (stream,))
-            if self.trace_source:
-                with graph.inserting_after(size):
-                    source = graph.call_function(merge.initial_source, (stream,))
+        with graph.inserting_after(stream):
+            size = graph.call_function(merge.initial_size, (stream,))
+        with graph.inserting_after(size):
+            positions = graph.call_function(merge.initial_positions, (stream,))
         for block, r in zip(self.blocks, self.schedule):
             if r == 0:
                 continue
             residual = block.residual
             with graph.inserting_after(residual):
                 step = graph.call_function(
-                    merge.tome_merge,
-                    (residual, block.keys, size, source, r, self.protected, block.key_token_dim),
+                    merge.tome_merge, (residual, block.keys, size, positions, r, self.protected, block.key_token_dim)
                 )
             with graph.inserting_after(step):
                 merged = graph.call_function(operator.getitem, (step, 0))
@@ -58,10 +54,9 @@ class InsertMerges(PassBase):
             merged.meta["val"] = residual.meta["val"]
             with graph.inserting_after(merged):
                 size = graph.call_function(operator.getitem, (step, 1))
-            if self.trace_source:
-                with graph.inserting_after(size):
-                    source = graph.call_function(operator.getitem, (step, 2))
+            with graph.inserting_after(size):
+                positions = graph.call_function(operator.getitem, (step, 2))
             residual.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not step)
-            seeds[merged] = Layout((BATCH, TOKEN, None), size=size)
-        self.result = MergeNodes(seeds, size, source)
-        return PassResult(gm, modified=any(self.schedule) or self.trace_source)
+            seeds[merged] = Layout((BATCH, TOKEN, None), size=size, positions=positions)
+        self.result = MergeNodes(seeds, size, positions)
+        return PassResult(gm, modified=True)

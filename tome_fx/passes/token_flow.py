@@ -30,6 +30,7 @@ class Layout:
     roles: tuple[str | None, ...]
     size: Node | None  # [B, N] sizes; None while every token is still one patch
     start: int = 0  # the tensor holds the tokens from this position of the sequence on
+    positions: Node | None = None  # [B, N0] where each original token sits; None before any merge
 
     def dims(self, role: str) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r == role]
@@ -60,6 +61,7 @@ class TokenFlow:
     softmaxes: list[tuple[Node, int]] = field(default_factory=list)  # softmax over tokens, and its dim
     sdpas: list[Node] = field(default_factory=list)  # sdpa whose keys are tokens
     pools: list[tuple[Node, int]] = field(default_factory=list)  # mean over tokens, and the token dim
+    outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
 
 
 class _Refuse(Exception):
@@ -131,10 +133,8 @@ class _Analysis:
             if not tracked:
                 continue
             if node.op == "output":
-                raise UnsupportedModelError(
-                    f"the model returns per-token tensors ({', '.join(n.name for n in tracked)}); "
-                    "un-merging them back to the original token positions is not supported yet"
-                )
+                self.outputs(tracked)
+                continue
             if getattr(node.target, "__module__", "").startswith("tome_fx"):
                 continue  # nodes tome_fx inserted itself
             try:
@@ -161,6 +161,16 @@ class _Analysis:
 
     def token_count(self, node: Node, dim: int) -> int:
         return shape_of(node)[dim]
+
+    def outputs(self, tracked: list[Node]) -> None:
+        for node in tracked:
+            layout = self.layout(node)
+            if layout is None or len(layout.dims(TOKEN)) != 1 or layout.batch_dim() is None:
+                raise UnsupportedModelError(
+                    f"{describe(node)}: the model returns `{node.name}`, which is not laid out as "
+                    "[batch, tokens, ...] with one token axis (e.g. attention maps), so it cannot be un-merged"
+                )
+            self.flow.outputs.append(node)
 
     # -- rules -------------------------------------------------------------------------------
     def visit(self, node: Node):

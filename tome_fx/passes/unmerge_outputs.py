@@ -1,0 +1,38 @@
+"""Un-merge the per-token tensors a model returns, so outputs keep their original shapes.
+
+Each original token takes the value of the merged token that holds it (a gather by
+``positions``). Mean pooling over the original positions then equals size-weighted
+pooling over the merged tokens, so a user's own pooling (with an attention mask, say)
+keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import merge
+from .token_flow import TOKEN, TokenFlow
+
+
+class UnmergeOutputs(PassBase):
+    def __init__(self, flow: TokenFlow):
+        super().__init__()
+        self.flow = flow
+
+    def call(self, gm: GraphModule) -> PassResult:
+        graph, modified = gm.graph, False
+        output = graph.output_node()
+        for node in self.flow.outputs:
+            layout = self.flow.layouts[node]
+            if not layout.merged:
+                continue
+            with graph.inserting_before(output):
+                restored = graph.call_function(
+                    merge.unmerge,
+                    (node, layout.positions, layout.batch_dim(), layout.dims(TOKEN)[0], layout.start),
+                )
+            restored.meta["val"] = node.meta.get("val")
+            output.replace_input_with(node, restored)
+            modified = True
+        return PassResult(gm, modified)
