@@ -119,7 +119,8 @@ def transform(
 
 def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compile_kwargs) -> torch.nn.Module:
     """``transform`` then ``torch.compile``, with the batch dimension marked dynamic so that a
-    new batch size does not recompile. ``compile_kwargs`` go to ``torch.compile``, except the
+    new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
+    it compiles once more the first time it sees a single-sample batch). ``compile_kwargs`` go to ``torch.compile``, except the
     ``transform`` options ``prop_attn``, ``trace_source`` and ``unmerge_outputs``."""
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs") if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)

@@ -13,16 +13,33 @@ from .errors import UnsupportedModelError
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def default_example_inputs(model: torch.nn.Module) -> torch.Tensor | None:
-    """An image batch of the size the model states: timm's patch embedding (which follows an
-    ``img_size=`` override), else timm's ``pretrained_cfg['input_size']``."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+def _stated_input_size(model: torch.nn.Module) -> tuple[int, ...] | None:
+    """Per-sample input shape where the model states it: timm's patch embedding (which follows
+    an ``img_size=`` override) or ``pretrained_cfg``; HF's ``config.image_size``/``num_channels``
+    (and ``num_frames`` for video); torchvision's ``image_size``."""
     embed = getattr(model, "patch_embed", None)
     img_size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
     if isinstance(img_size, tuple) and isinstance(getattr(proj, "in_channels", None), int):
-        input_size = (proj.in_channels, *img_size)
-    if not input_size:
+        return (proj.in_channels, *img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    config = getattr(model, "config", None)
+    side, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(channels, int) and side:
+        size = (channels, *((side, side) if isinstance(side, int) else side))
+        frames = getattr(config, "num_frames", None)
+        return (frames, *size) if isinstance(frames, int) else size
+    conv = getattr(model, "conv_proj", None)
+    if isinstance(getattr(model, "image_size", None), int) and isinstance(getattr(conv, "in_channels", None), int):
+        return (conv.in_channels, model.image_size, model.image_size)
+    return None
+
+
+def default_example_inputs(model: torch.nn.Module) -> torch.Tensor | None:
+    """A batch of two random inputs of the size the model states, or None."""
+    input_size = _stated_input_size(model)
+    if input_size is None:
         return None
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

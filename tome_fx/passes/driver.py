@@ -1,6 +1,6 @@
 """Run the ToMe passes in order over a captured graph.
 
-find blocks -> count protected tokens -> resolve schedule -> insert merges ->
+find blocks -> drop all-pass attention masks -> count protected tokens -> resolve schedule -> insert merges ->
 token-flow analysis (refuses what it cannot prove) -> repair shapes ->
 proportional attention -> weighted pooling -> un-merge returned tokens ->
 expose size/positions as extra outputs.
@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
+from .attention_masks import DropAllPassMasks
 from .find_blocks import find_attention_blocks
 from .graph_utils import shape_of
 from .insert_merges import InsertMerges
@@ -58,6 +59,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
+    DropAllPassMasks(blocks)(gm)
     stream_shape = shape_of(blocks[0].stream)
     if len(stream_shape) != 3:
         raise UnsupportedModelError(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
-from .graph_utils import aten, ancestors, describe, module_path, tensor_meta
+from .graph_utils import aten, ancestors, describe, is_assertion, module_path, tensor_meta
 
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -33,32 +33,40 @@ class AttentionBlock:
     key_token_dim: int  # tokens of ``keys``: -2 for sdpa keys, -1 for k^T in q @ k^T
     stream: Node  # residual stream entering the block
     residual: Node  # residual add after the attention: the merge point
+    masks: tuple[tuple[Node, Node], ...] = ()  # (node applying it, mask): sdpa attn_mask, or added to logits
 
 
-def _walk_back(node: Node, through: set) -> Node:
+_MASKING = {aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
+
+
+def _walk_back(node: Node, through: set) -> tuple[Node, list[tuple[Node, Node]]]:
+    """Follow the first operand back through ``through``; also the tensors added or masked in."""
+    masks = []
     while node.op == "call_function" and node.target in through:
+        if node.target in _MASKING and isinstance(node.args[1], Node):
+            masks.append((node, node.args[1]))
         node = node.args[0]
-    return node
+    return node, masks
 
 
 def _single_user(node: Node, through: set) -> Node | None:
-    while len(node.users) == 1:
-        (user,) = node.users
+    while len(users := [u for u in node.users if not is_assertion(u)]) == 1:
+        (user,) = users
         if user.op != "call_function" or user.target not in through:
             return user
         node = user
     return None
 
 
-def _manual_attention(softmax: Node) -> tuple[Node, Node] | None:
-    """(keys operand, output) of ``matmul -> softmax -> matmul``, or None."""
-    scores = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
+def _manual_attention(softmax: Node) -> tuple[Node, Node, list[tuple[Node, Node]]] | None:
+    """(keys operand, output, masks) of ``matmul -> softmax -> matmul``, or None."""
+    scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
     if scores.op != "call_function" or scores.target not in MATMUL:
         return None
     value_matmul = _single_user(softmax, _PASS_THROUGH)
     if value_matmul is None or value_matmul.target not in MATMUL:
         return None
-    return scores.args[1], value_matmul
+    return scores.args[1], value_matmul, masks
 
 
 def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:
@@ -89,11 +97,13 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
             continue
         if node.target in SDPA:
             keys, key_token_dim, output = node.args[1], -2, node
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            masks = [(node, mask)] if isinstance(mask, Node) else []
         elif node.target in SOFTMAX:
             found = _manual_attention(node)
             if found is None:
                 continue
-            (keys, output), key_token_dim = found, -1
+            (keys, output, masks), key_token_dim = found, -1
         else:
             continue
         found = _residual_add(output, keys, order)
@@ -110,7 +120,7 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
                 f"(4-d), got {None if key_meta is None else tuple(key_meta.shape)}"
             )
         name = module_path(residual) or module_path(node) or node.name
-        blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual))
+        blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks)))
     _check_sequential(blocks)
     return blocks
 

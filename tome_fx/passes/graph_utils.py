@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 
 import torch
 from torch.fx import Node
@@ -59,6 +60,36 @@ def ancestors(node: Node, stop=lambda n: False) -> set[Node]:
                 seen.add(parent)
                 stack.append(parent)
     return seen
+
+
+_ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+
+
+def is_assertion(node: Node) -> bool:
+    """A check export recorded (dtype/device asserts): no value flows out of it."""
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
+def evaluate_constant(gm: torch.fx.GraphModule, node: Node, batch: int) -> torch.Tensor:
+    """Compute a node whose value does not depend on the inputs' values (only, at most, on
+    their shapes), with every placeholder a zero tensor of the captured shape at ``batch``."""
+    needed = ancestors(node) | {node}
+    env: dict[Node, object] = {}
+    for current in gm.graph.nodes:
+        if current not in needed:
+            continue
+        if current.op == "placeholder":
+            val = current.meta["val"]
+            shape = [d if isinstance(d, int) else batch for d in val.shape]
+            env[current] = torch.zeros(shape, dtype=val.dtype, device=val.device)
+        elif current.op == "get_attr":
+            env[current] = operator.attrgetter(current.target)(gm)
+        elif current.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((current.args, current.kwargs), env.__getitem__)
+            env[current] = current.target(*args, **kwargs)
+        else:
+            raise UnsupportedModelError(f"{describe(current)}: cannot evaluate `{current.op}` nodes ahead of time")
+    return env[node]
 
 
 def _reads_shape_only(node: Node) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
-from .graph_utils import aten, describe, shape_of, tensor_meta
+from .graph_utils import aten, describe, is_assertion, shape_of, tensor_meta
 
 BATCH, TOKEN = "batch", "token"
 
@@ -135,8 +135,8 @@ class _Analysis:
             if node.op == "output":
                 self.outputs(tracked)
                 continue
-            if getattr(node.target, "__module__", "").startswith("tome_fx"):
-                continue  # nodes tome_fx inserted itself
+            if getattr(node.target, "__module__", "").startswith("tome_fx") or is_assertion(node):
+                continue  # nodes tome_fx inserted itself; dtype/device checks
             try:
                 result = self.visit(node)
             except _Refuse as why:
