@@ -118,7 +118,7 @@ def test_users_own_vit_is_transformed():
     "kwargs, reason",
     [
         ({"bias_in_block": True}, r"block blocks\.0 .*fixed token count"),
-        ({"readout": 5}, "reads token 5"),
+        ({"readout": -1}, "counted from the end"),
     ],
 )
 def test_unprovable_rewrites_are_refused_naming_the_block(kwargs, reason):
@@ -126,6 +126,15 @@ def test_unprovable_rewrites_are_refused_naming_the_block(kwargs, reason):
     with pytest.raises(UnsupportedModelError, match=reason) as info:
         tome_fx.transform(model, 2, example_inputs=torch.randn(2, 16, 4))
     assert "graph node" in str(info.value) or "returns" in str(info.value)
+
+
+def test_tokens_read_at_fixed_positions_are_protected():
+    """A readout of token 5 keeps tokens 0..5 in place: they are protected like learned ones."""
+    model = _TinyViT(readout=5).eval()
+    fast = tome_fx.transform(model, 100, example_inputs=torch.randn(2, 16, 4))
+    assert fast.plan.protected == 6
+    assert fast.schedule[0] == (17 - 6) // 2  # r is clamped with the six tokens left out
+    assert tome_fx.transform(_TinyViT(per_token=True), 2, example_inputs=torch.randn(2, 16, 4)).plan.protected == 1
 
 
 def test_per_token_outputs_are_unmerged_to_the_original_positions():

@@ -154,3 +154,37 @@ def test_sdpa_mask_combines_with_boolean_and_additive_masks():
     keep = torch.tensor([True, False])
     assert merge.add_attention_bias(keep, bias)[..., 1].item() == -torch.inf
     assert torch.equal(merge.add_attention_bias(torch.ones(2), bias), torch.ones(1, 1, 1, 2))
+
+
+@given(st.integers(1, 3), st.integers(4, 24), st.integers(0, 2), st.integers(0, 2**16), st.data())
+def test_merges_under_a_mask_keep_every_token_masked_like_its_originals(batch, tokens, protected, seed, data):
+    """Key-padding masks and block masks: after any merges, the mask read at the merged tokens
+    (``restage_mask``) equals the original mask at every original (query, key) pair, and
+    padding never shares a group with a real token."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, tokens + 1, (batch,), generator=gen)
+    keep = torch.arange(tokens) < lengths[:, None]  # [B, N] real tokens, padding at the end
+    padding = data.draw(st.booleans())
+    if padding:  # bidirectional key padding, [B, 1, N, N]
+        mask = keep[:, None, None, :].expand(batch, 1, tokens, tokens)
+    else:  # two segments that only see themselves (a block-diagonal mask), [1, 1, N, N]
+        segment = torch.arange(tokens) < data.draw(st.integers(1, tokens))
+        mask = (segment[:, None] == segment[None, :])[None, None]
+    x = torch.randn(batch, tokens, 3, generator=gen, dtype=torch.float64)
+    size, positions = merge.initial_size(x), merge.initial_positions(x)
+    for _ in range(data.draw(st.integers(1, 3))):
+        compatible, _ = merge.mask_pairs(mask, positions, x.shape[1])
+        compatible[:, : (protected + 1) // 2] = False
+        compatible[:, :, : protected // 2] = False
+        available = int(compatible.any(-1).sum(-1).min())  # merges possible without a forced pair
+        r = data.draw(st.integers(0, min(available, merge.max_merges(x.shape[1], protected))))
+        keys = torch.randn(batch, 1, x.shape[1], 3, generator=gen, dtype=torch.float64)
+        x, size, positions = merge.tome_merge(x, keys, size, positions, r, protected, -2, mask)
+    current = merge.restage_mask(mask, positions, x.shape[1])
+    full = mask.expand(batch, 1, tokens, tokens)
+    rows = positions[:, None, :, None].expand(-1, 1, -1, x.shape[1])
+    back = current.expand(batch, 1, -1, -1).gather(2, rows)  # [B, 1, N0, n]: original queries
+    back = back.gather(3, positions[:, None, None, :].expand(-1, 1, tokens, -1))
+    assert torch.equal(back, full)
+    for b in range(batch if padding else 0):
+        assert set(positions[b][keep[b]].tolist()).isdisjoint(positions[b][~keep[b]].tolist())

@@ -34,9 +34,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Matching:
+def bipartite_soft_matching(
+    metric: Tensor, r: int, protected: int = 0, compatible: Tensor | None = None, first: Tensor | None = None
+) -> Matching:
     """Pair each even-position token (set A) with its most similar odd-position token (set B)
-    by cosine similarity of ``metric`` [B, N, C]; the ``r`` best pairs are chosen to merge."""
+    by cosine similarity of ``metric`` [B, N, C]; the ``r`` best pairs are chosen to merge.
+    Optional [B, Na, Nb] bool masks: ``compatible`` rules out the pairs that are False;
+    ``first`` pairs rank above every similarity (padding merges before real tokens do)."""
     tokens = metric.shape[1]
     if not 0 <= r <= max_merges(tokens, protected):
         raise ValueError(f"r={r} merges are impossible with {tokens} tokens, {protected} protected")
@@ -52,6 +56,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Match
         rows = torch.arange(scores.shape[1], device=scores.device) < (protected + 1) // 2
         cols = torch.arange(scores.shape[2], device=scores.device) < protected // 2
         scores = scores.masked_fill(rows[:, None] | cols[None, :], -torch.inf)
+    if first is not None:
+        scores = scores.masked_fill(first, 2.0)  # cosine similarities are at most 1
+    if compatible is not None:
+        scores = scores.masked_fill(~compatible, -torch.inf)
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
     src_idx = edge_idx[:, :r]
@@ -136,14 +144,62 @@ def key_metric(keys: Tensor, token_dim: int) -> Tensor:
     return keys.movedim(token_dim, 2).mean(dim=1)
 
 
+def representatives(positions: Tensor, tokens: int) -> Tensor:
+    """[B, N]: for each current token, one original token it holds."""
+    originals = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+    return torch.zeros(positions.shape[0], tokens, dtype=positions.dtype, device=positions.device).scatter(
+        1, positions, originals
+    )
+
+
+def restage_mask(mask: Tensor, positions: Tensor, tokens: int) -> Tensor:
+    """An attention mask over the original tokens (up to 4-d, ``[.., Q, N0]`` with Q = N0 or 1)
+    as a [B, H, Q', tokens] mask over the current tokens, read at one original token of each
+    group. Exact because merges only join tokens whose mask rows and columns are equal
+    (``mask_pairs``)."""
+    rep = representatives(positions, tokens)
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    mask = mask.expand(positions.shape[0], -1, -1, -1)
+    batch, heads, queries, _ = mask.shape
+    if queries != 1:
+        mask = mask.gather(2, rep[:, None, :, None].expand(batch, heads, tokens, mask.shape[-1]))
+        queries = tokens
+    return mask.gather(3, rep[:, None, None, :].expand(batch, heads, queries, tokens))
+
+
+def mask_pairs(mask: Tensor, positions: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
+    """[B, Na, Nb] bool pairs of set-A and set-B tokens: ``compatible`` where the mask treats them
+    alike (equal columns as keys, equal rows as queries), so padding never joins a real token;
+    ``inert`` where both are keys no query may attend to (padding), which merge first."""
+    current = restage_mask(mask, positions, tokens)  # [B, H, Q, N]
+    cols = current.permute(0, 3, 1, 2).flatten(2)  # [B, N, H*Q]
+    compatible = (cols[:, ::2, None] == cols[:, None, 1::2]).all(-1)
+    if current.shape[2] != 1:
+        rows = current.transpose(1, 2).flatten(2)  # [B, N, H*N]
+        compatible &= (rows[:, ::2, None] == rows[:, None, 1::2]).all(-1)
+    blocked = ~cols if cols.dtype == torch.bool else cols <= torch.finfo(cols.dtype).min / 2
+    dead = blocked.all(-1)  # [B, N]
+    return compatible, dead[:, ::2, None] & dead[:, None, 1::2]
+
+
 def tome_merge(
-    x: Tensor, keys: Tensor, size: Tensor, positions: Tensor, r: int, protected: int, token_dim: int
+    x: Tensor,
+    keys: Tensor,
+    size: Tensor,
+    positions: Tensor,
+    r: int,
+    protected: int,
+    token_dim: int,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One ToMe step as inserted into a graph: match on ``keys``, merge ``x`` and ``size``,
-    and follow the merge in ``positions``."""
-    matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected)
+    and follow the merge in ``positions``. With an attention ``mask`` over the original
+    tokens, only tokens the mask treats alike are merged, padding first."""
+    tokens = x.shape[1]
+    compatible, inert = (None, None) if mask is None else mask_pairs(mask, positions, tokens)
+    matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected, compatible, inert)
     x, new_size = merge_wavg(matching, x, size)
-    return x, new_size, merge_positions(matching, positions, x.shape[1] + r)
+    return x, new_size, merge_positions(matching, positions, tokens)
 
 
 def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:

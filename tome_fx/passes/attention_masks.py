@@ -1,10 +1,14 @@
-"""Attention masks that pass everything are dropped before tokens are merged.
+"""Attention masks: dropped where they pass everything, otherwise merged with the tokens.
 
 HF transformers builds a full ``[B, 1, N, N]`` mask even for images with no padding
 (all True, or all 0 when additive). Such a mask is computed from shapes only, so it is
 evaluated ahead of time, at two batch sizes; where it lets every query see every key
-it is removed, and the attention runs unmasked on any number of tokens. A mask that
-does depend on the inputs, or masks something out, is left for the token-flow analysis.
+it is removed, and the attention runs unmasked on any number of tokens.
+
+A real mask (BERT padding) must be one node shared by every block. Merges then only
+join tokens whose mask rows and columns are equal (``merge.mask_pairs``), so each
+merged token is masked exactly like every original token it holds, and ``RestageMasks``
+reads the mask at one original token per merged token before each attention.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .. import merge
+from ..errors import UnsupportedModelError
 from .find_blocks import SDPA, AttentionBlock
-from .graph_utils import aten, ancestors, depends_on_inputs, evaluate_constant, is_assertion
+from .graph_utils import aten, ancestors, depends_on_inputs, describe, evaluate_constant, is_assertion, tensor_meta
+from .token_flow import TokenFlow
 
 
 def _passes_everything(mask: torch.Tensor, applied_by: Node) -> bool:
@@ -29,14 +36,16 @@ class DropAllPassMasks(PassBase):
     def __init__(self, blocks: list[AttentionBlock]):
         super().__init__()
         self.blocks = blocks
+        self.kept: list[tuple[Node, Node]] = []  # (node applying it, mask) of the masks left
 
     def call(self, gm: GraphModule) -> PassResult:
         dropped: set[Node] = set()
         for block in self.blocks:
             for applied_by, mask in block.masks:
-                if depends_on_inputs(mask):
-                    continue
-                if not all(_passes_everything(evaluate_constant(gm, mask, b), applied_by) for b in (2, 3)):
+                if depends_on_inputs(mask) or not all(
+                    _passes_everything(evaluate_constant(gm, mask, b), applied_by) for b in (2, 3)
+                ):
+                    self.kept.append((applied_by, mask))
                     continue
                 if applied_by.target in SDPA:
                     if len(applied_by.args) > 3:
@@ -61,3 +70,49 @@ def _erase_unused(gm: GraphModule, roots: set[Node]) -> None:
             gm.graph.erase_node(node)
         elif node in candidates and node.op == "call_function" and not node.users:
             gm.graph.erase_node(node)
+
+
+def shared_mask(kept: list[tuple[Node, Node]], tokens: int) -> Node | None:
+    """The one attention mask the blocks share, checked to be laid out ``[.., Q, tokens]``."""
+    masks = {mask for _, mask in kept}
+    if len(masks) > 1:
+        raise UnsupportedModelError(
+            f"{describe(kept[0][0])}: the blocks use {len(masks)} different attention masks; "
+            "merging is proven only for one mask shared by every block"
+        )
+    if not masks:
+        return None
+    mask = masks.pop()
+    shape = tensor_meta(mask).shape
+    if len(shape) > 4 or len(shape) < 2 or shape[-1] != tokens or shape[-2] not in (1, tokens):
+        raise UnsupportedModelError(
+            f"{describe(mask)}: attention mask of shape {tuple(shape)} is not laid out [.., queries, keys] "
+            f"over the {tokens} tokens"
+        )
+    return mask
+
+
+class RestageMasks(PassBase):
+    """Before each attention over merged tokens, read the mask at the current tokens."""
+
+    def __init__(self, flow: TokenFlow, mask: Node):
+        super().__init__()
+        self.flow, self.mask = flow, mask
+
+    def call(self, gm: GraphModule) -> PassResult:
+        graph, modified = gm.graph, False
+        for applied_by, layout in self.flow.masked:
+            if not layout.merged:
+                continue
+            with graph.inserting_before(applied_by):
+                tokens = graph.call_function(aten.sym_size.int, (layout.size, 1))
+                current = graph.call_function(merge.restage_mask, (self.mask, layout.positions, tokens))
+            if applied_by.target in SDPA:
+                if len(applied_by.args) > 3:
+                    applied_by.update_arg(3, current)
+                else:
+                    applied_by.update_kwarg("attn_mask", current)
+            else:
+                applied_by.replace_input_with(self.mask, current)
+            modified = True
+        return PassResult(gm, modified)

@@ -1,13 +1,15 @@
 """Run the ToMe passes in order over a captured graph.
 
-find blocks -> drop all-pass attention masks -> count protected tokens -> resolve schedule -> insert merges ->
-token-flow analysis (refuses what it cannot prove) -> repair shapes ->
-proportional attention -> weighted pooling -> un-merge returned tokens ->
+find blocks -> drop all-pass attention masks -> count protected tokens (learned, or read
+at fixed positions) -> resolve schedule -> insert merges ->
+token-flow analysis (refuses what it cannot prove) -> repair shapes -> restage the
+attention mask -> proportional attention -> weighted pooling -> un-merge returned tokens ->
 expose size/positions as extra outputs.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from torch.fx import GraphModule
@@ -15,14 +17,14 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
-from .attention_masks import DropAllPassMasks
+from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .find_blocks import find_attention_blocks
 from .graph_utils import shape_of
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
 from .repair_shapes import RepairShapes
-from .token_flow import analyze_token_flow
+from .token_flow import BATCH, TOKEN, Layout, analyze_token_flow
 from .unmerge_outputs import UnmergeOutputs
 from .weighted_pooling import WeightedPooling
 
@@ -59,20 +61,28 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
-    DropAllPassMasks(blocks)(gm)
-    stream_shape = shape_of(blocks[0].stream)
+    masks = DropAllPassMasks(blocks)
+    masks(gm)
+    stream = blocks[0].stream
+    stream_shape = shape_of(stream)
     if len(stream_shape) != 3:
         raise UnsupportedModelError(
             f"block {blocks[0].name}: residual stream has shape {stream_shape}; expected [batch, tokens, channels]"
         )
     tokens = stream_shape[1]
-    protected = count_protected_tokens(blocks[0].stream)
+    mask = shared_mask(masks.kept, tokens)
+    applies_mask = {applied_by: mask for applied_by, _ in masks.kept}
+    # a dry run of the analysis, before any merge, finds the leading tokens read at fixed
+    # positions (a readout of token 0, say); they are protected like learned ones
+    unmerged = {stream: Layout((BATCH, TOKEN, None), size=None)}
+    reads = analyze_token_flow(gm.graph, unmerged, sys.maxsize, applies_mask).reads
+    protected = max(count_protected_tokens(stream), reads)
     requested = resolve_schedule(r, len(blocks))
     schedule = clamp_schedule(requested, tokens, protected)
 
-    insert = InsertMerges(blocks, schedule, protected)
+    insert = InsertMerges(blocks, schedule, protected, mask)
     insert(gm)
-    flow = analyze_token_flow(gm.graph, insert.result.seeds, protected)
+    flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask)
     attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
     for block in blocks:
         if block.attention not in attended:
@@ -80,6 +90,8 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
                 f"block {block.name}: could not prove that its attention runs over the residual stream's tokens"
             )
     RepairShapes(flow)(gm)
+    if mask is not None:
+        RestageMasks(flow, mask)(gm)
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedPooling(flow)(gm)

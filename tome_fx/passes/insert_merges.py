@@ -1,8 +1,8 @@
 """Insert a ToMe merge after the attention residual add of every block with r > 0.
 
 The merge node (``tome_fx.merge.tome_merge``) takes the block's residual output, the
-keys its attention used, and the running ``size`` and ``positions`` (where each
-original token now sits); every later use of the residual output reads the merged
+keys its attention used, the running ``size`` and ``positions`` (where each
+original token now sits), and the shared attention mask if there is one; every later use of the residual output reads the merged
 tokens instead.
 """
 
@@ -27,9 +27,9 @@ class MergeNodes:
 
 
 class InsertMerges(PassBase):
-    def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int):
+    def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int, mask: Node | None):
         super().__init__()
-        self.blocks, self.schedule, self.protected = blocks, schedule, protected
+        self.blocks, self.schedule, self.protected, self.mask = blocks, schedule, protected, mask
         self.result: MergeNodes | None = None
 
     def call(self, gm: GraphModule) -> PassResult:
@@ -44,10 +44,9 @@ class InsertMerges(PassBase):
             if r == 0:
                 continue
             residual = block.residual
+            args = (residual, block.keys, size, positions, r, self.protected, block.key_token_dim, self.mask)
             with graph.inserting_after(residual):
-                step = graph.call_function(
-                    merge.tome_merge, (residual, block.keys, size, positions, r, self.protected, block.key_token_dim)
-                )
+                step = graph.call_function(merge.tome_merge, args)
             with graph.inserting_after(step):
                 merged = graph.call_function(operator.getitem, (step, 0))
             # the analysis reads every node's shape as captured (before any merge); so does this one

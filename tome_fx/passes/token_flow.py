@@ -62,6 +62,8 @@ class TokenFlow:
     sdpas: list[Node] = field(default_factory=list)  # sdpa whose keys are tokens
     pools: list[tuple[Node, int]] = field(default_factory=list)  # mean over tokens, and the token dim
     outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
+    masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
+    reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
 
 
 class _Refuse(Exception):
@@ -119,10 +121,11 @@ def _view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[
 
 
 class _Analysis:
-    def __init__(self, seeds: dict[Node, Layout], protected: int):
+    def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node]):
         self.flow = TokenFlow(layouts=dict(seeds))
         self.seeds = seeds
         self.protected = protected
+        self.masks = masks  # node applying an attention mask -> the mask (merged by RestageMasks)
         self.lists: dict[Node, list[Layout | None]] = {}
 
     def run(self, graph: Graph) -> TokenFlow:
@@ -161,6 +164,15 @@ class _Analysis:
 
     def token_count(self, node: Node, dim: int) -> int:
         return shape_of(node)[dim]
+
+    def read_prefix(self, tokens: int) -> None:
+        """The graph reads the first ``tokens`` tokens at fixed positions."""
+        self.flow.reads = max(self.flow.reads, tokens)
+        if tokens > self.protected:
+            raise _Refuse(
+                f"it reads token {tokens - 1}, but only the {self.protected} protected "
+                "tokens keep their positions when tokens merge"
+            )
 
     def outputs(self, tracked: list[Node]) -> None:
         for node in tracked:
@@ -229,6 +241,9 @@ class _Analysis:
             offset = out_ndim - len(arg_layout.roles)
             for d, role in enumerate(arg_layout.roles):
                 roles[offset + d] = roles[offset + d] or role
+        if self.masks.get(node) in untracked:
+            untracked.remove(self.masks[node])
+            self.flow.masked.append((node, layout))
         for arg in untracked:
             meta = tensor_meta(arg)
             if meta is None:
@@ -293,8 +308,10 @@ class _Analysis:
         if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
             raise _Refuse("causal attention depends on token order")
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        if isinstance(mask, Node) and (self.layout(mask) or tensor_meta(mask).shape[-1] != 1):
-            raise _Refuse("an attention mask over keys would have to be merged with the keys")
+        if isinstance(mask, Node) and self.masks.get(node) is mask and lk is not None:
+            self.flow.masked.append((node, lk))
+        elif isinstance(mask, Node) and (self.layout(mask) or tensor_meta(mask).shape[-1] != 1):
+            raise _Refuse("an attention mask over keys that is not the one mask shared by every block")
         if (lk is None) != (lv is None) or (lk and (lk.roles[-2] != TOKEN or lv.roles[-2] != TOKEN)):
             raise _Refuse("keys and values must both carry the tokens on dim -2")
         if lk is not None:
@@ -348,12 +365,9 @@ class _Analysis:
         dim = _norm_dim(node.args[1], len(src.roles))
         if src.roles[dim] == TOKEN:
             index = node.args[2]
-            index = index + self.token_count(node.args[0], dim) if index < 0 else index
-            if src.start + index >= self.protected:
-                raise _Refuse(
-                    f"it reads token {src.start + index}, but only the {self.protected} protected "
-                    "tokens keep their positions when tokens merge"
-                )
+            if index < 0:
+                raise _Refuse("it reads a token counted from the end, which merging moves")
+            self.read_prefix(src.start + index + 1)
         return replace(src, roles=src.roles[:dim] + src.roles[dim + 1 :])
 
     def slice(self, node: Node) -> Layout:
@@ -365,12 +379,13 @@ class _Analysis:
         if src.roles[dim] != TOKEN:
             return src
         count = self.token_count(node.args[0], dim)
-        end = sys.maxsize if end is None else end + count if end < 0 else end
-        if step != 1 or start < 0:
-            raise _Refuse("a strided or negative slice of merged tokens")
-        if src.start + end <= self.protected:  # only protected tokens: a fixed-size prefix
+        end = sys.maxsize if end is None else end
+        if step != 1 or start < 0 or end < 0:
+            raise _Refuse("a strided slice of merged tokens, or one counted from the end")
+        if end < count:  # a fixed range of leading tokens
+            self.read_prefix(src.start + end)
             return replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim + 1 :])
-        if end < count or src.start + start > self.protected:
+        if src.start + start > self.protected:
             raise _Refuse(
                 f"it slices tokens [{start}:{end}] of {count}; merged tokens have no fixed positions "
                 f"past the {self.protected} protected ones"
@@ -411,6 +426,9 @@ class _Analysis:
         return src
 
 
-def analyze_token_flow(graph: Graph, seeds: dict[Node, Layout], protected: int) -> TokenFlow:
-    """Carry token roles from ``seeds`` through ``graph``; raise UnsupportedModelError where unsafe."""
-    return _Analysis(seeds, protected).run(graph)
+def analyze_token_flow(
+    graph: Graph, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node] | None = None
+) -> TokenFlow:
+    """Carry token roles from ``seeds`` through ``graph``; raise UnsupportedModelError where unsafe.
+    ``masks``: nodes that apply the shared attention mask, to the mask."""
+    return _Analysis(seeds, protected, masks or {}).run(graph)
