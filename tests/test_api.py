@@ -172,3 +172,56 @@ def test_prop_attn_can_be_switched_off(tiny):
         with_prop = tome_fx.transform(tiny, 16)(images)
         without = tome_fx.transform(tiny, 16, prop_attn=False)(images)
     assert not torch.allclose(with_prop, without)
+
+
+class _SeparateQKVBlock(nn.Module):
+    """Separate q/k/v linears and a hand-written softmax attention, as users write them."""
+
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def split(self, t):
+        b, n, c = t.shape
+        return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        x = x + self.out((weights @ v).transpose(1, 2).flatten(2))
+        return x + self.mlp(self.norm2(x))
+
+
+class _SeparateQKVViT(nn.Module):
+    def __init__(self, dim=16, depth=3):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(_SeparateQKVBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, images):
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x[:, 0])
+
+
+def test_users_own_vit_with_separate_qkv_and_manual_softmax():
+    model = _SeparateQKVViT().eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        same = tome_fx.transform(model, 0, example_inputs=images)(images)
+        fast = tome_fx.transform(model, 3, example_inputs=images)
+        merged = fast(images)
+        compiled = tome_fx.compile(model, 3, example_inputs=images, fullgraph=True)(images)
+    torch.testing.assert_close(same, model(images))
+    assert fast.plan.protected == 1 and fast.token_counts == [17, 14, 11, 8]
+    assert merged.shape == (3, 5) and not torch.allclose(merged, model(images))
+    torch.testing.assert_close(compiled, merged, rtol=1e-4, atol=1e-4)

@@ -1,8 +1,8 @@
 """Attention masks: dropped where they pass everything, otherwise merged with the tokens.
 
 HF transformers builds a full ``[B, 1, N, N]`` mask even for images with no padding
-(all True, or all 0 when additive). Such a mask is computed from shapes only, so it is
-evaluated ahead of time, at two batch sizes; where it lets every query see every key
+(all True, or all 0 when additive). Such a mask is computed from shapes only (no
+inputs, no parameters, which could change later), so it is evaluated ahead of time, at two batch sizes; where it lets every query see every key
 it is removed, and the attention runs unmasked on any number of tokens.
 
 A real mask (BERT padding) must be one node shared by every block. Merges then only
@@ -24,6 +24,11 @@ from .graph_utils import aten, ancestors, depends_on_inputs, describe, evaluate_
 from .token_flow import TokenFlow
 
 
+def reads_parameters(mask: Node) -> bool:
+    """Masks built from parameters or buffers may change after ``transform``: never dropped."""
+    return any(node.op == "get_attr" for node in ancestors(mask))
+
+
 def _passes_everything(mask: torch.Tensor, applied_by: Node) -> bool:
     if applied_by.target == aten.masked_fill.Scalar:  # True marks what is filled in
         return mask.dtype == torch.bool and not mask.any()
@@ -42,7 +47,7 @@ class DropAllPassMasks(PassBase):
         dropped: set[Node] = set()
         for block in self.blocks:
             for applied_by, mask in block.masks:
-                if depends_on_inputs(mask) or not all(
+                if depends_on_inputs(mask) or reads_parameters(mask) or not all(
                     _passes_everything(evaluate_constant(gm, mask, b), applied_by) for b in (2, 3)
                 ):
                     self.kept.append((applied_by, mask))
@@ -74,6 +79,13 @@ def _erase_unused(gm: GraphModule, roots: set[Node]) -> None:
 
 def shared_mask(kept: list[tuple[Node, Node]], tokens: int) -> Node | None:
     """The one attention mask the blocks share, checked to be laid out ``[.., Q, tokens]``."""
+    for applied_by, mask in kept:
+        if reads_parameters(mask):
+            raise UnsupportedModelError(
+                f"{describe(applied_by)}: its attention bias is computed from learned parameters "
+                "(e.g. a relative-position bias table indexed by token position), which no longer "
+                "line up with the tokens once they merge"
+            )
     masks = {mask for _, mask in kept}
     if len(masks) > 1:
         raise UnsupportedModelError(

@@ -19,7 +19,7 @@ from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .find_blocks import find_attention_blocks
-from .graph_utils import shape_of
+from .graph_utils import shape_of, tensor_meta
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
@@ -67,7 +67,8 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     stream_shape = shape_of(stream)
     if len(stream_shape) != 3:
         raise UnsupportedModelError(
-            f"block {blocks[0].name}: residual stream has shape {stream_shape}; expected [batch, tokens, channels]"
+            f"block {blocks[0].name}: residual stream has shape {tuple(tensor_meta(stream).shape)}; expected "
+            "[batch, tokens, channels] (windowed or 2-d token grids are not a single token sequence)"
         )
     tokens = stream_shape[1]
     mask = shared_mask(masks.kept, tokens)
