@@ -84,6 +84,8 @@ _POINTWISE_EXTRA = {
 _NORMS = {aten.layer_norm.default: 1, aten.rms_norm.default: 1}
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+# reshapes whose arguments never spell out the token count
+_FLATTENS = {aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim}
 
 
 def _is_pointwise(target) -> bool:
@@ -203,7 +205,7 @@ class _Analysis:
             return self.softmax(node)
         if target == aten.scaled_dot_product_attention.default:
             return self.sdpa(node)
-        if target in _RESHAPES:
+        if target in _RESHAPES or target in _FLATTENS:
             return self.reshape(node)
         if target == aten.expand.default:
             return self.expand(node)
@@ -337,7 +339,7 @@ class _Analysis:
                     continue
                 if big_in == [d] and len(big_out) == 1:
                     roles[big_out[0]] = role
-                    if role == TOKEN:
+                    if role == TOKEN and node.target in _RESHAPES:
                         self.flow.shape_args.append(ShapeArg(node, big_out[0], d))
                 elif role == TOKEN:
                     raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})")
