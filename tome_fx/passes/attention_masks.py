@@ -53,16 +53,20 @@ class DropAllPassMasks(PassBase):
                     self.kept.append((applied_by, mask))
                     continue
                 if applied_by.target in SDPA:
-                    if len(applied_by.args) > 3:
-                        applied_by.update_arg(3, None)
-                    else:
-                        applied_by.update_kwarg("attn_mask", None)
+                    _set_attn_mask(applied_by, None)
                 else:
                     applied_by.replace_all_uses_with(applied_by.args[0])
                     gm.graph.erase_node(applied_by)
                 dropped.add(mask)
         _erase_unused(gm, dropped)
         return PassResult(gm, bool(dropped))
+
+
+def _set_attn_mask(sdpa: Node, mask: Node | None) -> None:
+    if len(sdpa.args) > 3:
+        sdpa.update_arg(3, mask)
+    else:
+        sdpa.update_kwarg("attn_mask", mask)
 
 
 def _erase_unused(gm: GraphModule, roots: set[Node]) -> None:
@@ -120,10 +124,7 @@ class RestageMasks(PassBase):
                 tokens = graph.call_function(aten.sym_size.int, (layout.size, 1))
                 current = graph.call_function(merge.restage_mask, (self.mask, layout.positions, tokens))
             if applied_by.target in SDPA:
-                if len(applied_by.args) > 3:
-                    applied_by.update_arg(3, current)
-                else:
-                    applied_by.update_kwarg("attn_mask", current)
+                _set_attn_mask(applied_by, current)
             else:
                 applied_by.replace_input_with(self.mask, current)
             modified = True
