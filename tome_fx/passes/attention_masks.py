@@ -2,8 +2,9 @@
 
 HF transformers builds a full ``[B, 1, N, N]`` mask even for images with no padding
 (all True, or all 0 when additive). Such a mask is computed from shapes only (no
-inputs, no parameters, which could change later), so it is evaluated ahead of time, at two batch sizes; where it lets every query see every key
-it is removed, and the attention runs unmasked on any number of tokens.
+inputs, no parameters, which could change later), so it is evaluated ahead of time,
+once per mask node at two batch sizes; where it lets every query see every key it is
+removed, and the attention runs unmasked on any number of tokens.
 
 A real mask (BERT padding) must be one node shared by every block. Merges then only
 join tokens whose mask rows and columns are equal (``merge.mask_pairs``), so each
@@ -45,11 +46,13 @@ class DropAllPassMasks(PassBase):
 
     def call(self, gm: GraphModule) -> PassResult:
         dropped: set[Node] = set()
+        values: dict[Node, list[torch.Tensor] | None] = {}  # blocks usually share one mask node
         for block in self.blocks:
             for applied_by, mask in block.masks:
-                if depends_on_inputs(mask) or reads_parameters(mask) or not all(
-                    _passes_everything(evaluate_constant(gm, mask, b), applied_by) for b in (2, 3)
-                ):
+                if mask not in values:
+                    constant = not depends_on_inputs(mask) and not reads_parameters(mask)
+                    values[mask] = [evaluate_constant(gm, mask, b) for b in (2, 3)] if constant else None
+                if values[mask] is None or not all(_passes_everything(v, applied_by) for v in values[mask]):
                     self.kept.append((applied_by, mask))
                     continue
                 if applied_by.target in SDPA:
