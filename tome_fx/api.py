@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils import _pytree as pytree
 
 from . import merge
-from .capture import batch_size, capture, normalize_example_inputs
+from .capture import batch_size, batched_tensors, capture, normalize_example_inputs
 from .passes import TomePlan, apply_tome
 from .schedule import Schedule, resolve_schedule
 
@@ -59,8 +58,7 @@ class ToMeModel(torch.nn.Module):
         return self.plan.token_counts
 
     def _check_inputs(self, args, kwargs) -> None:
-        leaves = pytree.tree_leaves((args, kwargs))
-        shapes = [tuple(t.shape[1:]) for t in leaves if isinstance(t, torch.Tensor) and t.dim()]
+        shapes = [tuple(t.shape[1:]) for t in batched_tensors((args, kwargs))]
         if shapes != self._input_shapes:
             raise ValueError(
                 f"inputs of shape {[('batch',) + s for s in shapes]} differ from the ones this model was "
@@ -111,7 +109,7 @@ def transform(
     batch_size(inputs)
     graph_module = capture(model, inputs)
     plan = apply_tome(graph_module, r, prop_attn=prop_attn, unmerge_outputs=unmerge_outputs)
-    shapes = [tuple(t.shape[1:]) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim()]
+    shapes = [tuple(t.shape[1:]) for t in batched_tensors(inputs)]
     return ToMeModel(
         graph_module, plan, shapes, prop_attn=prop_attn, trace_source=trace_source, unmerge_outputs=unmerge_outputs
     )
@@ -120,8 +118,9 @@ def transform(
 def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compile_kwargs) -> torch.nn.Module:
     """``transform`` then ``torch.compile``, with the batch dimension marked dynamic so that a
     new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
-    it compiles once more the first time it sees a single-sample batch). ``compile_kwargs`` go to ``torch.compile``, except the
-    ``transform`` options ``prop_attn``, ``trace_source`` and ``unmerge_outputs``."""
+    it compiles once more the first time it sees a single-sample batch). ``compile_kwargs``
+    go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``
+    and ``unmerge_outputs``."""
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs") if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
     return CompiledToMe(fast, torch.compile(fast, **compile_kwargs))
@@ -136,7 +135,6 @@ class CompiledToMe(torch.nn.Module):
         self.__dict__["_compiled"] = compiled  # not a submodule: it wraps ``model`` itself
 
     def forward(self, *args, **kwargs):
-        for leaf in pytree.tree_leaves((args, kwargs)):
-            if isinstance(leaf, torch.Tensor) and leaf.dim():
-                torch._dynamo.maybe_mark_dynamic(leaf, 0)
+        for tensor in batched_tensors((args, kwargs)):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self._compiled(*args, **kwargs)

@@ -62,8 +62,18 @@ def normalize_example_inputs(model: torch.nn.Module, example_inputs) -> ExampleI
     return (example_inputs,), {}
 
 
+def is_batched(value) -> bool:
+    """A tensor input with a batch dimension (dim 0); scalars and non-tensors are not."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+def batched_tensors(inputs) -> list[torch.Tensor]:
+    """The batched tensors among ``inputs`` (any nesting of args/kwargs), in order."""
+    return [t for t in pytree.tree_leaves(inputs) if is_batched(t)]
+
+
 def batch_size(inputs: ExampleInputs) -> int:
-    sizes = {t.shape[0] for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim()}
+    sizes = {t.shape[0] for t in batched_tensors(inputs)}
     if len(sizes) != 1:
         raise ValueError(f"example inputs must share one batch size (dim 0), got {sorted(sizes)}")
     return sizes.pop()
@@ -73,9 +83,7 @@ def _with_batch_of_two(inputs: ExampleInputs) -> ExampleInputs:
     """torch.export specializes a batch of 1 to a constant; trace with 2 to keep it dynamic."""
     if batch_size(inputs) != 1:
         return inputs
-    return pytree.tree_map(
-        lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t, inputs
-    )
+    return pytree.tree_map(lambda t: torch.cat([t, t]) if is_batched(t) else t, inputs)
 
 
 def capture(model: torch.nn.Module, inputs: ExampleInputs) -> torch.fx.GraphModule:
@@ -87,7 +95,7 @@ def capture(model: torch.nn.Module, inputs: ExampleInputs) -> torch.fx.GraphModu
     batch = torch.export.Dim("batch", min=1)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     dynamic = {
-        name: pytree.tree_map(lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None, value)
+        name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
         for name, value in bound.arguments.items()
     }
     try:
