@@ -22,7 +22,7 @@ from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import SDPA, AttentionBlock
 from .graph_utils import aten, ancestors, depends_on_inputs, describe, evaluate_constant, is_assertion, tensor_meta
-from .token_flow import TokenFlow
+from .token_flow import FlowPass, TokenFlow
 
 
 def reads_parameters(mask: Node) -> bool:
@@ -111,12 +111,12 @@ def shared_mask(kept: list[tuple[Node, Node]], tokens: int) -> Node | None:
     return mask
 
 
-class RestageMasks(PassBase):
+class RestageMasks(FlowPass):
     """Before each attention over merged tokens, read the mask at the current tokens."""
 
     def __init__(self, flow: TokenFlow, mask: Node):
-        super().__init__()
-        self.flow, self.mask = flow, mask
+        super().__init__(flow)
+        self.mask = mask
 
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False

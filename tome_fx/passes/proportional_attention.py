@@ -7,18 +7,14 @@ mask already there); for a manual attention it is added to the softmax input.
 from __future__ import annotations
 
 from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
 from .graph_utils import aten, tensor_meta
-from .token_flow import TokenFlow
+from .token_flow import FlowPass
 
 
-class ProportionalAttention(PassBase):
-    def __init__(self, flow: TokenFlow):
-        super().__init__()
-        self.flow = flow
-
+class ProportionalAttention(FlowPass):
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False
         for softmax, dim in self.flow.softmaxes:

@@ -11,17 +11,13 @@ from __future__ import annotations
 import sys
 
 from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .graph_utils import aten
-from .token_flow import TokenFlow
+from .token_flow import FlowPass
 
 
-class RepairShapes(PassBase):
-    def __init__(self, flow: TokenFlow):
-        super().__init__()
-        self.flow = flow
-
+class RepairShapes(FlowPass):
     def call(self, gm: GraphModule) -> PassResult:
         modified = False
         for fix in self.flow.shape_args:

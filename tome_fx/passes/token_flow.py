@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.passes.infra.pass_base import PassBase
 
 from ..errors import UnsupportedModelError
 from .graph_utils import aten, describe, is_assertion, shape_of, tensor_meta
@@ -64,6 +65,14 @@ class TokenFlow:
     outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
     masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
+
+
+class FlowPass(PassBase):
+    """A pass that applies what the token-flow analysis recorded in ``flow``."""
+
+    def __init__(self, flow: TokenFlow):
+        super().__init__()
+        self.flow = flow
 
 
 class _Refuse(Exception):

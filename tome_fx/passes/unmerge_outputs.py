@@ -9,17 +9,13 @@ keeps working unchanged.
 from __future__ import annotations
 
 from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
-from .token_flow import TOKEN, TokenFlow
+from .token_flow import TOKEN, FlowPass
 
 
-class UnmergeOutputs(PassBase):
-    def __init__(self, flow: TokenFlow):
-        super().__init__()
-        self.flow = flow
-
+class UnmergeOutputs(FlowPass):
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False
         output = graph.output_node()

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
-from .token_flow import TokenFlow
+from .token_flow import FlowPass
 
 
-class WeightedPooling(PassBase):
-    def __init__(self, flow: TokenFlow):
-        super().__init__()
-        self.flow = flow
-
+class WeightedPooling(FlowPass):
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False
         for mean, token_dim in self.flow.pools:
