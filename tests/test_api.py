@@ -74,8 +74,9 @@ def test_model_without_attention_is_refused():
 
 
 class _Block(nn.Module):
-    def __init__(self, dim, tokens, bias_in_block):
+    def __init__(self, dim, tokens, bias_in_block, mlp_view=None):
         super().__init__()
+        self.mlp_view = mlp_view
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj, self.mlp = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.pos_bias = nn.Parameter(torch.randn(1, tokens, dim)) if bias_in_block else None
@@ -87,17 +88,21 @@ class _Block(nn.Module):
         x = x + self.proj(attn.transpose(1, 2).reshape(b, n, c))
         if self.pos_bias is not None:
             x = x + self.pos_bias
+        if self.mlp_view == "flat":  # tokens folded with the batch, [B*N, C], and back
+            return x + self.mlp(self.norm2(x).reshape(b * n, c)).view(b, n, c)
+        if self.mlp_view == "scrambled":  # [B*N, C] read back as [N, B, C]: mixes images
+            return x + self.mlp(self.norm2(x).reshape(b * n, c)).view(n, b, c).transpose(0, 1)
         return x + self.mlp(self.norm2(x))
 
 
 class _TinyViT(nn.Module):
     """A user's own ViT: plain PyTorch, class token, sdpa attention."""
 
-    def __init__(self, tokens=16, dim=8, depth=3, bias_in_block=False, readout=0, per_token=False):
+    def __init__(self, tokens=16, dim=8, depth=3, bias_in_block=False, readout=0, per_token=False, mlp_view=None):
         super().__init__()
         self.embed = nn.Linear(4, dim)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
-        self.blocks = nn.Sequential(*[_Block(dim, tokens + 1, bias_in_block) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[_Block(dim, tokens + 1, bias_in_block, mlp_view) for _ in range(depth)])
         self.readout, self.per_token = readout, per_token
 
     def forward(self, x):
@@ -114,11 +119,22 @@ def test_users_own_vit_is_transformed():
     assert fast(torch.randn(3, 16, 4)).shape == (3, 8)
 
 
+def test_tokens_folded_with_the_batch_are_followed():
+    """[B, N, C] -> [B*N, C] -> [B, N, C] around the MLP: the view back is re-inferred."""
+    torch.manual_seed(0)
+    plain, folded = _TinyViT().eval(), _TinyViT(mlp_view="flat").eval()
+    folded.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 16, 4)
+    got = tome_fx.transform(folded, 3, example_inputs=x)(x)
+    torch.testing.assert_close(got, tome_fx.transform(plain, 3, example_inputs=x)(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
         ({"bias_in_block": True}, r"block blocks\.0 .*fixed token count"),
         ({"readout": -1}, "counted from the end"),
+        ({"mlp_view": "scrambled"}, r"block blocks\.0 .*folds or splits the token axis"),
     ],
 )
 def test_unprovable_rewrites_are_refused_naming_the_block(kwargs, reason):

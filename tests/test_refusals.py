@@ -3,21 +3,12 @@
 import pytest
 import timm
 import torch
-import torchvision
 import transformers as T
 
 import tome_fx
 from tome_fx import UnsupportedModelError
 
 CASES = {
-    # not yet supported: nn.MultiheadAttention folds the heads into the batch ([B*H, N, d])
-    "torchvision VisionTransformer (nn.MultiheadAttention)": (
-        lambda: torchvision.models.VisionTransformer(
-            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=3
-        ),
-        (3, 32, 32),
-        r"block encoder\.layers\.encoder_layer_0\.self_attention .*batch axis of the keys is folded",
-    ),
     "timm Swin (windowed attention on a 2-d grid)": (
         lambda: timm.create_model(
             "swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(1, 1), num_heads=(2, 2), num_classes=3

@@ -2,8 +2,11 @@
 
 A captured graph spells shapes as constants (``reshape(x, [s0, 197, 3, 6, 64])``).
 After merging, the token entry must follow the merged tensor instead: it becomes
-``sym_size(input, token_dim)``. Which entry is the token entry comes from the
-token-flow analysis, never from matching the integer.
+``sym_size(input, token_dim)``. Where the tokens are folded with the batch on one side
+(``[197*s0, 384]``) the entry becomes -1, so the view infers it; any other -1 there is
+fixed at its captured size (the analysis checked it holds neither batch nor tokens).
+Which entry is the token entry comes from the token-flow analysis, never from matching
+the integer.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .graph_utils import aten
+from .graph_utils import aten, tensor_meta
 from .token_flow import FlowPass
 
 
@@ -24,10 +27,14 @@ class RepairShapes(FlowPass):
             source = fix.node.args[0]
             if not self.flow.layouts[source].merged or fix.node.args[1][fix.position] == -1:
                 continue
-            with gm.graph.inserting_before(fix.node):
-                live = gm.graph.call_function(aten.sym_size.int, (source, fix.in_dim))
             shape = list(fix.node.args[1])
-            shape[fix.position] = live
+            if fix.in_dim is None:
+                captured = tensor_meta(fix.node).shape
+                shape = [captured[k] if entry == -1 else entry for k, entry in enumerate(shape)]
+                shape[fix.position] = -1
+            else:
+                with gm.graph.inserting_before(fix.node):
+                    shape[fix.position] = gm.graph.call_function(aten.sym_size.int, (source, fix.in_dim))
             fix.node.update_arg(1, shape)
             modified = True
         for node in self.flow.open_slices:

@@ -25,10 +25,26 @@ BATCH, TOKEN = "batch", "token"
 
 
 @dataclass(frozen=True)
+class Fold:
+    """Several factors folded into one dim, outer to inner, each (role or None, captured size):
+    nn.MultiheadAttention's [N, B*H, d] heads-in-batch and [N*B, C] token-major views."""
+
+    factors: tuple[tuple[str | None, int], ...]
+
+
+Role = str | Fold | None
+
+
+def holds(role: Role, atom: str) -> bool:
+    """The dim is the ``atom`` axis, or has it folded in."""
+    return role == atom or (isinstance(role, Fold) and any(r == atom for r, _ in role.factors))
+
+
+@dataclass(frozen=True)
 class Layout:
     """Roles of a tensor's dims, and the token sizes that go with its token dims."""
 
-    roles: tuple[str | None, ...]
+    roles: tuple[Role, ...]
     size: Node | None  # [B, N] sizes; None while every token is still one patch
     start: int = 0  # the tensor holds the tokens from this position of the sequence on
     positions: Node | None = None  # [B, N0] where each original token sits; None before any merge
@@ -47,11 +63,12 @@ class Layout:
 
 @dataclass(frozen=True)
 class ShapeArg:
-    """Entry ``position`` of the shape list ``node.args[1]`` must follow dim ``in_dim`` of ``node.args[0]``."""
+    """Entry ``position`` of the shape list ``node.args[1]`` must follow dim ``in_dim`` of
+    ``node.args[0]``; ``in_dim`` None: the tokens are folded on one side, the entry becomes -1."""
 
     node: Node
     position: int
-    in_dim: int
+    in_dim: int | None
 
 
 @dataclass
@@ -131,6 +148,39 @@ def _view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[
     return groups
 
 
+def _factors(role: Role, size: int) -> list[tuple[str | None, int]]:
+    if isinstance(role, Fold):
+        return list(role.factors)
+    return [] if size == 1 and role is None else [(role, size)]
+
+
+def _refold(factors: list[tuple[str | None, int]], sizes: list[int]) -> list[Role]:
+    """Roles of the dims ``sizes`` that the factors (outer to inner) are viewed as. Unnamed
+    factors may split (32 heads*dims -> 4 * 8); the batch or token factor must stay whole."""
+    queue, roles = list(factors), []
+    for size in sizes:
+        part, product = [], 1
+        while product != size:
+            if not queue or size % product:
+                raise _Refuse("the view does not keep the batch or token axis whole")
+            role, factor = queue.pop(0)
+            need = size // product
+            if need % factor == 0:
+                part.append((role, factor))
+                product *= factor
+            elif role is None and factor % need == 0:
+                part.append((None, need))
+                queue.insert(0, (None, factor // need))
+                product = size
+            else:
+                raise _Refuse("the view does not keep the batch or token axis whole")
+        named = [role for role, _ in part if role is not None]
+        roles.append(None if not named else part[0][0] if len(part) == 1 else Fold(tuple(part)))
+    if queue:
+        raise _Refuse("the view does not keep the batch or token axis whole")
+    return roles
+
+
 class _Analysis:
     def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node]):
         self.flow = TokenFlow(layouts=dict(seeds))
@@ -159,7 +209,7 @@ class _Analysis:
                 ) from None
             if isinstance(result, list):
                 self.lists[node] = result
-            elif result is not None and TOKEN in result.roles:
+            elif result is not None and any(holds(role, TOKEN) for role in result.roles):
                 self.flow.layouts[node] = result
         return self.flow
 
@@ -242,7 +292,7 @@ class _Analysis:
     def pointwise(self, node: Node) -> Layout:
         layout = self.only_layout(node)
         out_ndim = _ndim(node)
-        roles: list[str | None] = [None] * out_ndim
+        roles: list[Role] = [None] * out_ndim
         untracked = []
         for arg in node.all_input_nodes:
             arg_layout = self.layout(arg)
@@ -263,7 +313,7 @@ class _Analysis:
                 raise _Refuse(f"`{arg.name}` has no recorded shape")
             offset = out_ndim - meta.dim()
             for d in range(meta.dim()):
-                if roles[offset + d] == TOKEN and meta.shape[d] != 1:
+                if holds(roles[offset + d], TOKEN) and meta.shape[d] != 1:
                     raise _Refuse(
                         f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
                         f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
@@ -292,7 +342,7 @@ class _Analysis:
             raise _Refuse("matrix-vector products over tokens are not understood")
         ra = la.roles if la else (None,) * _ndim(a)
         rb = lb.roles if lb else (None,) * _ndim(b)
-        if ra[-1] != rb[-2]:
+        if ra[-1] != rb[-2] or isinstance(ra[-1], Fold):
             raise _Refuse("it contracts the token axis of one operand with a non-token axis of the other")
         out_ndim = _ndim(node)
         roles = [None] * out_ndim
@@ -305,6 +355,8 @@ class _Analysis:
     def softmax(self, node: Node) -> Layout:
         layout = self.layout(node.args[0])
         dim = _norm_dim(node.args[1], len(layout.roles))
+        if isinstance(layout.roles[dim], Fold):
+            raise _Refuse("softmax over an axis that folds the batch or tokens with another")
         if layout.roles[dim] == BATCH:
             raise _Refuse("softmax over the batch axis")
         if layout.roles[dim] == TOKEN:
@@ -338,25 +390,44 @@ class _Analysis:
     def reshape(self, node: Node) -> Layout:
         src = self.layout(node.args[0])
         in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
-        roles: list[str | None] = [None] * len(out_shape)
+        roles: list[Role] = [None] * len(out_shape)
         for gi, gj in _view_groups(in_shape, out_shape):
-            big_in = [d for d in gi if in_shape[d] != 1]
-            big_out = [d for d in gj if out_shape[d] != 1]
-            for d in gi:
-                role = src.roles[d]
-                if role is None:
-                    continue
-                if big_in == [d] and len(big_out) == 1:
-                    roles[big_out[0]] = role
-                    if role == TOKEN and node.target in _RESHAPES:
-                        self.flow.shape_args.append(ShapeArg(node, big_out[0], d))
-                elif role == TOKEN:
-                    raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})")
+            factors = [f for d in gi for f in _factors(src.roles[d], in_shape[d])]
+            if not any(role for role, _ in factors):
+                continue
+            try:
+                refolded = _refold(factors, [out_shape[j] for j in gj])
+            except _Refuse:
+                if any(role == TOKEN for role, _ in factors):
+                    raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})") from None
+                continue  # the batch axis is lost in a view; rules needing it refuse later
+            for j, role in zip(gj, refolded):
+                roles[j] = role
+                if holds(role, TOKEN):
+                    self.token_shape_arg(node, j, role, [d for d in gi if holds(src.roles[d], TOKEN)], src)
+            if node.target == aten.unflatten.int and any(holds(roles[j], TOKEN) for j in gj) and len(gj) > 1:
+                raise _Refuse("it unflattens an axis holding the tokens into sizes fixed at capture")
         return replace(src, roles=tuple(roles))
+
+    def token_shape_arg(self, node: Node, position: int, role: Role, token_dims: list[int], src: Layout) -> None:
+        """Record that the view's entry ``position`` holds the token count, for RepairShapes."""
+        if node.target not in _RESHAPES:
+            return
+        (token_dim,) = token_dims
+        if role == TOKEN and src.roles[token_dim] == TOKEN:
+            self.flow.shape_args.append(ShapeArg(node, position, token_dim))
+            return
+        shape = node.args[1]
+        inferred = [k for k, entry in enumerate(shape) if k != position and entry == -1]
+        if any(not isinstance(tensor_meta(node).shape[k], int) for k in inferred):
+            raise _Refuse("a view that folds the tokens already infers its batch entry (-1)")
+        self.flow.shape_args.append(ShapeArg(node, position, None))
 
     def expand(self, node: Node) -> Layout:
         src = self.layout(node.args[0])
         offset = len(node.args[1]) - len(src.roles)
+        if any(isinstance(role, Fold) for role in src.roles):
+            raise _Refuse("it expands a tensor whose tokens are folded with another axis")
         roles = (None,) * offset + src.roles
         for d in src.dims(TOKEN):
             self.flow.shape_args.append(ShapeArg(node, offset + d, d))
@@ -374,6 +445,8 @@ class _Analysis:
     def select(self, node: Node) -> Layout:
         src = self.layout(node.args[0])
         dim = _norm_dim(node.args[1], len(src.roles))
+        if isinstance(src.roles[dim], Fold):
+            raise _Refuse("it indexes an axis that folds the batch or tokens with another")
         if src.roles[dim] == TOKEN:
             index = node.args[2]
             if index < 0:
@@ -387,6 +460,8 @@ class _Analysis:
         start = (node.args[2] if len(node.args) > 2 else None) or 0
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
+        if isinstance(src.roles[dim], Fold):
+            raise _Refuse("it slices an axis that folds the batch or tokens with another")
         if src.roles[dim] != TOKEN:
             return src
         count = self.token_count(node.args[0], dim)
@@ -413,6 +488,8 @@ class _Analysis:
         keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         dims = sorted(_norm_dim(d, len(src.roles)) for d in dims)
         reduced = [src.roles[d] for d in dims]
+        if any(isinstance(role, Fold) for role in reduced):
+            raise _Refuse("a reduction over an axis that folds the batch or tokens with another")
         if BATCH in reduced:
             raise _Refuse("a reduction over the batch axis")
         if TOKEN in reduced:
