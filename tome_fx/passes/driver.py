@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from .. import cost
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
-from .find_blocks import find_attention_blocks
-from .graph_utils import shape_of, tensor_meta
+from .find_blocks import AttentionBlock, find_attention_blocks
+from .graph_utils import aten, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
@@ -34,6 +35,8 @@ class BlockPlan:
     name: str
     tokens_in: int
     r: int
+    mlp_ratio: float  # what the block's linears amount to: 4 C^2 (attention) + 2 m C^2 (MLP) multiply-adds per token
+    key_width: int  # channels of the keys averaged over heads: the merge's similarity metric
 
     @property
     def tokens_out(self) -> int:
@@ -45,6 +48,7 @@ class TomePlan:
     blocks: tuple[BlockPlan, ...]
     protected: int
     requested: tuple[int, ...]  # the schedule before clamping
+    width: int  # channels of the residual stream
 
     @property
     def schedule(self) -> list[int]:
@@ -54,6 +58,11 @@ class TomePlan:
     def token_counts(self) -> list[int]:
         """Tokens entering each block, then the final count."""
         return [b.tokens_in for b in self.blocks] + [self.blocks[-1].tokens_out]
+
+    def predicted_flops(self, batch: int = 1) -> int:
+        """The attention blocks' FLOPs (with merges) by the cost model (``tome_fx.cost``)."""
+        per_image = sum(cost.block_flops(b.tokens_in, self.width, b.mlp_ratio, b.r, b.key_width) for b in self.blocks)
+        return int(per_image * batch)
 
 
 def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool) -> TomePlan:
@@ -102,11 +111,26 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     gm.graph.lint()
     gm.recompile()
 
-    plans, count = [], tokens
+    plans, count, width = [], tokens, stream_shape[-1]
     for block, block_r in zip(blocks, schedule):
-        plans.append(BlockPlan(block.name, count, block_r))
+        key_width = shape_of(block.keys)[-1 if block.key_token_dim == -2 else -2]
+        plans.append(BlockPlan(block.name, count, block_r, _mlp_ratio(gm, block, width), key_width))
         count -= block_r
-    return TomePlan(tuple(plans), protected, tuple(requested))
+    return TomePlan(tuple(plans), protected, tuple(requested), width)
+
+
+def _mlp_ratio(gm: GraphModule, block: AttentionBlock, width: int) -> float:
+    """The MLP ratio m for which a standard block's linears, 4 C^2 for attention and 2 m C^2
+    for the MLP in multiply-adds per token, cost what the linears under this block's module do."""
+    home = module_path(block.residual)  # the block's module: its forward adds the residual
+    macs = sum(
+        shape_of(node.args[1])[0] * shape_of(node.args[1])[1]
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        and node.target == aten.linear.default
+        and (module_path(node) + ".").startswith(home + ".")
+    )
+    return (macs / width**2 - 4) / 2
 
 
 def _append_outputs(gm: GraphModule, size, positions) -> None:
