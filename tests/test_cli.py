@@ -1,0 +1,107 @@
+"""The tome-fx command line on tiny models and data made in the test."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import tome_fx
+from tome_fx import cli, fashion_mnist, visualize, zoo
+
+
+@pytest.fixture(scope="module")
+def fashion_checkpoint(tmp_path_factory):
+    """Reference-model weights with a strongly biased head: every image is class 3."""
+    torch.manual_seed(0)
+    model = fashion_mnist.create_model(checkpoint=None)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.arange(10) == 3).mul_(100)
+    path = tmp_path_factory.mktemp("ckpt") / "fashion.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _image_folder(root, per_class=3):
+    for label in range(10):
+        folder = root / f"{label:02d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_eval_reports_original_and_tome_top1_on_an_image_folder(tmp_path, fashion_checkpoint, capsys):
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "acc.json"
+    cli.main(["eval", "--checkpoint", str(fashion_checkpoint), "--data", str(data), "--r", "8", "13,-1",
+              "--batch", "7", "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert "on 30 images" in printed and "r=13,-1" in printed
+    report = json.loads(out.read_text())
+    # every image is predicted class 3 and 3 of the 30 images are in folder 03
+    assert report["top1"] == pytest.approx({"original": 0.1, "r=8": 0.1, "r=13,-1": 0.1})
+
+
+def test_eval_without_images_says_what_layout_it_expects(tmp_path, fashion_checkpoint):
+    with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
+        cli.main(["eval", "--checkpoint", str(fashion_checkpoint), "--data", str(tmp_path), "--quiet"])
+
+
+def test_missing_weights_say_how_to_pass_a_local_file(tmp_path):
+    with pytest.raises(SystemExit, match="no reference checkpoint"):
+        cli.main(["eval", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(tmp_path)])
+    with pytest.raises(zoo.WeightsUnavailable, match="--checkpoint"):
+        zoo.load("deit_tiny_patch16_224", pretrained=True)  # the hub is unreachable here
+
+
+def test_visualize_paints_each_group_in_its_mean_colour(tmp_path, fashion_checkpoint, capsys):
+    image = tmp_path / "in.png"
+    Image.fromarray(torch.randint(0, 256, (28, 28), dtype=torch.uint8).numpy()).save(image)
+    cli.main(["visualize", str(image), "--checkpoint", str(fashion_checkpoint), "--r", "16", "-o",
+              str(tmp_path / "out.png")])
+    assert "197 -> 101 tokens" in capsys.readouterr().out
+    painted = Image.open(tmp_path / "out.png")
+    assert painted.size == (2 * 28 * 8 + 8, 28 * 8)  # input and groups side by side, 8x upscaled
+
+
+def test_paint_gives_one_colour_per_group_and_outlines_borders():
+    pixels = torch.rand(3, 4, 4)
+    groups = torch.tensor([[0, 0], [1, 0]])  # 2x2 patches of 2x2 pixels
+    out = visualize.paint(pixels, groups)
+    cells = groups.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    border = torch.zeros(4, 4, dtype=torch.bool)
+    border[:, 1:] |= cells[:, 1:] != cells[:, :-1]
+    border[1:, :] |= cells[1:, :] != cells[:-1, :]
+    assert torch.equal(out[:, border], torch.ones(3, int(border.sum())))
+    for group in (0, 1):
+        inside = (cells == group) & ~border
+        mean = pixels[:, cells == group].mean(-1, keepdim=True)
+        torch.testing.assert_close(out[:, inside], mean.expand(3, int(inside.sum())))
+
+
+def test_patch_groups_follow_the_merges(fashion_checkpoint):
+    fast = tome_fx.transform(fashion_mnist.create_model(fashion_checkpoint), 16)
+    groups = visualize.patch_groups(fast, torch.randn(1, 28, 28))
+    assert groups.shape == (14, 14)
+    assert groups.unique().numel() == fast.token_counts[-1] - fast.plan.protected
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
+    cli.main(["bench", "--models", "fashion-vit", "--r", "8", "16", "--batch", "2", "--repeats", "2",
+              "--merge-share", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| fashion-vit | eager | 2 | 16 | 101 |" in printed and "merge (matching + merging) share" in printed
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {row["schedule"]: row for row in report["rows"]}
+    assert rows["0"]["speedup"] == 1.0 and rows["16"]["bound"] > rows["8"]["bound"] > 1
+    assert 0 < report["merge_share"][0]["share"] < 1
+    assert (tmp_path / "speedup.png").stat().st_size > 0 and (tmp_path / "bench.md").read_text().startswith("| model")
+
+
+def test_schedules_parse_as_the_help_says():
+    assert cli.parse_schedule("13") == 13
+    assert cli.parse_schedule("13,-1") == (13, -1.0)
+    assert cli.parse_schedule("4/4/0") == [4, 4, 0]

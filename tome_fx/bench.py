@@ -1,0 +1,151 @@
+"""Throughput of a model against its ToMe versions, timed interleaved in one process.
+
+Every variant of one (model, batch, mode) is built first and warmed up (compiled ones
+compile during warm-up); then the timed calls go round-robin over the variants, so
+load changes on a shared machine hit all of them alike. Medians are reported with
+min/max, beside the cost model's bound for that schedule.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import tome_fx
+
+from . import merge
+from .schedule import Schedule
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str  # eager | compiled
+    batch: int
+    schedule: str
+    tokens_out: int
+    median_s: float
+    min_s: float
+    max_s: float
+    images_per_s: float
+    speedup: float  # original median / this median
+    bound: float  # FLOP bound from the cost model (attention blocks)
+
+    @property
+    def reached(self) -> float:
+        return self.speedup / self.bound
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"reached": self.reached}
+
+
+def schedule_label(schedule: Schedule) -> str:
+    """As the CLI spells it: ``13``, ``13,-1`` (r, inflection), ``4/4/0`` (per block)."""
+    if isinstance(schedule, tuple):
+        return f"{schedule[0]},{schedule[1]:g}"
+    if isinstance(schedule, list):
+        return "/".join(str(r) for r in schedule)
+    return str(schedule)
+
+
+def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of every model, calls round-robin after ``warmup`` calls each."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            for _ in range(warmup):
+                model(inputs)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(inputs)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule], *, batch: int, mode: str,
+        repeats: int) -> list[Row]:
+    """Time the original and one ToMe variant per schedule (r=0 is the original itself)."""
+    variants = {schedule_label(s): tome_fx.transform(model, s) for s in schedules if s != 0}
+    plain = tome_fx.transform(model, 0)
+    models = {"0": model, **variants}
+    if mode == "compiled":
+        models = {label: torch.compile(m) for label, m in models.items()}
+    inputs = torch.randn(batch, *input_size)
+    times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
+    base = statistics.median(times["0"])
+    rows = []
+    for label, samples in times.items():
+        fast = variants.get(label, plain)
+        median = statistics.median(samples)
+        rows.append(Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
+                        batch / median, base / median, plain.predicted_flops() / fast.predicted_flops()))
+    return rows
+
+
+@torch.no_grad()
+def merge_share(fast: tome_fx.ToMeModel, inputs: torch.Tensor, repeats: int = 5) -> float:
+    """Fraction of the transformed model's time spent in matching + merging (profiled)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def timed_merge(*args):
+        with record_function("tome_merge"):
+            return merge.tome_merge(*args)
+
+    graph_module = torch.fx.GraphModule(fast.graph_module, fast.graph_module.graph)  # a copy to instrument
+    for node in graph_module.graph.nodes:
+        if node.target is merge.tome_merge:
+            node.target = timed_merge
+    graph_module.recompile()
+    graph_module(inputs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            graph_module(inputs)
+        total = time.perf_counter() - start
+    merged = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "tome_merge") / 1e6
+    return merged / total
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| model | mode | batch | r | tokens out | img/s | median s (min-max) | speedup | bound | reached |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.model} | {row.mode} | {row.batch} | {row.schedule} | {row.tokens_out} | {row.images_per_s:.1f} | "
+            f"{row.median_s:.3f} ({row.min_s:.3f}-{row.max_s:.3f}) | {row.speedup:.2f}x | {row.bound:.2f}x | "
+            f"{row.reached:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_speedup(rows: list[Row], path) -> None:
+    """Speedup vs r (constant schedules), one line per (model, mode, batch), bounds dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        if row.schedule.isdigit():
+            groups.setdefault((row.model, row.mode, row.batch), []).append(row)
+    for (model, mode, batch), group in groups.items():
+        group.sort(key=lambda row: int(row.schedule))
+        rs = [int(row.schedule) for row in group]
+        line, = ax.plot(rs, [row.speedup for row in group], marker="o", label=f"{model} {mode} b{batch}")
+        ax.plot(rs, [row.bound for row in group], linestyle="--", color=line.get_color(), alpha=0.6)
+    ax.set_xlabel("r (tokens merged per block)")
+    ax.set_ylabel("speedup over the original")
+    ax.set_title("measured (solid) vs FLOP bound (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

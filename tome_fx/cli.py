@@ -1,0 +1,172 @@
+"""tome-fx: Token Merging for any ViT-like model, from the command line.
+
+  demo       one model at one r: token counts, FLOP bound, measured speed, agreement
+  bench      throughput sweep over models, r/schedules, batch sizes, eager/compiled
+             (JSON + Markdown table + speedup plot)
+  eval       top-1 of the original and ToMe versions side by side on an image folder
+  visualize  paint which patches merged into which token
+
+Models: fashion-vit (the Fashion-MNIST reference model shipped with tome_fx), timm names
+(deit_small_patch16_224), tv:NAME (torchvision, tv:vit_b_16), hf:ID_OR_DIR (HF image
+classifiers). Weights: --pretrained downloads through the library; --checkpoint loads a
+local file (or an HF folder) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+import tome_fx
+
+from . import bench, demo, zoo
+
+
+def parse_schedule(text: str):
+    """``13`` -> 13; ``13,-1`` -> (13, -1.0) (r, inflection); ``4/4/0`` -> [4, 4, 0] per block."""
+    try:
+        if "/" in text:
+            return [int(v) for v in text.split("/")]
+        if "," in text:
+            r, inflection = text.split(",")
+            return (int(r), float(inflection))
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a schedule: {text!r} (use 13, 13,-1 or 4/4/0)") from None
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--model", default=default, help=f"model name (default {default}); see `tome-fx --help`")
+    parser.add_argument("--pretrained", action="store_true", help="load pretrained weights (downloads)")
+    parser.add_argument("--checkpoint", help="local weights: a timm/torchvision file, or an HF model folder")
+
+
+def _load(args) -> zoo.LoadedModel:
+    try:
+        return zoo.load(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    except (zoo.WeightsUnavailable, FileNotFoundError) as error:
+        raise SystemExit(f"tome-fx: {error}") from None
+
+
+def _bench(args) -> None:
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    rows, shares = [], {}
+    configs = [(m, b, mode) for m in args.models for b in args.batch for mode in args.modes]
+    for name, batch, mode in tqdm(configs, desc="bench", unit="config"):
+        loaded = zoo.load(name, checkpoint=None)
+        rows += bench.run(name, loaded.model, loaded.input_size, [0, *args.r], batch=batch, mode=mode,
+                          repeats=args.repeats)
+        if args.merge_share and (name, batch) not in shares and mode == "eager":
+            largest = max((s for s in args.r if isinstance(s, int)), default=0)
+            fast = tome_fx.transform(loaded.model, largest)
+            shares[name, batch] = (largest, bench.merge_share(fast, torch.randn(batch, *loaded.input_size)))
+    table = bench.markdown(rows)
+    print(f"{torch.get_num_threads()} threads, fp32, medians of {args.repeats} interleaved calls after warm-up")
+    print(table)
+    for (name, batch), (r, share) in shares.items():
+        print(f"merge (matching + merging) share of {name} time at r={r}, batch {batch}: {share:.1%}")
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {
+            "command": "tome-fx " + " ".join(args.argv),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rows": [row.as_dict() for row in rows],
+            "merge_share": [{"model": m, "batch": b, "r": r, "share": s} for (m, b), (r, s) in shares.items()],
+        }
+        (out / "bench.json").write_text(json.dumps(report, indent=1))
+        (out / "bench.md").write_text(table + "\n")
+        bench.plot_speedup(rows, out / "speedup.png")
+        print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'speedup.png'}")
+
+
+def _eval(args) -> None:
+    from .evaluate import batches, top1
+
+    loaded = _load(args)
+    models = {"original": loaded.model}
+    models.update({f"r={bench.schedule_label(s)}": tome_fx.transform(loaded.model, s) for s in args.r})
+    data, total = batches(args.data, loaded, args.batch, args.limit)
+    print(f"{args.model} ({loaded.weights}) on {total} images of {args.data}")
+    accuracy = top1(models, data, total, progress=not args.quiet)
+    base = accuracy["original"]
+    for name, value in accuracy.items():
+        print(f"{name:>12}: top-1 {value:.2%}" + ("" if name == "original" else f"  ({value - base:+.2%})"))
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({"model": args.model, "weights": loaded.weights,
+                                                      "images": total, "top1": accuracy}, indent=1))
+
+
+def _visualize(args) -> None:
+    from PIL import Image
+
+    from .visualize import render
+
+    loaded = _load(args)
+    fast = tome_fx.transform(loaded.model, args.r)
+    try:
+        picture = Image.open(args.image)
+    except OSError as error:
+        raise SystemExit(f"tome-fx: cannot read image {args.image}: {error}") from None
+    image = loaded.preprocess(picture)
+    mean, std = torch.tensor(loaded.mean)[:, None, None], torch.tensor(loaded.std)[:, None, None]
+    scale = max(1, 224 // max(loaded.input_size[1:]))
+    render(fast, image, image * std + mean, scale).save(args.output)
+    print(f"{args.model}, r={args.r}: {fast.token_counts[0]} -> {fast.token_counts[-1]} tokens; wrote {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome-fx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo.add_arguments(commands.add_parser("demo", help="one model at one r, measured", description=demo.__doc__))
+
+    p = commands.add_parser("bench", help="throughput sweep (JSON, Markdown, plot)", description=bench.__doc__)
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224"], help="model names (random init)")
+    p.add_argument("--r", nargs="+", type=parse_schedule, default=[4, 8, 13, 16],
+                   help="schedules to time besides the original: 13, 13,-1 (decreasing), 4/4/0 (per block)")
+    p.add_argument("--batch", nargs="+", type=int, default=[8])
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per variant (after warm-up)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--merge-share", action="store_true", help="profile the merge's share of time at the largest r")
+    p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
+
+    p = commands.add_parser("eval", help="top-1, original vs ToMe, on an image folder",
+                            description="Top-1 accuracy of the original and ToMe versions on the same images.")
+    _add_model_arguments(p, "fashion-vit")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder layout (one sub-folder per class), or the folder of the Fashion-MNIST idx files")
+    p.add_argument("--r", nargs="+", type=parse_schedule, default=[4, 8, 13, 16], help="schedules to evaluate")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
+    p.add_argument("--out", help="write the accuracies as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("visualize", help="paint merged patch groups",
+                            description="Paint each final token's patches in their mean colour, with outlines.")
+    p.add_argument("image", help="an image file")
+    _add_model_arguments(p, "fashion-vit")
+    p.add_argument("--r", type=parse_schedule, default=16, help="tokens merged per block (or a schedule)")
+    p.add_argument("-o", "--output", default="tome_groups.png", help="PNG to write")
+    return parser
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    {"demo": demo.run, "bench": _bench, "eval": _eval, "visualize": _visualize}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Load a model by name for the CLI and benchmarks, with its preprocessing.
+
+Names: ``fashion-vit`` (the Fashion-MNIST reference model, weights shipped with
+tome_fx), any timm name (``deit_small_patch16_224``), ``tv:NAME`` for torchvision
+(``tv:vit_b_16``) and ``hf:ID_OR_DIR`` for HF image classifiers. Weights come from the
+library's own loading path (hub download, or ``checkpoint=`` a local file / HF folder);
+when they cannot be reached, ``WeightsUnavailable`` says how to pass them locally.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import fashion_mnist
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but could not be loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    input_size: tuple[int, int, int]  # channels, height, width
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights: str  # where the weights came from, for reports
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image as a normalised [C, H, W] tensor of the model's input size."""
+        channels, height, width = self.input_size
+        image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div(255)
+        pixels = pixels.reshape(height, width, channels).permute(2, 0, 1)
+        mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
+        return (pixels - mean) / std
+
+
+def _unavailable(name: str, error: Exception, how: str) -> WeightsUnavailable:
+    first_line = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return WeightsUnavailable(f"pretrained weights for {name} are not reachable ({first_line}); {how}")
+
+
+def _timm(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: not fashion-vit, tv:NAME, hf:ID_OR_DIR or a timm model name")
+    if not (pretrained or checkpoint):
+        return _timm_loaded(timm.create_model(name), "random init")
+    try:
+        if checkpoint:  # timm's own loading path, from a local file
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": checkpoint})
+        else:
+            model = timm.create_model(name, pretrained=True)
+    except Exception as error:  # hub errors have no common base class
+        raise _unavailable(name, error, "pass --checkpoint FILE (.safetensors/.pth of the timm model)") from error
+    return _timm_loaded(model, checkpoint or "pretrained")
+
+
+def _timm_loaded(model: torch.nn.Module, weights: str) -> LoadedModel:
+    cfg = model.pretrained_cfg
+    return LoadedModel(model.eval(), tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]), weights)
+
+
+def _torchvision(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    weights = "random init"
+    if checkpoint:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        weights = checkpoint
+    elif pretrained:
+        try:
+            entry = torchvision.models.get_model_weights(name).DEFAULT
+            model.load_state_dict(entry.get_state_dict(progress=False))
+        except Exception as error:  # download failures surface as URLError, OSError, ...
+            raise _unavailable(name, error, "pass --checkpoint FILE (a torchvision state_dict)") from error
+        weights = "pretrained"
+    side = model.image_size
+    return LoadedModel(model.eval(), (3, side, side), IMAGENET_MEAN, IMAGENET_STD, weights)
+
+
+def _hf(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
+    import transformers
+
+    source = checkpoint or name
+    if not (pretrained or checkpoint):
+        raise ValueError("HF models need weights: pass --pretrained (hub id) or --checkpoint DIR (a saved model)")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(source)
+    except OSError as error:
+        raise _unavailable(name, error, "pass --checkpoint DIR (a folder saved with save_pretrained)") from error
+    config = model.config
+    side = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    return LoadedModel(model.eval(), (config.num_channels, side, side), (0.5,) * 3, (0.5,) * 3, source)
+
+
+def _fashion(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
+    path = checkpoint or fashion_mnist.CHECKPOINT
+    model = fashion_mnist.create_model(path)
+    return LoadedModel(model, (1, 28, 28), (fashion_mnist.MEAN,), (fashion_mnist.STD,), str(path))
+
+
+_PREFIXES: dict[str, Callable[[str, bool, str | None], LoadedModel]] = {"tv:": _torchvision, "hf:": _hf}
+
+
+def load(name: str, *, pretrained: bool = False, checkpoint: str | pathlib.Path | None = None) -> LoadedModel:
+    """The named model in eval mode, with its input size and normalisation."""
+    checkpoint = str(checkpoint) if checkpoint else None
+    if name == "fashion-vit":
+        return _fashion(name, pretrained, checkpoint)
+    for prefix, loader in _PREFIXES.items():
+        if name.startswith(prefix):
+            return loader(name[len(prefix):], pretrained, checkpoint)
+    return _timm(name, pretrained, checkpoint)
