@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
     parser.add_argument("--out", default=str(fashion_mnist.CHECKPOINT))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="start from these weights (a further cosine cycle) instead of random init")
     args = parser.parse_args(argv)
 
     from safetensors.torch import save_file
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
     test_x, test_y = fashion_mnist.load_split("test")
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
-    model = fashion_mnist.create_model(checkpoint=None)
+    model = fashion_mnist.create_model(checkpoint=args.init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = len(train_x) // args.batch
     total, warmup = args.epochs * steps_per_epoch, steps_per_epoch // 2
@@ -72,7 +73,7 @@ def main(argv=None) -> None:
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    best, history = 0.0, []
+    best, history = (evaluate(model, test_x, test_y) if args.init else 0.0), []
     for epoch in range(args.epochs):
         model.train()
         start, order, seen_loss = time.time(), torch.randperm(len(train_x)), 0.0

