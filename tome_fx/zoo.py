@@ -2,7 +2,8 @@
 
 Names: ``fashion-vit`` (the Fashion-MNIST reference model, weights shipped with
 tome_fx), any timm name (``deit_small_patch16_224``), ``tv:NAME`` for torchvision
-(``tv:vit_b_16``) and ``hf:ID_OR_DIR`` for HF image classifiers. Weights come from the
+(``tv:vit_b_16``) and ``hf:ID_OR_DIR`` for HF image classifiers (``hf:ViTConfig``: random
+init at a config class's default size). Weights come from the
 library's own loading path (hub download, or ``checkpoint=`` a local file / HF folder);
 when they cannot be reached, ``WeightsUnavailable`` says how to pass them locally.
 """
@@ -92,12 +93,18 @@ def _hf(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
     import transformers
 
     source = checkpoint or name
-    if not (pretrained or checkpoint):
-        raise ValueError("HF models need weights: pass --pretrained (hub id) or --checkpoint DIR (a saved model)")
-    try:
-        model = transformers.AutoModelForImageClassification.from_pretrained(source)
-    except OSError as error:
-        raise _unavailable(name, error, "pass --checkpoint DIR (a folder saved with save_pretrained)") from error
+    if not (pretrained or checkpoint or pathlib.Path(name).is_dir()):
+        config_class = getattr(transformers, name, None)
+        if not (isinstance(config_class, type) and issubclass(config_class, transformers.PretrainedConfig)):
+            raise ValueError(f"hf:{name}: pass --pretrained (a hub id), --checkpoint DIR, or a config class "
+                             "name such as hf:ViTConfig for random init at the default size")
+        model = transformers.AutoModelForImageClassification.from_config(config_class())
+        source = f"random init ({name} defaults)"
+    else:
+        try:
+            model = transformers.AutoModelForImageClassification.from_pretrained(source)
+        except OSError as error:
+            raise _unavailable(name, error, "pass --checkpoint DIR (a folder saved with save_pretrained)") from error
     config = model.config
     side = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return LoadedModel(model.eval(), (config.num_channels, side, side), (0.5,) * 3, (0.5,) * 3, source)
