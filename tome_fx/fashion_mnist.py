@@ -4,6 +4,12 @@ ImageNet weights cannot be downloaded here, so accuracy-vs-r is measured on a sm
 timm ViT trained on Fashion-MNIST (Debian package ``dataset-fashion-mnist``). Its
 28x28 images with 2x2 patches give 196 patch tokens plus a class token: the token
 count of ViT-B/16 at 224, so merge schedules mean the same thing.
+
+The patch embedding has a small convolutional stem (two 3x3 convs before the 2x2
+patchify; Xiao et al. 2021, "Early convolutions help transformers see better"): a
+plain ViT trained from scratch on 2 CPU cores stalled at 77% test accuracy after 4
+epochs (of 10 planned), far from the 88% wanted. Tokens still tile the image in 2x2
+patches; everything after the embedding is timm's VisionTransformer, untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import gzip
 import pathlib
 
 import torch
+from torch import nn
 
 DATA_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 CHECKPOINT = pathlib.Path(__file__).parent / "assets" / "vit_fashion_mnist.safetensors"
@@ -21,6 +28,22 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 MEAN, STD = 0.2860, 0.3530
 MODEL_KWARGS = dict(img_size=28, patch_size=2, in_chans=1, num_classes=len(CLASSES),
                     embed_dim=64, depth=6, num_heads=2, mlp_ratio=3.0)
+STEM_CHANNELS = 32
+
+
+def _conv_stem_patch_embed(**kwargs) -> nn.Module:
+    """timm's PatchEmbed whose ``proj`` is conv 3x3 -> conv 3x3 -> the patchify conv."""
+    from timm.layers import PatchEmbed
+
+    embed = PatchEmbed(**kwargs)
+    width, patch = embed.proj.out_channels, embed.patch_size
+
+    def conv(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+    embed.proj = nn.Sequential(*conv(kwargs["in_chans"], STEM_CHANNELS), *conv(STEM_CHANNELS, STEM_CHANNELS),
+                               nn.Conv2d(STEM_CHANNELS, width, patch, patch))
+    return embed
 
 
 def create_model(checkpoint: str | pathlib.Path | None = CHECKPOINT) -> torch.nn.Module:
@@ -28,7 +51,9 @@ def create_model(checkpoint: str | pathlib.Path | None = CHECKPOINT) -> torch.nn
     import timm
     from safetensors.torch import load_file
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **MODEL_KWARGS)
+    cfg = dict(input_size=(1, 28, 28), mean=(MEAN,), std=(STD,), num_classes=len(CLASSES))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_layer=_conv_stem_patch_embed,
+                              pretrained_cfg_overlay=cfg, **MODEL_KWARGS)
     if checkpoint is not None:
         path = pathlib.Path(checkpoint)
         if not path.is_file():
