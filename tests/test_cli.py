@@ -105,3 +105,13 @@ def test_schedules_parse_as_the_help_says():
     assert cli.parse_schedule("13") == 13
     assert cli.parse_schedule("13,-1") == (13, -1.0)
     assert cli.parse_schedule("4/4/0") == [4, 4, 0]
+
+
+def test_merge_share_leaves_the_profiled_model_as_it_was():
+    from tome_fx import bench, merge
+
+    fast = tome_fx.transform(fashion_mnist.create_model(checkpoint=None), 8)
+    targets = [node.target for node in fast.graph_module.graph.nodes]
+    assert 0 < bench.merge_share(fast, torch.randn(2, 1, 28, 28), repeats=1) < 1
+    assert [node.target for node in fast.graph_module.graph.nodes] == targets
+    assert merge.tome_merge in targets

@@ -8,6 +8,7 @@ min/max, beside the cost model's bound for that schedule.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -95,7 +96,7 @@ def merge_share(fast: tome_fx.ToMeModel, inputs: torch.Tensor, repeats: int = 5)
         with record_function("tome_merge"):
             return merge.tome_merge(*args)
 
-    graph_module = torch.fx.GraphModule(fast.graph_module, fast.graph_module.graph)  # a copy to instrument
+    graph_module = copy.deepcopy(fast.graph_module)  # instrument a copy; the caller's graph stays as it is
     for node in graph_module.graph.nodes:
         if node.target is merge.tome_merge:
             node.target = timed_merge
