@@ -53,6 +53,21 @@ def test_size_total_and_weighted_mass_are_preserved(case):
 
 
 @given(token_batches())
+def test_each_token_is_the_size_weighted_mean_of_the_tokens_it_absorbed(case):
+    """Against a dense reference: the source map of one step, applied to size-weighted tokens."""
+    x, keys, size, r, protected = case
+    merged, new_size, positions = _step(x, keys, size, r, protected)
+    acc = merge.accumulation_dtype(x.dtype)
+    groups = merge.source_map(positions, merged.shape[1]).to(acc)  # [B, N - r, N]
+    torch.testing.assert_close(new_size, (groups @ size[..., None])[..., 0], rtol=0, atol=0)
+    expected = (groups @ (x.to(acc) * size[..., None])) / new_size[..., None]
+    tol = TOLERANCE[x.dtype] * (1 + x.abs().max().item())
+    torch.testing.assert_close(merged.to(acc), expected, rtol=0, atol=tol)
+    kept = groups.sum(2) == 1  # tokens that absorbed nothing are copied bit for bit
+    assert torch.equal(merged[kept], (groups.to(x.dtype) @ x)[kept])
+
+
+@given(token_batches())
 def test_protected_tokens_never_merge_and_stay_in_front(case):
     x, keys, size, r, protected = case
     merged, new_size, _ = _step(x, keys, size, r, protected)

@@ -71,47 +71,58 @@ def bipartite_soft_matching(
     )
 
 
-def _expand_index(idx: Tensor, like: Tensor) -> Tensor:
-    return idx.reshape(idx.shape + (1,) * (like.dim() - 2)).expand(idx.shape + like.shape[2:])
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` [B, M] of ``t`` [B, N, ...] (advanced indexing: one pass, faster than an
+    expanded ``gather`` on CPU)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
 
 
-def _assemble(matching: Matching, t: Tensor, b: Tensor) -> Tensor:
-    """``[protected, unmerged set-A, set-B]`` tokens of ``t``, with set B read from ``b``."""
-    p = matching.protected
-    a = t[:, ::2]
-    unm = a.gather(1, _expand_index(matching.unm_idx, a))
-    # protected tokens are untouched by the merge, so they are read straight from t
-    return torch.cat([t[:, :p], unm[:, (p + 1) // 2 :], b[:, p // 2 :]], dim=1)
+class NewOrder(NamedTuple):
+    """Where tokens go in a merge: ``[protected, unmerged set-A, set-B]``."""
+
+    kept: Tensor  # [B, N - r] old index of each new token
+    new_index: Tensor  # [B, N] new index of each old token (a merged-away token: its partner's)
+    src: Tensor  # [B, r] old index of each merged-away token
+    dst: Tensor  # [B, r] old index of the token it merges into
 
 
-def merge_sum(matching: Matching, t: Tensor) -> Tensor:
-    """Sum each merged set-A token into its set-B partner: [B, N, ...] -> [B, N - r, ...]."""
-    a, b = t[:, ::2], t[:, 1::2]
-    src = a.gather(1, _expand_index(matching.src_idx, a))
-    return _assemble(matching, t, b.scatter_add(1, _expand_index(matching.dst_idx, b), src))
+def new_order(matching: Matching, tokens: int) -> NewOrder:
+    p, device = matching.protected, matching.src_idx.device
+    batch = matching.src_idx.shape[0]
+    # protected set-A tokens are the first (p + 1) // 2 of the ascending unmerged ones
+    kept = torch.cat([
+        torch.arange(p, device=device).expand(batch, p),
+        2 * matching.unm_idx[:, (p + 1) // 2 :],
+        torch.arange(1, tokens, 2, device=device)[p // 2 :].expand(batch, -1),
+    ], dim=1)
+    src, dst = 2 * matching.src_idx, 2 * matching.dst_idx + 1
+    new_index = torch.zeros(batch, tokens, dtype=kept.dtype, device=device).scatter(
+        1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept)
+    )
+    return NewOrder(kept, new_index.scatter(1, src, new_index.gather(1, dst)), src, dst)
 
 
-def merge_positions(matching: Matching, positions: Tensor, tokens: int) -> Tensor:
-    """Follow a merge in ``positions`` [B, N0] (where each original token now sits, among
-    ``tokens`` tokens): a merged-away token moves to wherever its partner goes."""
-    batch = positions.shape[0]
-    current = torch.arange(tokens, device=positions.device).expand(batch, tokens)
-    kept = _assemble(matching, current, current[:, 1::2])  # old index of each new token
-    new_index = torch.arange(kept.shape[1], device=positions.device).expand_as(kept)
-    moved = torch.zeros_like(current).scatter(1, kept, new_index)
-    moved = moved.scatter(1, 2 * matching.src_idx, moved.gather(1, 2 * matching.dst_idx + 1))
-    return moved.gather(1, positions)
-
-
-def merge_wavg(matching: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of merged tokens; ``size`` [B, N] counts patches per token."""
+def merge_wavg(order: NewOrder, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted average of merged tokens; ``size`` [B, N] counts patches per token.
+    A receiving token b moves toward each token i merged into it by i's share of the new
+    size: b + sum_i s_i (x_i - b) / (s_b + sum_i s_i), which is their weighted mean. Only
+    the r merged rows are computed; every other token is copied bit for bit."""
     acc = accumulation_dtype(x.dtype)
     size = size.to(acc)
-    weighted = merge_sum(matching, x.to(acc) * size[..., None])
-    new_size = merge_sum(matching, size)
-    p = matching.protected  # protected tokens pass through bit for bit
-    merged = (weighted[:, p:] / new_size[:, p:, None]).to(x.dtype)
-    return torch.cat([x[:, :p], merged], dim=1), new_size
+    src_size = size.gather(1, order.src)
+    new_size = size.scatter_add(1, order.dst, src_size)
+    share = (src_size / new_size.gather(1, order.dst))[..., None]
+    step = (_take(x, order.src).to(acc) - _take(x, order.dst).to(acc)) * share
+    merged = _take(x.to(acc), order.kept)
+    batch, tokens = merged.shape[:2]
+    rows = order.new_index.gather(1, order.dst) + tokens * torch.arange(batch, device=x.device)[:, None]
+    merged = merged.flatten(0, 1).index_add_(0, rows.flatten(), step.flatten(0, 1)).unflatten(0, (batch, tokens))
+    return merged.to(x.dtype), new_size.gather(1, order.kept)
+
+
+def merge_positions(order: NewOrder, positions: Tensor) -> Tensor:
+    """Follow a merge in ``positions`` [B, N0] (where each original token now sits)."""
+    return order.new_index.gather(1, positions)
 
 
 def initial_size(x: Tensor) -> Tensor:
@@ -132,9 +143,7 @@ def source_map(positions: Tensor, tokens: int) -> Tensor:
 def unmerge(x: Tensor, positions: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
     """Copy each token back to the original positions it holds (tokens from ``start`` on):
     the inverse layout of the merges, each original token taking its group's value."""
-    index = positions[:, start:] - start
-    moved = x.movedim((batch_dim, token_dim), (0, 1))
-    moved = moved.gather(1, _expand_index(index, moved))
+    moved = _take(x.movedim((batch_dim, token_dim), (0, 1)), positions[:, start:] - start)
     return moved.movedim((0, 1), (batch_dim, token_dim))
 
 
@@ -198,8 +207,9 @@ def tome_merge(
     tokens = x.shape[1]
     compatible, inert = (None, None) if mask is None else mask_pairs(mask, positions, tokens)
     matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected, compatible, inert)
-    x, new_size = merge_wavg(matching, x, size)
-    return x, new_size, merge_positions(matching, positions, tokens)
+    order = new_order(matching, tokens)
+    x, new_size = merge_wavg(order, x, size)
+    return x, new_size, merge_positions(order, positions)
 
 
 def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
