@@ -1,5 +1,6 @@
 """Property tests of the merge math (tome_fx.merge): hypothesis hunts for counterexamples."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -203,3 +204,25 @@ def test_merges_under_a_mask_keep_every_token_masked_like_its_originals(batch, t
     assert torch.equal(back, full)
     for b in range(batch if padding else 0):
         assert set(positions[b][keep[b]].tolist()).isdisjoint(positions[b][~keep[b]].tolist())
+
+
+@given(st.integers(1, 3), st.integers(2, 24), st.integers(0, 2), st.integers(0, 2**16), st.data())
+def test_a_mask_that_leaves_fewer_than_r_compatible_pairs_is_an_error(batch, tokens, protected, seed, data):
+    """Never a forced merge of tokens the mask tells apart: exactly when r exceeds the set-A
+    tokens that have a compatible partner, the merge raises instead."""
+    protected = min(protected, tokens)
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.arange(tokens) < torch.randint(1, tokens + 1, (batch, 1), generator=gen)
+    mask = keep[:, None, None, :]
+    x = torch.randn(batch, tokens, 3, generator=gen, dtype=torch.float64)
+    compatible, _ = merge.mask_pairs(mask, merge.initial_positions(x), tokens)
+    compatible[:, : (protected + 1) // 2] = False
+    compatible[:, :, : protected // 2] = False
+    available = int(compatible.any(-1).sum(-1).min())
+    r = data.draw(st.integers(0, merge.max_merges(tokens, protected)))
+    args = (x, x[:, None], merge.initial_size(x), merge.initial_positions(x), r, protected, -2, mask)
+    if r <= available:
+        merge.tome_merge(*args)
+    else:
+        with pytest.raises(RuntimeError, match="pairs the attention mask treats alike"):
+            merge.tome_merge(*args)

@@ -34,6 +34,7 @@ class Row:
     images_per_s: float
     speedup: float  # original median / this median
     bound: float  # FLOP bound from the cost model (attention blocks)
+    merge_share: float | None = None  # fraction of this variant's time spent matching + merging
 
     @property
     def reached(self) -> float:
@@ -68,59 +69,59 @@ def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 1) -> dic
 
 
 def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule], *, batch: int, mode: str,
-        repeats: int) -> list[Row]:
-    """Time the original and one ToMe variant per schedule (r=0 is the original itself)."""
+        repeats: int, merge_share: bool = False) -> list[Row]:
+    """Time the original and one ToMe variant per schedule (r=0 is the original itself).
+    With ``merge_share``, each variant's stand-in (``without_merge_cost``) is timed too."""
     variants = {schedule_label(s): tome_fx.transform(model, s) for s in schedules if s != 0}
     plain = tome_fx.transform(model, 0)
     models = {"0": model, **variants}
+    if merge_share:
+        models |= {f"{label} stand-in": without_merge_cost(fast) for label, fast in variants.items()}
     if mode == "compiled":
         models = {label: torch.compile(m) for label, m in models.items()}
     inputs = torch.randn(batch, *input_size)
     times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
     base = statistics.median(times["0"])
     rows = []
-    for label, samples in times.items():
-        fast = variants.get(label, plain)
+    for label in ["0", *variants]:
+        fast, samples = variants.get(label, plain), times[label]
         median = statistics.median(samples)
+        stand_in = times.get(f"{label} stand-in")
         rows.append(Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
-                        batch / median, base / median, plain.predicted_flops() / fast.predicted_flops()))
+                        batch / median, base / median, plain.predicted_flops() / fast.predicted_flops(),
+                        None if stand_in is None else 1 - statistics.median(stand_in) / median))
     return rows
 
 
-@torch.no_grad()
-def merge_share(fast: tome_fx.ToMeModel, inputs: torch.Tensor, repeats: int = 5) -> float:
-    """Fraction of the transformed model's time spent in matching + merging (profiled)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None):
+    """``merge.tome_merge``'s stand-in: the same output shapes, no matching or merging."""
+    tokens = x.shape[1] - r
+    return x[:, :tokens], size[:, :tokens], positions.clamp_max(tokens - 1)
 
-    def timed_merge(*args):
-        with record_function("tome_merge"):
-            return merge.tome_merge(*args)
 
-    graph_module = copy.deepcopy(fast.graph_module)  # instrument a copy; the caller's graph stays as it is
+def without_merge_cost(fast: tome_fx.ToMeModel) -> torch.fx.GraphModule:
+    """A copy of ``fast``'s graph whose merges just drop the last r tokens. Timed beside
+    ``fast`` (eager or compiled), it isolates what matching + merging cost: the rest of
+    the model runs on the same token counts. A profiler would not do: its per-op
+    overhead inflates the merge's many small ops, and it cannot see into compiled code."""
+    graph_module = copy.deepcopy(fast.graph_module)
     for node in graph_module.graph.nodes:
         if node.target is merge.tome_merge:
-            node.target = timed_merge
+            node.target = _drop_tokens
     graph_module.recompile()
-    graph_module(inputs)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            graph_module(inputs)
-        total = time.perf_counter() - start
-    merged = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "tome_merge") / 1e6
-    return merged / total
+    return graph_module
 
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| model | mode | batch | r | tokens out | img/s | median s (min-max) | speedup | bound | reached |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | batch | r | tokens out | img/s | median s (min-max) | speedup | bound | reached | merge share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.model} | {row.mode} | {row.batch} | {row.schedule} | {row.tokens_out} | {row.images_per_s:.1f} | "
             f"{row.median_s:.3f} ({row.min_s:.3f}-{row.max_s:.3f}) | {row.speedup:.2f}x | {row.bound:.2f}x | "
-            f"{row.reached:.0%} |"
+            f"{row.reached:.0%} | {'' if row.merge_share is None else f'{row.merge_share:.1%}'} |"
         )
     return "\n".join(lines)
 

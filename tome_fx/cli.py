@@ -56,21 +56,17 @@ def _bench(args) -> None:
     from tqdm import tqdm
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    rows, shares = [], {}
+    rows = []
     configs = [(m, b, mode) for m in args.models for b in args.batch for mode in args.modes]
     for name, batch, mode in tqdm(configs, desc="bench", unit="config"):
         loaded = zoo.load(name, checkpoint=None)
         rows += bench.run(name, loaded.model, loaded.input_size, [0, *args.r], batch=batch, mode=mode,
-                          repeats=args.repeats)
-        if args.merge_share and (name, batch) not in shares and mode == "eager":
-            largest = max((s for s in args.r if isinstance(s, int)), default=0)
-            fast = tome_fx.transform(loaded.model, largest)
-            shares[name, batch] = (largest, bench.merge_share(fast, torch.randn(batch, *loaded.input_size)))
+                          repeats=args.repeats, merge_share=args.merge_share)
     table = bench.markdown(rows)
     print(f"{torch.get_num_threads()} threads, fp32, medians of {args.repeats} interleaved calls after warm-up")
     print(table)
-    for (name, batch), (r, share) in shares.items():
-        print(f"merge (matching + merging) share of {name} time at r={r}, batch {batch}: {share:.1%}")
+    if args.merge_share:
+        print("merge share: 1 - time(stand-in whose merges just drop r tokens) / time(ToMe model)")
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +75,6 @@ def _bench(args) -> None:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "rows": [row.as_dict() for row in rows],
-            "merge_share": [{"model": m, "batch": b, "r": r, "share": s} for (m, b), (r, s) in shares.items()],
         }
         (out / "bench.json").write_text(json.dumps(report, indent=1))
         (out / "bench.md").write_text(table + "\n")
@@ -138,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant (after warm-up)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--merge-share", action="store_true", help="profile the merge's share of time at the largest r")
+    p.add_argument("--merge-share", action="store_true",
+                   help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
 
     p = commands.add_parser("eval", help="top-1, original vs ToMe, on an image folder",

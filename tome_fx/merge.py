@@ -51,11 +51,9 @@ def bipartite_soft_matching(
     metric = metric.detach()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
-    if protected:
-        # protected set-A tokens never leave; protected set-B tokens never receive
-        rows = torch.arange(scores.shape[1], device=scores.device) < (protected + 1) // 2
-        cols = torch.arange(scores.shape[2], device=scores.device) < protected // 2
-        scores = scores.masked_fill(rows[:, None] | cols[None, :], -torch.inf)
+    # protected set-A tokens never leave; protected set-B tokens never receive
+    scores[:, : (protected + 1) // 2] = -torch.inf
+    scores[:, :, : protected // 2] = -torch.inf
     if first is not None:
         scores = scores.masked_fill(first, 2.0)  # cosine similarities are at most 1
     if compatible is not None:
@@ -63,6 +61,12 @@ def bipartite_soft_matching(
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
     src_idx = edge_idx[:, :r]
+    if compatible is not None:  # a set-A token with no compatible partner would be merged by force
+        torch._assert_async(
+            (node_max.gather(1, src_idx) > -torch.inf).all(),
+            f"ToMe: r={r} merges of {tokens} tokens need {r} pairs the attention mask treats alike, and this "
+            "batch's mask leaves fewer (few real tokens beside padding); use a smaller r or pad to a longer length",
+        )
     return Matching(
         unm_idx=edge_idx[:, r:].sort(dim=-1).values,
         src_idx=src_idx,
