@@ -243,14 +243,13 @@ def test_users_own_vit_with_separate_qkv_and_manual_softmax():
     torch.testing.assert_close(compiled, merged, rtol=1e-4, atol=1e-4)
 
 
-def test_each_compiled_model_compiles_a_graph_of_its_own(monkeypatch):
+def test_each_compiled_model_compiles_a_graph_of_its_own():
     """An r sweep in one process: had the models shared one compiled frame, the second would
     be a recompile, and past dynamo's limit (1 here) fall back to eager (fullgraph: raise)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     model = _SeparateQKVViT().eval()
     images = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
         for r in (1, 2, 3):
             compiled = tome_fx.compile(model, r, example_inputs=images, fullgraph=True)
             torch.testing.assert_close(compiled(images), compiled.model(images), rtol=1e-4, atol=1e-4)
