@@ -82,14 +82,14 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
                   for label, m in models.items()}
     inputs = torch.randn(batch, *input_size)
     times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
-    base = statistics.median(times["0"])
+    base, base_flops = statistics.median(times["0"]), plain.predicted_flops()
     rows = []
     for label in ["0", *variants]:
         fast, samples = variants.get(label, plain), times[label]
         median = statistics.median(samples)
         stand_in = times.get(f"{label} stand-in")
         rows.append(Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
-                        batch / median, base / median, plain.predicted_flops() / fast.predicted_flops(),
+                        batch / median, base / median, base_flops / fast.predicted_flops(),
                         None if stand_in is None else 1 - statistics.median(stand_in) / median))
     return rows
 
