@@ -91,6 +91,7 @@ class NewOrder(NamedTuple):
 
 
 def new_order(matching: Matching, tokens: int) -> NewOrder:
+    """The index bookkeeping of one merge, computed once and shared by values, sizes and positions."""
     p, device = matching.protected, matching.src_idx.device
     batch = matching.src_idx.shape[0]
     # protected set-A tokens are the first (p + 1) // 2 of the ascending unmerged ones
