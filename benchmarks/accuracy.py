@@ -40,17 +40,16 @@ def fashion_rows(batch: int, repeats: int) -> list[dict]:
     model = fashion_mnist.create_model()
     images, labels = fashion_mnist.load_split("test")
     variants = {bench.schedule_label(s): tome_fx.transform(model, s) for s in SCHEDULES}
-    data = ((images[i:i + 500], labels[i:i + 500]) for i in range(0, len(images), 500))
-    accuracy = evaluate.top1(variants, data, len(images))
+    accuracy = evaluate.top1(variants, evaluate.chunks(images, labels, 500), len(images))
     eager = bench.time_interleaved(variants, images[:batch], repeats)
     compiled = bench.time_interleaved({k: tome_fx.CompiledToMe(v) for k, v in variants.items()}, images[:batch],
                                       repeats, warmup=2)
-    fixed, base_flops = stem_flops(model), variants["0"].predicted_flops()
+    fixed = stem_flops(model)
     rows = []
     for label, fast in variants.items():
         row = {"schedule": label, "tokens_out": fast.token_counts[-1], "top1": accuracy[label],
                "drop": accuracy["0"] - accuracy[label],
-               "bound": (base_flops + fixed) / (fast.predicted_flops() + fixed)}
+               "bound": (fast.predicted_flops(merging=False) + fixed) / (fast.predicted_flops() + fixed)}
         for mode, times in (("eager", eager), ("compiled", compiled)):
             median = statistics.median(times[label])
             row[f"images_per_s_{mode}"] = batch / median
@@ -78,27 +77,17 @@ def markdown(fashion: list[dict], minilm: list[dict]) -> str:
 
 
 def plot(fashion: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("eager", "compiled"):
-        speed = [row[f"speedup_{mode}"] for row in fashion]
-        ax.plot(speed, [100 * row["top1"] for row in fashion], "o", label=mode)
-        for row, x in zip(fashion, speed):
-            ax.annotate(row["schedule"], (x, 100 * row["top1"]), fontsize=6, textcoords="offset points",
-                        xytext=(3, 3))
-    ax.axhline(100 * fashion[0]["top1"] - 1, color="grey", linestyle=":", label="1 point below the original")
-    ax.set_xlabel("speedup over the original (2 CPU threads, fp32)")
-    ax.set_ylabel("Fashion-MNIST top-1 (%)")
-    ax.set_title("reference ViT: accuracy vs speed by r schedule")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with bench.figure(path) as ax:
+        for mode in ("eager", "compiled"):
+            speed = [row[f"speedup_{mode}"] for row in fashion]
+            ax.plot(speed, [100 * row["top1"] for row in fashion], "o", label=mode)
+            for row, x in zip(fashion, speed):
+                ax.annotate(row["schedule"], (x, 100 * row["top1"]), fontsize=6, textcoords="offset points",
+                            xytext=(3, 3))
+        ax.axhline(100 * fashion[0]["top1"] - 1, color="grey", linestyle=":", label="1 point below the original")
+        ax.set_xlabel("speedup over the original (2 CPU threads, fp32)")
+        ax.set_ylabel("Fashion-MNIST top-1 (%)")
+        ax.set_title("reference ViT: accuracy vs speed by r schedule")
 
 
 def main(argv=None) -> None:

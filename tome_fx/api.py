@@ -57,10 +57,11 @@ class ToMeModel(torch.nn.Module):
         """Tokens entering each block, then the final count."""
         return self.plan.token_counts
 
-    def predicted_flops(self, batch: int = 1) -> int:
+    def predicted_flops(self, batch: int = 1, merging: bool = True) -> int:
         """FLOPs of the attention blocks and merges, by ``tome_fx.cost`` (patch embedding
-        and head, which ToMe leaves alone, are not included)."""
-        return self.plan.predicted_flops(batch)
+        and head, which ToMe leaves alone, are not included). ``merging=False`` gives the
+        original model's, so their ratio is the speedup bound without capturing it again."""
+        return self.plan.predicted_flops(batch, merging)
 
     def _check_inputs(self, args, kwargs) -> None:
         shapes = [tuple(t.shape[1:]) for t in batched_tensors((args, kwargs))]

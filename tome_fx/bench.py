@@ -8,6 +8,7 @@ min/max, beside the cost model's bound for that schedule.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -82,14 +83,14 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
                   for label, m in models.items()}
     inputs = torch.randn(batch, *input_size)
     times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
-    base, base_flops = statistics.median(times["0"]), plain.predicted_flops()
+    base = statistics.median(times["0"])
     rows = []
     for label in ["0", *variants]:
         fast, samples = variants.get(label, plain), times[label]
         median = statistics.median(samples)
         stand_in = times.get(f"{label} stand-in")
         rows.append(Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
-                        batch / median, base / median, base_flops / fast.predicted_flops(),
+                        batch / median, base / median, fast.predicted_flops(merging=False) / fast.predicted_flops(),
                         None if stand_in is None else 1 - statistics.median(stand_in) / median))
     return rows
 
@@ -127,28 +128,37 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot_speedup(rows: list[Row], path) -> None:
-    """Speedup vs r (constant schedules), one line per (model, mode, batch), bounds dashed."""
+@contextlib.contextmanager
+def figure(path):
+    """Axes for one report plot (no display needed), written to ``path`` as PNG on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        yield ax
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_speedup(rows: list[Row], path) -> None:
+    """Speedup vs r (constant schedules), one line per (model, mode, batch), bounds dashed."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         if row.schedule.isdigit():
             groups.setdefault((row.model, row.mode, row.batch), []).append(row)
-    for (model, mode, batch), group in groups.items():
-        group.sort(key=lambda row: int(row.schedule))
-        rs = [int(row.schedule) for row in group]
-        line, = ax.plot(rs, [row.speedup for row in group], marker="o", label=f"{model} {mode} b{batch}")
-        ax.plot(rs, [row.bound for row in group], linestyle="--", color=line.get_color(), alpha=0.6)
-    ax.set_xlabel("r (tokens merged per block)")
-    ax.set_ylabel("speedup over the original")
-    ax.set_title("measured (solid) vs FLOP bound (dashed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path) as ax:
+        for (model, mode, batch), group in groups.items():
+            group.sort(key=lambda row: int(row.schedule))
+            rs = [int(row.schedule) for row in group]
+            line, = ax.plot(rs, [row.speedup for row in group], marker="o", label=f"{model} {mode} b{batch}")
+            ax.plot(rs, [row.bound for row in group], linestyle="--", color=line.get_color(), alpha=0.6)
+        ax.set_xlabel("r (tokens merged per block)")
+        ax.set_ylabel("speedup over the original")
+        ax.set_title("measured (solid) vs FLOP bound (dashed)")

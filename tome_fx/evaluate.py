@@ -33,6 +33,11 @@ def image_folder(root: str | pathlib.Path) -> list[tuple[pathlib.Path, int]]:
     return samples
 
 
+def chunks(images: torch.Tensor, labels: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of in-memory tensors."""
+    return ((images[i:i + batch], labels[i:i + batch]) for i in range(0, len(images), batch))
+
+
 def batches(data: str | pathlib.Path, loaded: LoadedModel, batch: int, limit: int = 0) -> tuple[Iterator, int]:
     """(iterator of (images, labels) batches, number of images) for a data folder."""
     data = pathlib.Path(data)
@@ -40,7 +45,7 @@ def batches(data: str | pathlib.Path, loaded: LoadedModel, batch: int, limit: in
         images, labels = fashion_mnist.load_split("test", data)
         if limit:
             images, labels = images[:limit], labels[:limit]
-        return ((images[i:i + batch], labels[i:i + batch]) for i in range(0, len(images), batch)), len(images)
+        return chunks(images, labels, batch), len(images)
     from PIL import Image
 
     samples = image_folder(data)[: limit or None]

@@ -59,9 +59,15 @@ class TomePlan:
         """Tokens entering each block, then the final count."""
         return [b.tokens_in for b in self.blocks] + [self.blocks[-1].tokens_out]
 
-    def predicted_flops(self, batch: int = 1) -> int:
-        """The attention blocks' FLOPs (with merges) by the cost model (``tome_fx.cost``)."""
-        per_image = sum(cost.block_flops(b.tokens_in, self.width, b.mlp_ratio, b.r, b.key_width) for b in self.blocks)
+    def predicted_flops(self, batch: int = 1, merging: bool = True) -> int:
+        """The attention blocks' FLOPs by the cost model (``tome_fx.cost``); ``merging=False``:
+        the same blocks as the original runs them, every one on all the tokens."""
+        tokens = self.blocks[0].tokens_in
+        per_image = sum(
+            cost.block_flops(b.tokens_in, self.width, b.mlp_ratio, b.r, b.key_width) if merging
+            else cost.block_flops(tokens, self.width, b.mlp_ratio, 0, b.key_width)
+            for b in self.blocks
+        )
         return int(per_image * batch)
 
 
