@@ -141,7 +141,7 @@ def test_merging_exact_duplicates_with_proportional_attention_is_exact(batch, pa
 
     size, positions = merge.initial_size(x), merge.initial_positions(x)
     merged, size, positions = merge.tome_merge(x, x[:, None], size, positions, len(copies), protected, -2)
-    bias = merge.log_size_bias(size, 3, 0, 2, x.dtype)
+    bias = merge.log_size_bias(size, merged, 0, 2)  # laid out for 3-d logits [B, Nq, Nk]
     got = merged + _attention(merged, weights, bias)
     unmerged = merge.unmerge(got, positions, 0, 1)  # each original token takes its group's value
     torch.testing.assert_close(unmerged, expected, rtol=1e-9, atol=1e-9)

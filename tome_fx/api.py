@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from . import merge
+from .call_spec import CallSpec
 from .capture import batch_size, batched_tensors, capture, normalize_example_inputs
+from .errors import UnsupportedModelError
 from .passes import TomePlan, apply_tome
 from .schedule import Schedule, resolve_schedule
 
@@ -22,30 +28,169 @@ class TokenState(NamedTuple):
     source: torch.Tensor | None
 
 
-class ToMeModel(torch.nn.Module):
-    """A model rewritten to merge tokens; called exactly like the original.
+@dataclass(frozen=True)
+class _Options:
+    r: Schedule
+    prop_attn: bool
+    trace_source: bool
+    unmerge_outputs: bool
 
-    Parameters and buffers are *shared* with the original model (not copied): the
-    original is never modified by ``transform``, but an in-place change made through
-    either module afterwards (``.half()``, training) shows in both. ``copy.deepcopy``
-    the model first if the two must be independent.
+
+# what a module's parameters, buffers and submodules live in: the ToMeModel owns one tree,
+# and every graph it captured (one per train/eval mode) reads its weights from it
+_TREE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
+_GUARDS = "_guards_fn"  # export's input-guard module: each graph keeps its own
+
+
+def _mode_of(model: torch.nn.Module) -> bool | None:
+    """The mode every submodule is in, or None where they differ."""
+    modes = {module.training for module in model.modules()}
+    return modes.pop() if len(modes) == 1 else None
+
+
+@contextlib.contextmanager
+def _in_mode(model: torch.nn.Module, mode: bool | None):
+    """``model`` switched to train (True) or eval (False) mode, every submodule's own flag
+    restored afterwards; None leaves it as it is."""
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        if mode is not None:
+            model.train(mode)
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool | None):
+    with _in_mode(model, mode):
+        graph_module = capture(model, call)
+    plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs)
+    return graph_module, plan
+
+
+class _InstanceSignature:
+    """``inspect.signature(instance)`` reads ``__signature__``: the forward's, without ``self``.
+    On the class it is None, so the class's own signature is left alone."""
+
+    def __get__(self, instance, owner):
+        return None if instance is None else inspect.signature(instance.forward)
+
+
+def _with_signature(cls: type, signature: inspect.Signature) -> type:
+    """A subclass of ``cls`` whose ``forward`` shows ``signature`` (the original model's), so
+    that ``inspect`` and ``torch.export`` bind arguments to the original's parameter names."""
+
+    def forward(self, *args, **kwargs):
+        return cls.forward(self, *args, **kwargs)
+
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
+    forward.__doc__ = cls.forward.__doc__
+    namespace = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return type(cls.__name__, (cls,), namespace)
+
+
+class ToMeModel(torch.nn.Module):
+    """A model rewritten to merge tokens; it behaves like the module it replaces.
+
+    - Called like the original: its positional and keyword arguments, and
+      ``inspect.signature`` shows its parameters. Non-tensor arguments are fixed when the
+      model is captured; a call that changes one raises ``ValueError``.
+    - ``train()`` / ``eval()`` switch dropout, drop-path and every other mode-dependent op as
+      they would in the original: each mode runs a graph captured in that mode (the other
+      mode's is captured the first time it is asked for).
+    - ``state_dict()`` has the original's keys, so checkpoints load either way;
+      ``copy.deepcopy`` works, and pickling (``torch.save``) stores the original module and
+      the transform's options, and transforms again when loaded.
+
+    Parameters and buffers are *shared* with the original model (not copied): ``transform``
+    never modifies the original, but an in-place change made through either module
+    afterwards (``.to(dtype)``, training, ``load_state_dict``) shows in both.
+    ``load_state_dict(..., assign=True)`` on the original replaces its tensors and breaks the
+    sharing (this model keeps the old ones); ``copy.deepcopy`` the model first if the two
+    must be independent.
     """
 
-    def __init__(
-        self, graph_module: torch.fx.GraphModule, plan: TomePlan, input_shapes, *, prop_attn, trace_source, unmerge_outputs
-    ):
-        super().__init__()
-        self.graph_module = graph_module
-        self.plan = plan
-        self.prop_attn = prop_attn
-        self.trace_source = trace_source
-        self.unmerge_outputs = unmerge_outputs
-        self._input_shapes = input_shapes
+    __signature__ = _InstanceSignature()
 
+    def __init__(self, source: torch.nn.Module, call: CallSpec, options: _Options, graph_module, plan: TomePlan,
+                 mode: bool | None):
+        super().__init__()
+        self.__dict__.update(_source=source, _call=call, _options=options, _graphs={}, _mode=mode, plan=plan)
+        for attr in _TREE:
+            object.__setattr__(self, attr, getattr(graph_module, attr))
+        self._modules.update((name, m) for name, m in graph_module._modules.items() if name != _GUARDS)
+        self._attach(mode, graph_module)
+        torch.nn.Module.train(self, source.training)
+
+    # -- graphs, one per mode, sharing this module's tree ------------------------------------------
+    def _attach(self, mode: bool | None, graph_module: torch.fx.GraphModule) -> None:
+        """Make ``graph_module`` read every parameter, buffer and submodule from this model."""
+        for attr in _TREE:
+            object.__setattr__(graph_module, attr, getattr(self, attr))
+        graph_module._modules.update(self._modules)
+        self._graphs[mode] = graph_module
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The rewritten graph the current mode runs."""
+        return self._graphs[self._mode]
+
+    def train(self, mode: bool = True):
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        if mode != self._mode:
+            if mode not in self._graphs:
+                self._attach(mode, self._capture(mode))
+            self.__dict__["_mode"] = mode
+        return super().train(mode)
+
+    def _capture(self, mode: bool) -> torch.fx.GraphModule:
+        name = "train" if mode else "eval"
+        try:
+            graph_module, plan = _build(self._source, self._call, self._options, mode)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"in {name} mode: {error}") from error
+        if (plan.schedule, plan.token_counts, plan.protected) != (self.schedule, self.token_counts, self.plan.protected):
+            raise UnsupportedModelError(
+                f"in {name} mode the model merges differently (schedule {plan.schedule}, {plan.protected} protected "
+                f"tokens) than in the mode it was transformed in ({self.schedule}, {self.plan.protected})"
+            )
+        return graph_module
+
+    # -- copies ------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        for mode, graph_module in copied._graphs.items():
+            copied._attach(mode, graph_module)
+        return copied
+
+    def __reduce_ex__(self, protocol):
+        """Pickled as the original module, the capture's inputs and the options: loading
+        transforms again (captured graphs hold generated code that does not pickle)."""
+        args, kwargs = self._call.example()
+        return _restore, (self._source, args, kwargs, self._options, self.state_dict(keep_vars=True), self._mode)
+
+    # -- facts ---------------------------------------------------------------------------------------
     @property
     def input_shapes(self) -> list[tuple[int, ...]]:
         """Shapes (batch dim left out) of the tensor inputs this model was built for."""
-        return list(self._input_shapes)
+        return [tuple(t.shape[1:]) for t in batched_tensors(self._call.arguments)]
+
+    @property
+    def prop_attn(self) -> bool:
+        return self._options.prop_attn
+
+    @property
+    def trace_source(self) -> bool:
+        return self._options.trace_source
+
+    @property
+    def unmerge_outputs(self) -> bool:
+        return self._options.unmerge_outputs
 
     @property
     def schedule(self) -> list[int]:
@@ -63,18 +208,22 @@ class ToMeModel(torch.nn.Module):
         original model's, so their ratio is the speedup bound without capturing it again."""
         return self.plan.predicted_flops(batch, merging)
 
-    def _check_inputs(self, args, kwargs) -> None:
+    # -- calls ---------------------------------------------------------------------------------------
+    def _graph_inputs(self, args, kwargs) -> tuple[tuple, dict]:
+        """The call laid out as the graph takes it, checked against what it was captured for."""
+        args, kwargs = self._call.bind(args, kwargs)
         shapes = [tuple(t.shape[1:]) for t in batched_tensors((args, kwargs))]
-        if shapes != self._input_shapes:
+        if shapes != self.input_shapes:
             raise ValueError(
                 f"inputs of shape {[('batch',) + s for s in shapes]} differ from the ones this model was "
-                f"transformed for, {[('batch',) + s for s in self._input_shapes]}: token counts are fixed "
+                f"transformed for, {[('batch',) + s for s in self.input_shapes]}: token counts are fixed "
                 "when the graph is built; call tome_fx.transform again with example_inputs of the new size"
             )
+        return args, kwargs
 
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
         """The model's outputs together with the final token sizes (and sources)."""
-        self._check_inputs(args, kwargs)
+        args, kwargs = self._graph_inputs(args, kwargs)
         return self._with_tokens(self.graph_module(*args, **kwargs))
 
     def _with_tokens(self, graph_outputs) -> tuple[Any, TokenState]:
@@ -92,6 +241,21 @@ class ToMeModel(torch.nn.Module):
         )
 
 
+def _restore(source, args, kwargs, options: _Options, state: dict, mode: bool | None) -> ToMeModel:
+    fast = _transform(source, args, kwargs, options)
+    if mode is not None:
+        fast.train(mode)
+    fast.load_state_dict(state)
+    return fast
+
+
+def _transform(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options) -> ToMeModel:
+    call = CallSpec.record(model, args, kwargs)
+    mode = _mode_of(model)
+    graph_module, plan = _build(model, call, options, mode)
+    return _with_signature(ToMeModel, call.signature)(model, call, options, graph_module, plan, mode)
+
+
 def transform(
     model: torch.nn.Module,
     r: Schedule,
@@ -106,22 +270,25 @@ def transform(
     ``r``: tokens merged per block -- an int, a list (one per block, padded with 0), or
     ``(r, inflection)`` with inflection in [-1, 1]. ``example_inputs``: a tensor, a tuple
     of positional args or a dict of keyword args; optional where the model states its
-    input size. The batch size stays dynamic; other input dims are fixed by the example.
+    input size. The batch size stays dynamic; other input dims, and every non-tensor
+    argument, are fixed by the example.
     Per-token outputs (``last_hidden_state``...) are un-merged back to the original token
     positions, so outputs keep the original shapes; ``unmerge_outputs=False`` returns the
     merged tokens instead (their sizes come from ``forward_with_tokens``).
     Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
     proven safe.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "tome_fx rewrites a model's Python code through torch.export, and a TorchScript module "
+            "(torch.jit.trace / torch.jit.script) has none: pass the nn.Module it was made from"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
-    inputs = normalize_example_inputs(model, example_inputs)
-    batch_size(inputs)
-    graph_module = capture(model, inputs)
-    plan = apply_tome(graph_module, r, prop_attn=prop_attn, unmerge_outputs=unmerge_outputs)
-    shapes = [tuple(t.shape[1:]) for t in batched_tensors(inputs)]
-    return ToMeModel(
-        graph_module, plan, shapes, prop_attn=prop_attn, trace_source=trace_source, unmerge_outputs=unmerge_outputs
-    )
+    args, kwargs = normalize_example_inputs(model, example_inputs)
+    batch_size((args, kwargs))
+    return _transform(model, args, kwargs, _Options(r, prop_attn, trace_source, unmerge_outputs))
 
 
 def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compile_kwargs) -> torch.nn.Module:
@@ -132,7 +299,7 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     and ``unmerge_outputs``."""
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs") if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
-    return CompiledToMe(fast, **compile_kwargs)
+    return _with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
 
 
 class CompiledToMe(torch.nn.Module):
@@ -140,18 +307,36 @@ class CompiledToMe(torch.nn.Module):
     marked dynamic first. The graph module is compiled, not the ``ToMeModel``: every
     ``ToMeModel`` shares one ``forward`` code object, so compiling several in one process
     (an r sweep) would recompile that one frame until dynamo's recompile limit sends the
-    rest back to eager; each graph module has code of its own."""
+    rest back to eager; each graph module has code of its own. ``train()``/``eval()``
+    compile the graph of that mode the first time it runs."""
+
+    __signature__ = _InstanceSignature()
 
     def __init__(self, model: ToMeModel, **compile_kwargs):
         super().__init__()
         self.model = model
-        self.__dict__["_graph"] = torch.compile(model.graph_module, **compile_kwargs)  # shares model's weights
+        self.__dict__.update(_compile_kwargs=compile_kwargs, _compiled={})  # weights shared with model
+
+    def _graph(self):
+        mode = self.model._mode
+        if mode not in self._compiled:
+            self._compiled[mode] = torch.compile(self.model.graph_module, **self._compile_kwargs)
+        return self._compiled[mode]
 
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
-        self.model._check_inputs(args, kwargs)
+        args, kwargs = self.model._graph_inputs(args, kwargs)
         for tensor in batched_tensors((args, kwargs)):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return self.model._with_tokens(self._graph(*args, **kwargs))
+        return self.model._with_tokens(self._graph()(*args, **kwargs))
 
     def forward(self, *args, **kwargs):
         return self.forward_with_tokens(*args, **kwargs)[0]
+
+    def __deepcopy__(self, memo):
+        return type(self)(copy.deepcopy(self.model, memo), **self._compile_kwargs)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a compiled ToMe model cannot be pickled (it holds compiled code): save the ToMeModel "
+            "(`compiled.model`) or the original's state_dict, and compile again after loading"
+        )

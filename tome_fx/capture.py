@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from .call_spec import CallSpec
 from .errors import UnsupportedModelError
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -48,6 +48,7 @@ def default_example_inputs(model: torch.nn.Module) -> torch.Tensor | None:
 
 
 def normalize_example_inputs(model: torch.nn.Module, example_inputs) -> ExampleInputs:
+    """``(args, kwargs)`` from a tensor, a tuple/list of positional args or a dict of keyword args."""
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
         if example_inputs is None:
@@ -56,10 +57,20 @@ def normalize_example_inputs(model: torch.nn.Module, example_inputs) -> ExampleI
                 "(a tensor, a tuple of positional args, or a dict of keyword args)"
             )
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
+        inputs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        inputs = tuple(example_inputs), {}
+    else:
+        inputs = (example_inputs,), {}
+    if not batched_tensors(inputs):
+        leaves = pytree.tree_leaves(inputs)
+        hint = " (convert arrays with torch.from_numpy)" if any(hasattr(v, "__array__") for v in leaves) else ""
+        raise TypeError(
+            "example_inputs hold no torch.Tensor with a batch dimension (got "
+            f"{', '.join(type(v).__name__ for v in leaves) or 'nothing'}){hint}; pass a tensor, a tuple of "
+            "positional args or a dict of keyword args, as the model's forward takes them"
+        )
+    return inputs
 
 
 def is_batched(value) -> bool:
@@ -79,25 +90,24 @@ def batch_size(inputs: ExampleInputs) -> int:
     return sizes.pop()
 
 
-def _with_batch_of_two(inputs: ExampleInputs) -> ExampleInputs:
+def _with_batch_of_two(arguments: dict[str, Any]) -> dict[str, Any]:
     """torch.export specializes a batch of 1 to a constant; trace with 2 to keep it dynamic."""
-    if batch_size(inputs) != 1:
-        return inputs
-    return pytree.tree_map(lambda t: torch.cat([t, t]) if is_batched(t) else t, inputs)
+    if batch_size(arguments) != 1:
+        return arguments
+    return pytree.tree_map(lambda t: torch.cat([t, t]) if is_batched(t) else t, arguments)
 
 
-def capture(model: torch.nn.Module, inputs: ExampleInputs) -> torch.fx.GraphModule:
-    """``torch.export`` the model (batch dynamic) and return its unlifted GraphModule.
+def capture(model: torch.nn.Module, call: CallSpec) -> torch.fx.GraphModule:
+    """``torch.export`` the model as called in ``call`` (batch dynamic) and return its unlifted
+    GraphModule, which takes the arguments as ``call.layout`` lays them out.
 
     Parameters and buffers of the result are the model's own tensors (shared, not copied).
     """
-    args, kwargs = _with_batch_of_two(inputs)
+    arguments = _with_batch_of_two(call.arguments)
     batch = torch.export.Dim("batch", min=1)
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    dynamic = {
-        name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
-        for name, value in bound.arguments.items()
-    }
+    dynamic = {name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
+               for name, value in arguments.items()}
+    args, kwargs = call.layout(arguments)
     try:
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as error:  # export raises many types; all mean "not capturable"

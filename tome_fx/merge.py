@@ -145,9 +145,15 @@ def source_map(positions: Tensor, tokens: int) -> Tensor:
     return torch.nn.functional.one_hot(positions, tokens).transpose(1, 2).float()
 
 
-def unmerge(x: Tensor, positions: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+def unmerge(
+    x: Tensor, positions: Tensor, batch_dim: int, token_dim: int, start: int = 0, split: Tensor | None = None
+) -> Tensor:
     """Copy each token back to the original positions it holds (tokens from ``start`` on):
-    the inverse layout of the merges, each original token taking its group's value."""
+    the inverse layout of the merges, each original token taking its group's value. With
+    ``split`` (the sizes, for an axis of weights over tokens) each takes its share instead:
+    the group's weight divided by its size."""
+    if split is not None:
+        x = (x.to(accumulation_dtype(x.dtype)) / size_bias(split, x.dim(), batch_dim, token_dim, start)).to(x.dtype)
     moved = _take(x.movedim((batch_dim, token_dim), (0, 1)), positions[:, start:] - start)
     return moved.movedim((0, 1), (batch_dim, token_dim))
 
@@ -228,9 +234,10 @@ def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: in
     return size.reshape(shape)
 
 
-def log_size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, dtype: torch.dtype) -> Tensor:
-    """Proportional attention: log(size) added to the logits of the keys on ``token_dim``."""
-    return size_bias(size, ndim, batch_dim, token_dim).log().to(dtype)
+def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int) -> Tensor:
+    """Proportional attention: log(size) added to the logits of the keys on ``token_dim``, laid
+    out and typed for ``like`` (the logits, or the queries of an sdpa) as it runs."""
+    return size_bias(size, like.dim(), batch_dim, token_dim).log().to(like.dtype)
 
 
 def add_attention_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
@@ -248,3 +255,10 @@ def weighted_mean(x: Tensor, weight: Tensor, dim: list[int], keepdim: bool = Fal
     weight = weight.to(acc)
     total = (x.to(acc) * weight).sum(dim=dim, keepdim=keepdim)
     return (total / weight.expand_as(x).sum(dim=dim, keepdim=keepdim)).to(x.dtype)
+
+
+def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+    """``x`` with every token scaled by its size: a sum over the tokens then counts each merged
+    token once per token it holds."""
+    weight = size_bias(size, x.dim(), batch_dim, token_dim, start)
+    return (x.to(accumulation_dtype(x.dtype)) * weight).to(x.dtype)

@@ -10,7 +10,11 @@ when they cannot be reached, ``WeightsUnavailable`` says how to pass them locall
 
 from __future__ import annotations
 
+import os
 import pathlib
+import socket
+import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +47,29 @@ class LoadedModel:
         return (pixels - mean) / std
 
 
+_REACHABLE: dict[str, str | None] = {}  # host -> why it is unreachable (None: reachable), once per process
+
+
+def _hub_host() -> str:
+    return urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def _check_reachable(host: str, name: str, how: str, timeout: float = 3.0) -> None:
+    """Raise ``WeightsUnavailable`` at once where ``host`` cannot be reached: one quick connection,
+    remembered for the process, instead of the download client's minute of retries per model."""
+    if host == _hub_host() and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        _REACHABLE[host] = "HF_HUB_OFFLINE is set"
+    if host not in _REACHABLE:
+        began = time.perf_counter()
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _REACHABLE[host] = None
+        except OSError as error:
+            _REACHABLE[host] = f"no connection to {host} ({type(error).__name__} after {time.perf_counter() - began:.1f} s)"
+    if _REACHABLE[host] is not None:
+        raise WeightsUnavailable(f"pretrained weights for {name} are not reachable: {_REACHABLE[host]}; {how}")
+
+
 def _unavailable(name: str, error: Exception, how: str) -> WeightsUnavailable:
     first_line = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     return WeightsUnavailable(f"pretrained weights for {name} are not reachable ({first_line}); {how}")
@@ -55,13 +82,16 @@ def _timm(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
         raise ValueError(f"unknown model {name!r}: not fashion-vit, tv:NAME, hf:ID_OR_DIR or a timm model name")
     if not (pretrained or checkpoint):
         return _timm_loaded(timm.create_model(name), "random init")
+    how = "pass --checkpoint FILE (.safetensors/.pth of the timm model)"
+    if not checkpoint:
+        _check_reachable(_hub_host(), name, how)
     try:
         if checkpoint:  # timm's own loading path, from a local file
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": checkpoint})
         else:
             model = timm.create_model(name, pretrained=True)
     except Exception as error:  # hub errors have no common base class
-        raise _unavailable(name, error, "pass --checkpoint FILE (.safetensors/.pth of the timm model)") from error
+        raise _unavailable(name, error, how) from error
     return _timm_loaded(model, checkpoint or "pretrained")
 
 
@@ -79,11 +109,13 @@ def _torchvision(name: str, pretrained: bool, checkpoint: str | None) -> LoadedM
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         weights = checkpoint
     elif pretrained:
+        how = "pass --checkpoint FILE (a torchvision state_dict)"
+        entry = torchvision.models.get_model_weights(name).DEFAULT
+        _check_reachable(urllib.parse.urlparse(entry.url).hostname, name, how)
         try:
-            entry = torchvision.models.get_model_weights(name).DEFAULT
             model.load_state_dict(entry.get_state_dict(progress=False))
         except Exception as error:  # download failures surface as URLError, OSError, ...
-            raise _unavailable(name, error, "pass --checkpoint FILE (a torchvision state_dict)") from error
+            raise _unavailable(name, error, how) from error
         weights = "pretrained"
     side = model.image_size
     return LoadedModel(model.eval(), (3, side, side), IMAGENET_MEAN, IMAGENET_STD, weights)
@@ -101,10 +133,13 @@ def _hf(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
         model = transformers.AutoModelForImageClassification.from_config(config_class())
         source = f"random init ({name} defaults)"
     else:
+        how = "pass --checkpoint DIR (a folder saved with save_pretrained)"
+        if not pathlib.Path(source).is_dir():
+            _check_reachable(_hub_host(), name, how)
         try:
             model = transformers.AutoModelForImageClassification.from_pretrained(source)
         except OSError as error:
-            raise _unavailable(name, error, "pass --checkpoint DIR (a folder saved with save_pretrained)") from error
+            raise _unavailable(name, error, how) from error
     config = model.config
     side = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return LoadedModel(model.eval(), (config.num_channels, side, side), (0.5,) * 3, (0.5,) * 3, source)

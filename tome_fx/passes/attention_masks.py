@@ -4,7 +4,8 @@ HF transformers builds a full ``[B, 1, N, N]`` mask even for images with no padd
 (all True, or all 0 when additive). Such a mask is computed from shapes only (no
 inputs, no parameters, which could change later), so it is evaluated ahead of time,
 once per mask node at two batch sizes; where it lets every query see every key it is
-removed, and the attention runs unmasked on any number of tokens.
+removed, and the attention runs unmasked on any number of tokens. One that does not pass
+everything was built from token positions (``tril``, ALiBi from ``arange``): refused.
 
 A real mask (BERT padding) must be one node shared by every block. Merges then only
 join tokens whose mask rows and columns are equal (``merge.mask_pairs``), so each
@@ -52,9 +53,15 @@ class DropAllPassMasks(PassBase):
                 if mask not in values:
                     constant = not depends_on_inputs(mask) and not reads_parameters(mask)
                     values[mask] = [evaluate_constant(gm, mask, b) for b in (2, 3)] if constant else None
-                if values[mask] is None or not all(_passes_everything(v, applied_by) for v in values[mask]):
+                if values[mask] is None:
                     self.kept.append((applied_by, mask))
                     continue
+                if not all(_passes_everything(v, applied_by) for v in values[mask]):
+                    raise UnsupportedModelError(
+                        f"{describe(applied_by)}: its attention mask or bias does not depend on the inputs, yet "
+                        "does not let every token attend to every other: it is built from token positions (a "
+                        "causal mask, an ALiBi-style distance bias), which merged tokens no longer have"
+                    )
                 if applied_by.target in SDPA:
                     _set_attn_mask(applied_by, None)
                 else:

@@ -3,7 +3,7 @@
 find blocks -> drop all-pass attention masks -> count protected tokens (learned, or read
 at fixed positions) -> resolve schedule -> insert merges ->
 token-flow analysis (refuses what it cannot prove) -> repair shapes -> restage the
-attention mask -> proportional attention -> weighted pooling -> un-merge returned tokens ->
+attention mask -> proportional attention -> weighted reductions -> un-merge returned tokens ->
 expose size/positions as extra outputs.
 """
 
@@ -27,7 +27,7 @@ from .protected_tokens import count_protected_tokens
 from .repair_shapes import RepairShapes
 from .token_flow import BATCH, TOKEN, Layout, analyze_token_flow
 from .unmerge_outputs import UnmergeOutputs
-from .weighted_pooling import WeightedPooling
+from .weighted_reductions import WeightedReductions
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
         RestageMasks(flow, mask)(gm)
     if prop_attn:
         ProportionalAttention(flow)(gm)
-    WeightedPooling(flow)(gm)
+    WeightedReductions(flow)(gm)
     if unmerge_outputs:
         UnmergeOutputs(flow)(gm)
     _append_outputs(gm, insert.result.size, insert.result.positions)

@@ -49,24 +49,32 @@ def _walk_back(node: Node, through: set) -> tuple[Node, list[tuple[Node, Node]]]
     return node, masks
 
 
-def _single_user(node: Node, through: set) -> Node | None:
-    while len(users := [u for u in node.users if not is_assertion(u)]) == 1:
-        (user,) = users
-        if user.op != "call_function" or user.target not in through:
-            return user
-        node = user
-    return None
+def _consumers(node: Node, through: set) -> list[tuple[Node, Node]]:
+    """The users of ``node`` past any chain of ``through`` ops, each with the operand it reads."""
+    found, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if is_assertion(user):
+                continue
+            if user.op == "call_function" and user.target in through:
+                stack.append(user)
+            else:
+                found.append((user, current))
+    return found
 
 
 def _manual_attention(softmax: Node) -> tuple[Node, Node, list[tuple[Node, Node]]] | None:
-    """(keys operand, output, masks) of ``matmul -> softmax -> matmul``, or None."""
+    """(keys operand, output, masks) of ``matmul -> softmax -> matmul``, or None. The weights
+    may have other users too (a returned attention map): the token-flow analysis rules on them."""
     scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
     if scores.op != "call_function" or scores.target not in MATMUL:
         return None
-    value_matmul = _single_user(softmax, _PASS_THROUGH)
-    if value_matmul is None or value_matmul.target not in MATMUL:
+    values = [user for user, read in _consumers(softmax, _PASS_THROUGH)
+              if user.op == "call_function" and user.target in MATMUL and user.args[0] is read]
+    if len(values) != 1:
         return None
-    return scores.args[1], value_matmul, masks
+    return scores.args[1], values[0], masks
 
 
 def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:

@@ -22,11 +22,8 @@ class ProportionalAttention(FlowPass):
             layout = self.flow.layouts[logits]
             if not layout.merged:
                 continue
-            meta = tensor_meta(logits)
             with graph.inserting_before(softmax):
-                bias = graph.call_function(
-                    merge.log_size_bias, (layout.size, meta.dim(), layout.batch_dim(), dim, meta.dtype)
-                )
+                bias = graph.call_function(merge.log_size_bias, (layout.size, logits, layout.batch_dim(), dim))
                 softmax.update_arg(0, graph.call_function(aten.add.Tensor, (logits, bias)))
             modified = True
         for sdpa in self.flow.sdpas:
@@ -34,11 +31,10 @@ class ProportionalAttention(FlowPass):
             layout = self.flow.layouts[keys]
             if not layout.merged:
                 continue
-            meta = tensor_meta(query)
             mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
             with graph.inserting_before(sdpa):
                 bias = graph.call_function(
-                    merge.log_size_bias, (layout.size, meta.dim(), layout.batch_dim(), meta.dim() - 1, meta.dtype)
+                    merge.log_size_bias, (layout.size, query, layout.batch_dim(), tensor_meta(query).dim() - 1)
                 )
                 mask = graph.call_function(merge.add_attention_bias, (mask, bias))
             if len(sdpa.args) > 3:

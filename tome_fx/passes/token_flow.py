@@ -3,9 +3,20 @@
 Starting from the residual stream of the first block and from every merge output,
 roles (batch / token) are carried forward op by op. Each op either has a rule that
 proves the rewrite safe -- and records what must change (a shape argument, a
-softmax over keys, a token-average pool) -- or the analysis refuses with the block
-and the reason. Nothing is matched by integer value: the token count may well equal
-another dimension.
+softmax over keys, a sum over tokens to weight by size) -- or the analysis refuses
+with the block and the reason. Nothing is matched by integer value: the token count
+may well equal another dimension.
+
+Rules live in a table keyed by op (``_rule``), one small method per op family; each
+says in its first docstring line why it stays exact after merging. The yardstick is
+exact duplicates: a merged token stands for ``size`` identical tokens, so an op is
+exact when, over the merged tokens, it computes what it computed over the originals.
+
+Two kinds of token axis are told apart. A plain ``TOKEN`` axis holds one value per
+token; summing over it must count each merged token ``size`` times. A ``WEIGHTS``
+axis holds weights over the tokens -- a softmax over them, which proportional
+attention gives log(size) -- so a merged entry already carries its whole group's
+weight: sums over it are exact as they are, and un-merging splits it by size.
 """
 
 from __future__ import annotations
@@ -22,6 +33,18 @@ from ..errors import UnsupportedModelError
 from .graph_utils import aten, describe, is_assertion, shape_of, tensor_meta
 
 BATCH, TOKEN = "batch", "token"
+
+
+class _Weights(str):
+    """The role of a token axis holding weights over the tokens; equal to ``TOKEN`` for every
+    rule that only asks where the tokens are."""
+
+
+WEIGHTS = _Weights(TOKEN)
+
+
+def is_weights(role) -> bool:
+    return isinstance(role, _Weights)
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,10 @@ class Layout:
     def merged(self) -> bool:
         return self.size is not None
 
+    @property
+    def weights(self) -> bool:
+        return any(is_weights(role) for role in self.roles)
+
 
 @dataclass(frozen=True)
 class ShapeArg:
@@ -71,6 +98,18 @@ class ShapeArg:
     in_dim: int | None
 
 
+@dataclass(frozen=True)
+class Weighting:
+    """A reduction over tokens that must count each merged token ``size`` times: operand
+    ``operand`` of ``node`` is scaled by size along its dim ``token_dim`` (a sum, a matmul
+    contracting tokens), or, with ``mean``, the mean becomes the size-weighted mean."""
+
+    node: Node
+    operand: int
+    token_dim: int
+    mean: bool = False
+
+
 @dataclass
 class TokenFlow:
     layouts: dict[Node, Layout] = field(default_factory=dict)
@@ -78,7 +117,7 @@ class TokenFlow:
     open_slices: list[Node] = field(default_factory=list)  # slices whose end must become "to the end"
     softmaxes: list[tuple[Node, int]] = field(default_factory=list)  # softmax over tokens, and its dim
     sdpas: list[Node] = field(default_factory=list)  # sdpa whose keys are tokens
-    pools: list[tuple[Node, int]] = field(default_factory=list)  # mean over tokens, and the token dim
+    weightings: list[Weighting] = field(default_factory=list)  # sums, means and contractions over tokens
     outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
     masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
@@ -107,11 +146,24 @@ _POINTWISE_EXTRA = {
     aten.to.dtype_layout,
     aten.type_as.default,
 }
-_NORMS = {aten.layer_norm.default: 1, aten.rms_norm.default: 1}
+# pointwise ops linear in their first operand: weights over tokens stay weights through them
+_SCALING = _POINTWISE_EXTRA | {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 # reshapes whose arguments never spell out the token count
 _FLATTENS = {aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim}
+
+_RULES: dict = {}
+
+
+def _rule(*targets):
+    """Register an ``_Analysis`` method as the rule for ``targets`` (inductor's lowering-table style)."""
+
+    def register(method):
+        for target in targets:
+            _RULES[target] = method
+        return method
+
+    return register
 
 
 def _is_pointwise(target) -> bool:
@@ -217,15 +269,6 @@ class _Analysis:
     def layout(self, node) -> Layout | None:
         return self.flow.layouts.get(node) if isinstance(node, Node) else None
 
-    def only_layout(self, node: Node) -> Layout:
-        layouts = {self.layout(n) for n in node.all_input_nodes} - {None}
-        if len(layouts) != 1:
-            raise _Refuse("it combines tensors of different token layouts")
-        return layouts.pop()
-
-    def token_count(self, node: Node, dim: int) -> int:
-        return shape_of(node)[dim]
-
     def read_prefix(self, tokens: int) -> None:
         """The graph reads the first ``tokens`` tokens at fixed positions."""
         self.flow.reads = max(self.flow.reads, tokens)
@@ -235,13 +278,22 @@ class _Analysis:
                 "tokens keep their positions when tokens merge"
             )
 
+    def no_weights(self, node: Node, what: str) -> None:
+        if any(self.layout(n) and self.layout(n).weights for n in node.all_input_nodes):
+            raise _Refuse(
+                f"it {what} weights over tokens (a softmax over them), which stay exact after "
+                "merging only through sums and scaling"
+            )
+
     def outputs(self, tracked: list[Node]) -> None:
+        """Returned tensors are un-merged along every token axis: exact, since each original
+        token takes its group's value (and a weight its share of the group's weight)."""
         for node in tracked:
             layout = self.layout(node)
-            if layout is None or len(layout.dims(TOKEN)) != 1 or layout.batch_dim() is None:
+            if layout is None or layout.batch_dim() is None or any(isinstance(r, Fold) for r in layout.roles):
                 raise UnsupportedModelError(
-                    f"{describe(node)}: the model returns `{node.name}`, which is not laid out as "
-                    "[batch, tokens, ...] with one token axis (e.g. attention maps), so it cannot be un-merged"
+                    f"{describe(node)}: the model returns `{node.name}`, which is not laid out with a batch "
+                    "axis and whole token axes, so it cannot be un-merged"
                 )
             self.flow.outputs.append(node)
 
@@ -250,61 +302,42 @@ class _Analysis:
         target = node.target
         if target is operator.getitem and node.args[0] in self.lists:
             return self.lists[node.args[0]][node.args[1]]
-        if target == aten.sym_size.int:
-            return None  # reads the live size: stays right after merging
-        if _is_pointwise(target):
-            return self.pointwise(node)
-        if target in _NORMS:
-            return self.norm(node)
-        if target == aten.linear.default:
-            return self.linear(node)
-        if target in (aten.matmul.default, aten.bmm.default):
-            return self.matmul(node)
-        if target in _SOFTMAX:
-            return self.softmax(node)
-        if target == aten.scaled_dot_product_attention.default:
-            return self.sdpa(node)
-        if target in _RESHAPES or target in _FLATTENS:
-            return self.reshape(node)
-        if target == aten.expand.default:
-            return self.expand(node)
-        if target == aten.permute.default:
-            src = self.layout(node.args[0])
-            return replace(src, roles=tuple(src.roles[d] for d in node.args[1]))
-        if target == aten.transpose.int:
-            src = self.layout(node.args[0])
-            a, b = (_norm_dim(d, len(src.roles)) for d in node.args[1:3])
-            roles = list(src.roles)
-            roles[a], roles[b] = roles[b], roles[a]
-            return replace(src, roles=tuple(roles))
-        if target in (aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-            return self.split(node)
-        if target == aten.select.int:
-            return self.select(node)
-        if target == aten.slice.Tensor:
-            return self.slice(node)
-        if target in (aten.mean.dim, aten.sum.dim_IntList):
-            return self.reduce(node)
-        if target == aten.cat.default:
-            return self.cat(node)
-        raise _Refuse("no rule describes how this op treats the token axis")
+        rule = _RULES.get(target) or (_Analysis.pointwise if _is_pointwise(target) else None)
+        if rule is None:
+            raise _Refuse("no rule describes how this op treats the token axis")
+        return rule(self, node)
+
+    @_rule(aten.sym_size.int)
+    def sym_size(self, node: Node) -> None:
+        """Exact: reads the live size, which follows the merged tensor."""
+        return None
 
     def pointwise(self, node: Node) -> Layout:
-        layout = self.only_layout(node)
+        """Exact: acts on each token on its own. Operands broadcast against each other; a
+        tensor of a fixed token count, or tokens of another merge, may not join in."""
+        tracked = [n for n in node.all_input_nodes if self.layout(n)]
+        if len({(lay.size, lay.start, lay.positions) for lay in map(self.layout, tracked)}) != 1:
+            raise _Refuse("it combines tokens from before and after a merge")
         out_ndim = _ndim(node)
-        roles: list[Role] = [None] * out_ndim
-        untracked = []
-        for arg in node.all_input_nodes:
-            arg_layout = self.layout(arg)
-            if arg_layout is None:
-                untracked.append(arg)
-                continue
-            offset = out_ndim - len(arg_layout.roles)
-            for d, role in enumerate(arg_layout.roles):
-                roles[offset + d] = roles[offset + d] or role
+        aligned: list[list[tuple[Role, int]]] = [[] for _ in range(out_ndim)]
+        for arg in tracked:
+            offset = out_ndim - len(self.layout(arg).roles)
+            for d, entry in enumerate(zip(self.layout(arg).roles, shape_of(arg))):
+                aligned[offset + d].append(entry)
+        roles: list[Role] = []
+        for entries in aligned:
+            named = [role for role, _ in entries if role is not None]
+            if any(role != named[0] for role in named) or (
+                named and any(role is None and size != 1 for role, size in entries)
+            ):
+                raise _Refuse("it lines up the token or batch axis of one operand with another axis of the other")
+            roles.append(WEIGHTS if any(map(is_weights, named)) else named[0] if named else None)
+        if any(map(is_weights, roles)):
+            self._scales_weights(node)
+        untracked = [n for n in node.all_input_nodes if n not in tracked]
         if self.masks.get(node) in untracked:
             untracked.remove(self.masks[node])
-            self.flow.masked.append((node, layout))
+            self.flow.masked.append((node, self.layout(tracked[0])))
         for arg in untracked:
             meta = tensor_meta(arg)
             if meta is None:
@@ -318,22 +351,48 @@ class _Analysis:
                         f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
                         f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
                     )
-        return replace(layout, roles=tuple(roles))
+        return replace(self.layout(tracked[0]), roles=tuple(roles))
 
+    def _scales_weights(self, node: Node) -> None:
+        """Weights over tokens stay exact through scaling (by anything not itself weights) and
+        through sums of weights; anything else would need the original tokens' weights."""
+        operands = [a for a in node.args if isinstance(a, Node)]
+        carrying = [a for a in operands if self.layout(a) and self.layout(a).weights]
+        if node.target in _SCALING and carrying == operands[:1]:
+            return
+        if node.target == aten.mul.Tensor and len(carrying) == 1:
+            return
+        if node.target in (aten.add.Tensor, aten.sub.Tensor) and carrying == operands and len(operands) == 2:
+            return
+        raise _Refuse(
+            f"it applies `{node.target}` to weights over tokens (a softmax over them); only scaling "
+            "them or adding two of them keeps them exact after merging"
+        )
+
+    @_rule(aten.layer_norm.default, aten.rms_norm.default)
     def norm(self, node: Node) -> Layout:
+        """Exact: normalizes each token's own channels."""
         layout = self.layout(node.args[0])
+        self.no_weights(node, "normalizes")
         normalized = len(node.args[1])
         if any(layout.roles[-normalized:]):
             raise _Refuse("it normalizes over the token or batch axis")
         return layout
 
+    @_rule(aten.linear.default)
     def linear(self, node: Node) -> Layout:
+        """Exact: maps each token's own channels."""
         layout = self.layout(node.args[0])
         if layout is None or layout.roles[-1] is not None or any(self.layout(a) for a in node.args[1:]):
             raise _Refuse("its weights act on the token axis")
+        self.no_weights(node, "applies a linear layer (with its bias) to")
         return layout
 
+    @_rule(aten.matmul.default, aten.bmm.default)
     def matmul(self, node: Node) -> Layout:
+        """Exact: a contraction over channels acts per token; one over tokens is a sum, exact
+        unweighted where one operand holds weights over them (attention's weights x values),
+        and weighted by size where both hold one value per token."""
         a, b = node.args[:2]
         la, lb = self.layout(a), self.layout(b)
         if la and lb and la.size is not lb.size:
@@ -344,6 +403,13 @@ class _Analysis:
         rb = lb.roles if lb else (None,) * _ndim(b)
         if ra[-1] != rb[-2] or isinstance(ra[-1], Fold):
             raise _Refuse("it contracts the token axis of one operand with a non-token axis of the other")
+        if ra[-1] == TOKEN:
+            if is_weights(ra[-1]) and is_weights(rb[-2]):
+                raise _Refuse("it contracts two sets of weights over tokens with each other")
+            if not is_weights(ra[-1]) and not is_weights(rb[-2]):
+                if lb.batch_dim() is None:
+                    raise _Refuse("a sum over tokens where the batch axis is folded into another axis")
+                self.flow.weightings.append(Weighting(node, 1, _ndim(b) - 2))
         out_ndim = _ndim(node)
         roles = [None] * out_ndim
         for src in (ra[:-2], rb[:-2]):
@@ -352,22 +418,30 @@ class _Analysis:
         roles[-2], roles[-1] = ra[-2], rb[-1]
         return replace(la or lb, roles=tuple(roles))
 
+    @_rule(aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
     def softmax(self, node: Node) -> Layout:
+        """Exact over tokens with proportional attention: log(size) on the logits gives a merged
+        token its group's whole weight (the output is weights over the tokens)."""
         layout = self.layout(node.args[0])
+        self.no_weights(node, "takes a softmax of")
         dim = _norm_dim(node.args[1], len(layout.roles))
         if isinstance(layout.roles[dim], Fold):
             raise _Refuse("softmax over an axis that folds the batch or tokens with another")
         if layout.roles[dim] == BATCH:
             raise _Refuse("softmax over the batch axis")
-        if layout.roles[dim] == TOKEN:
-            if layout.batch_dim() is None:
-                raise _Refuse("softmax over tokens where the batch axis is folded into another axis")
-            self.flow.softmaxes.append((node, dim))
-        return layout
+        if layout.roles[dim] != TOKEN:
+            return layout
+        if layout.batch_dim() is None:
+            raise _Refuse("softmax over tokens where the batch axis is folded into another axis")
+        self.flow.softmaxes.append((node, dim))
+        return replace(layout, roles=tuple(WEIGHTS if d == dim else r for d, r in enumerate(layout.roles)))
 
+    @_rule(aten.scaled_dot_product_attention.default)
     def sdpa(self, node: Node) -> Layout | None:
+        """Exact with proportional attention: log(size) in the mask weights each key by its size."""
         q, k, v = node.args[:3]
         lq, lk, lv = self.layout(q), self.layout(k), self.layout(v)
+        self.no_weights(node, "attends with")
         if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
             raise _Refuse("causal attention depends on token order")
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
@@ -387,7 +461,10 @@ class _Analysis:
             return None
         return replace(lq, roles=lq.roles[:-1] + (None,))
 
+    @_rule(*_RESHAPES, *_FLATTENS)
     def reshape(self, node: Node) -> Layout:
+        """Exact where the token axis stays whole (folded with others at most): its shape entry
+        follows the merged count."""
         src = self.layout(node.args[0])
         in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
         roles: list[Role] = [None] * len(out_shape)
@@ -423,7 +500,9 @@ class _Analysis:
             raise _Refuse("a view that folds the tokens already infers its batch entry (-1)")
         self.flow.shape_args.append(ShapeArg(node, position, None))
 
+    @_rule(aten.expand.default)
     def expand(self, node: Node) -> Layout:
+        """Exact: broadcasting copies; the token entry of the shape follows the merged count."""
         src = self.layout(node.args[0])
         offset = len(node.args[1]) - len(src.roles)
         if any(isinstance(role, Fold) for role in src.roles):
@@ -433,7 +512,24 @@ class _Analysis:
             self.flow.shape_args.append(ShapeArg(node, offset + d, d))
         return replace(src, roles=roles)
 
+    @_rule(aten.permute.default)
+    def permute(self, node: Node) -> Layout:
+        """Exact: moves axes, roles move with them."""
+        src = self.layout(node.args[0])
+        return replace(src, roles=tuple(src.roles[d] for d in node.args[1]))
+
+    @_rule(aten.transpose.int)
+    def transpose(self, node: Node) -> Layout:
+        """Exact: swaps two axes, roles swap with them."""
+        src = self.layout(node.args[0])
+        a, b = (_norm_dim(d, len(src.roles)) for d in node.args[1:3])
+        roles = list(src.roles)
+        roles[a], roles[b] = roles[b], roles[a]
+        return replace(src, roles=tuple(roles))
+
+    @_rule(aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
     def split(self, node: Node) -> list[Layout]:
+        """Exact along an axis that is neither batch nor tokens (q/k/v, heads)."""
         src = self.layout(node.args[0])
         dim_index = 1 if node.target == aten.unbind.int else 2
         dim = _norm_dim(node.args[dim_index] if len(node.args) > dim_index else 0, len(src.roles))
@@ -442,7 +538,9 @@ class _Analysis:
         roles = src.roles[:dim] + src.roles[dim + 1 :] if node.target == aten.unbind.int else src.roles
         return [replace(src, roles=roles)] * len(node.meta["val"])
 
+    @_rule(aten.select.int)
     def select(self, node: Node) -> Layout:
+        """Exact for a protected token, which keeps its position; refused for any other."""
         src = self.layout(node.args[0])
         dim = _norm_dim(node.args[1], len(src.roles))
         if isinstance(src.roles[dim], Fold):
@@ -454,7 +552,9 @@ class _Analysis:
             self.read_prefix(src.start + index + 1)
         return replace(src, roles=src.roles[:dim] + src.roles[dim + 1 :])
 
+    @_rule(aten.slice.Tensor)
     def slice(self, node: Node) -> Layout:
+        """Exact for a range of protected tokens, or for all tokens from a protected position on."""
         src = self.layout(node.args[0])
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         start = (node.args[2] if len(node.args) > 2 else None) or 0
@@ -464,7 +564,9 @@ class _Analysis:
             raise _Refuse("it slices an axis that folds the batch or tokens with another")
         if src.roles[dim] != TOKEN:
             return src
-        count = self.token_count(node.args[0], dim)
+        if len(src.dims(TOKEN)) > 1:
+            raise _Refuse("it slices one of several token axes")
+        count = shape_of(node.args[0])[dim]
         end = sys.maxsize if end is None else end
         if step != 1 or start < 0 or end < 0:
             raise _Refuse("a strided slice of merged tokens, or one counted from the end")
@@ -480,7 +582,11 @@ class _Analysis:
             self.flow.open_slices.append(node)
         return replace(src, start=src.start + start)
 
+    @_rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
     def reduce(self, node: Node) -> Layout | None:
+        """Over channels: per token, exact. Over tokens: a sum or mean counts each merged token
+        ``size`` times; a sum of weights over tokens is exact as it is; a max or min is exact
+        since a group's tokens are alike."""
         src = self.layout(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else None
         if not dims:
@@ -493,25 +599,48 @@ class _Analysis:
         if BATCH in reduced:
             raise _Refuse("a reduction over the batch axis")
         if TOKEN in reduced:
-            if node.target != aten.mean.dim:
-                raise _Refuse("a sum over tokens counts merged tokens once; only mean pooling is weighted")
-            if reduced.count(TOKEN) != 1 or src.batch_dim() is None or node.kwargs.get("dtype"):
-                raise _Refuse("mean over tokens needs one token axis and a batch axis")
-            self.flow.pools.append((node, dims[reduced.index(TOKEN)]))
+            if reduced.count(TOKEN) != 1:
+                raise _Refuse("a reduction over two token axes at once")
+            token_dim = dims[reduced.index(TOKEN)]
+            weights = is_weights(src.roles[token_dim])
+            if node.target in (aten.amax.default, aten.amin.default):
+                if weights:
+                    raise _Refuse("a max or min of weights over tokens: a merged entry holds its group's sum")
+            elif node.target == aten.mean.dim and weights:
+                raise _Refuse("a mean of weights over tokens: their count changes when tokens merge")
+            elif not weights:
+                if src.batch_dim() is None or node.kwargs.get("dtype"):
+                    raise _Refuse("a sum or mean over tokens needs a batch axis to weight them by size")
+                self.flow.weightings.append(Weighting(node, 0, token_dim, mean=node.target == aten.mean.dim))
         if keepdim:
             return replace(src, roles=tuple(None if d in dims else r for d, r in enumerate(src.roles)))
         return replace(src, roles=tuple(r for d, r in enumerate(src.roles) if d not in dims))
 
+    @_rule(aten.cat.default)
     def cat(self, node: Node) -> Layout:
+        """Exact along an axis that is neither batch nor tokens, for parts of one token layout."""
         parts = node.args[0]
-        layouts = {self.layout(p) for p in parts}
-        if None in layouts or len(layouts) != 1:
-            raise _Refuse("it concatenates merged tokens with other tensors")
-        src = layouts.pop()
+        layouts = [self.layout(p) for p in parts]
+        if None in layouts or len({(lay, tuple(map(is_weights, lay.roles))) for lay in layouts}) != 1:
+            raise _Refuse("it concatenates merged tokens with other tensors (or weights over tokens with values)")
+        src = layouts[0]
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         if src.roles[dim] is not None:
             raise _Refuse("it concatenates along the token or batch axis")
         return src
+
+    @_rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)
+    def new_tensor(self, node: Node) -> None:
+        """Exact: takes only dtype and device from the tokens; its shape comes from its
+        arguments, and a fixed token count there is refused where it meets the tokens."""
+        return None
+
+    @_rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+           aten.rand_like.default, aten.randn_like.default)
+    def like(self, node: Node) -> Layout:
+        """Exact: a new tensor of the tokens' (live) shape, with values of its own."""
+        src = self.layout(node.args[0])
+        return replace(src, roles=tuple(TOKEN if is_weights(r) else r for r in src.roles))
 
 
 def analyze_token_flow(

@@ -1,0 +1,142 @@
+"""Fuzzing the token-flow rules with the exact-duplicates oracle.
+
+Hypothesis builds small random programs from the ops the analysis has rules for --
+pointwise, norms, linears, matmuls in every orientation, reductions, softmax, reshapes,
+slices, cat, pooling, attention maps -- and runs them on the tokens of a tiny ViT whose
+input holds exact duplicate patches in pairs. Block 0 merges exactly those duplicates,
+so a transformed model must either give the original's outputs (float64), or raise
+``UnsupportedModelError``. Nothing else is acceptable: this is how silent wrong results
+(a Gram matrix over tokens counting a merged token once, a returned attention map
+un-merged by copying) are found without looking for them.
+"""
+
+import math
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+import tome_fx
+from tome_fx import UnsupportedModelError
+
+DIM, PATCHES = 8, 16
+DUPLICATES = [2, 6, 10, 14]  # set-A positions (class token at 0) that copy their set-B neighbour
+
+
+def _softmax_rows(t):
+    return (t @ t.transpose(-1, -2) / math.sqrt(t.shape[-1])).softmax(-1)
+
+
+def _dim(t, k):
+    return k % t.dim()
+
+
+# each op: (tensor, small int, parameters) -> tensor; shape errors are skipped by the test
+OPS = {
+    "gelu": lambda t, k, p: F.gelu(t),
+    "exp": lambda t, k, p: (0.1 * t).exp(),
+    "affine": lambda t, k, p: 2 * t + 1,
+    "square": lambda t, k, p: t * t,
+    "scale_channels": lambda t, k, p: t * p.gain[: t.shape[-1]],
+    "layer_norm": lambda t, k, p: F.layer_norm(t, t.shape[-1:]),
+    "linear": lambda t, k, p: F.linear(t, p.weight[: t.shape[-1], : t.shape[-1]], p.bias[: t.shape[-1]]),
+    "transpose": lambda t, k, p: t.transpose(_dim(t, k), _dim(t, k + 1)),
+    "gram_over_tokens": lambda t, k, p: t.transpose(-1, -2) @ t / t.shape[-2],
+    "gram_over_channels": lambda t, k, p: t @ t.transpose(-1, -2),
+    "attend": lambda t, k, p: _softmax_rows(t) @ t,
+    "residual_attend": lambda t, k, p: t + _softmax_rows(t) @ t,
+    "attention_map": lambda t, k, p: _softmax_rows(t),
+    "class_attention_map": lambda t, k, p: _softmax_rows(t)[:, 0, 1:],
+    "attention_pool": lambda t, k, p: (t[..., :1].softmax(-2) * t).sum(-2),
+    "softmax": lambda t, k, p: t.softmax(_dim(t, k)),
+    "sum": lambda t, k, p: t.sum(_dim(t, k), keepdim=k % 2 == 0),
+    "mean": lambda t, k, p: t.mean(_dim(t, k), keepdim=k % 2 == 0),
+    "amax": lambda t, k, p: t.amax(_dim(t, k)),
+    "select": lambda t, k, p: t.select(_dim(t, k), (0, 1, -1)[k % 3]),
+    "slice": lambda t, k, p: t.narrow(_dim(t, k), k % 2, t.shape[_dim(t, k)] - k % 2 - (k % 3 == 2)),
+    "stride": lambda t, k, p: t.transpose(0, _dim(t, k))[::2].transpose(0, _dim(t, k)),
+    "cat": lambda t, k, p: torch.cat([t, 2 * t], dim=_dim(t, k)),
+    "split_channels": lambda t, k, p: t.unflatten(-1, (2, t.shape[-1] // 2)),
+    "flatten_last": lambda t, k, p: t.flatten(-2),
+    "fold_batch": lambda t, k, p: t.reshape(-1, t.shape[-1]) @ p.weight[: t.shape[-1], : t.shape[-1]],
+    "fold_and_unfold": lambda t, k, p: t.reshape(-1, t.shape[-1]).reshape(t.shape),
+}
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.qkv, self.proj, self.mlp = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class _Program(nn.Module):
+    """A tiny ViT (class token, two blocks), then ``ops`` on its tokens."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+        self.embed = nn.Linear(4, DIM)
+        self.cls = nn.Parameter(torch.randn(1, 1, DIM))
+        self.blocks = nn.Sequential(_Block(), _Block())
+        self.gain = nn.Parameter(torch.randn(64))
+        self.weight, self.bias = nn.Parameter(torch.randn(64, 64) / 4), nn.Parameter(torch.randn(64))
+
+    def forward(self, x):
+        t = self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1))
+        for name, k in self.ops:
+            t = OPS[name](t, k, self)
+        return t
+
+
+def _duplicated_patches(batch=2):
+    x = torch.randn(batch, PATCHES, 4, dtype=torch.float64)
+    for position in DUPLICATES:  # patch i sits at position i + 1
+        x[:, position - 1] = x[:, position]
+    return x
+
+
+programs = st.lists(st.tuples(st.sampled_from(sorted(OPS)), st.integers(0, 5)), min_size=1, max_size=4)
+
+
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
+@given(programs)
+def test_exact_duplicates_merge_exactly_or_the_program_is_refused(ops):
+    torch.manual_seed(0)
+    model = _Program(ops).double().eval()
+    x = _duplicated_patches()
+    try:
+        with torch.no_grad():
+            want = model(x)
+    except (RuntimeError, IndexError):
+        assume(False)  # the program itself does not fit these shapes
+    try:
+        fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
+    except UnsupportedModelError:
+        return
+    assert fast.schedule[0] == len(DUPLICATES)
+    with torch.no_grad():
+        got = fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_the_fuzzed_patterns_of_known_silent_errors_are_now_exact():
+    """The two silent-wrong cases the fuzzer found, pinned: a Gram matrix over tokens is
+    weighted by size, and a returned class-token attention map is split by size."""
+    x = _duplicated_patches()
+    for ops in ([("gram_over_tokens", 0)], [("class_attention_map", 0)], [("attention_map", 0)]):
+        model = _Program(ops).double().eval()
+        fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        rows = tome_fx.transform(_Program([("class_attention_map", 0)]).double(), 8, example_inputs=x)(x)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(2, dtype=torch.float64))  # weights still sum to 1

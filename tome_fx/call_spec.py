@@ -1,0 +1,148 @@
+"""The original model's calling convention, kept by the transformed one.
+
+``torch.export`` flattens a call into the tensors it was given: every other argument
+(a ``return_features`` flag, ``output_attentions``, an argument left at its default) is
+baked into the graph. ``CallSpec`` records the call made at capture and lays out later
+calls the same way, so the original's positional and keyword arguments are accepted in
+any form Python allows, and a baked-in value that a later call changes raises instead of
+being silently ignored. The binding is plain Python (no ``inspect`` at call time), so
+dynamo traces it under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_P = inspect.Parameter
+_MISSING = object()
+
+
+def _default(param: inspect.Parameter):
+    if param.kind is _P.VAR_POSITIONAL:
+        return ()
+    if param.kind is _P.VAR_KEYWORD:
+        return {}
+    return _MISSING if param.default is _P.empty else param.default
+
+
+def _same(captured, given) -> bool:
+    """``given`` fits a graph captured with ``captured``: a tensor where it had a tensor,
+    equal values (and containers of the same shape) everywhere else."""
+    if isinstance(captured, torch.Tensor):
+        return isinstance(given, torch.Tensor)
+    if isinstance(captured, (tuple, list)):
+        return (
+            type(given) is type(captured)
+            and len(given) == len(captured)
+            and all(_same(c, g) for c, g in zip(captured, given))
+        )
+    if isinstance(captured, dict):
+        return (
+            isinstance(given, dict)
+            and given.keys() == captured.keys()
+            and all(_same(captured[k], given[k]) for k in captured)
+        )
+    if type(given) is not type(captured):
+        return False
+    try:
+        return bool(given == captured)
+    except Exception:  # an object whose == is not a truth value
+        return given is captured
+
+
+def _describe(value) -> str:
+    if value is _MISSING:
+        return "not given"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """The arguments a model was captured with, by parameter name, and how they were laid out."""
+
+    signature: inspect.Signature
+    arguments: dict[str, Any]  # every argument given at capture (others took their defaults)
+    positional: tuple[str, ...]  # names passed positionally to the graph, in order
+
+    @classmethod
+    def record(cls, model: torch.nn.Module, args: tuple, kwargs: dict) -> CallSpec:
+        signature = inspect.signature(model.forward)
+        arguments = dict(signature.bind(*args, **kwargs).arguments)  # TypeError as the model would raise
+        positional = []  # the prefix inspect.BoundArguments.args would pass positionally
+        for name, param in signature.parameters.items():
+            if param.kind in (_P.KEYWORD_ONLY, _P.VAR_KEYWORD) or name not in arguments:
+                break
+            positional.append(name)
+        return cls(signature, arguments, tuple(positional))
+
+    def layout(self, arguments: dict[str, Any]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for the graph, from values by parameter name."""
+        args, kwargs = [], {}
+        for name, value in arguments.items():
+            kind = self.signature.parameters[name].kind
+            if name not in self.positional:
+                kwargs.update(value if kind is _P.VAR_KEYWORD else {name: value})
+        for name in self.positional:
+            kind = self.signature.parameters[name].kind
+            args.extend(arguments[name] if kind is _P.VAR_POSITIONAL else (arguments[name],))
+        return tuple(args), kwargs
+
+    def example(self) -> tuple[tuple, dict]:
+        """The capture's own call, laid out for the graph."""
+        return self.layout(self.arguments)
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Lay out a call made the way the original accepts it (positional or keyword) as the
+        graph expects it. Raises ``TypeError`` where the original would (a missing or unknown
+        argument) and ``ValueError`` where a value baked in at capture would change."""
+        values = self._bind_names(args, kwargs)
+        for name, param in self.signature.parameters.items():
+            default = _default(param)
+            captured, given = self.arguments.get(name, default), values.get(name, default)
+            if given is _MISSING:
+                raise TypeError(f"forward() missing a required argument: '{name}'")
+            if param.kind is _P.VAR_KEYWORD:  # each extra keyword on its own
+                for key in captured.keys() | given.keys():
+                    self._check(key, captured.get(key, _MISSING), given.get(key, _MISSING))
+            else:
+                self._check(name, captured, given)
+        return self.layout({name: values.get(name, self.arguments[name]) for name in self.arguments})
+
+    @staticmethod
+    def _check(name: str, captured, given) -> None:
+        if not _same(captured, given):
+            raise ValueError(
+                f"argument `{name}` was {_describe(captured)} when the model was transformed, and "
+                f"such values are fixed in the captured graph; this call gives {_describe(given)}. "
+                "Call tome_fx.transform again with example_inputs that pass it"
+            )
+
+    def _bind_names(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        params = list(self.signature.parameters.values())
+        values: dict[str, Any] = {}
+        takes_positional = [p for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
+        var_positional = next((p.name for p in params if p.kind is _P.VAR_POSITIONAL), None)
+        var_keyword = next((p.name for p in params if p.kind is _P.VAR_KEYWORD), None)
+        for param, value in zip(takes_positional, args):
+            values[param.name] = value
+        if len(args) > len(takes_positional):
+            if var_positional is None:
+                raise TypeError(f"forward() takes {len(takes_positional)} positional arguments but {len(args)} were given")
+            values[var_positional] = tuple(args[len(takes_positional) :])
+        named = {p.name: p for p in params if p.kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY)}
+        for key, value in kwargs.items():
+            if key in values:
+                raise TypeError(f"forward() got multiple values for argument '{key}'")
+            if key in named:
+                values[key] = value
+            elif var_keyword is not None:
+                values.setdefault(var_keyword, {})[key] = value
+            else:
+                raise TypeError(f"forward() got an unexpected keyword argument '{key}'")
+        return values

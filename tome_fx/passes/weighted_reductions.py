@@ -1,0 +1,38 @@
+"""Weight reductions over tokens by size, so a merged token counts once per token it holds.
+
+A mean over tokens becomes the size-weighted mean; a sum over tokens, or a matmul that
+contracts them (a Gram matrix ``x^T x``, second-order pooling), reads its operand
+scaled by size. Which reductions need it comes from the token-flow analysis: sums over
+weights over tokens (attention's weights x values) are exact as they are.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import merge
+from .token_flow import FlowPass
+
+
+class WeightedReductions(FlowPass):
+    def call(self, gm: GraphModule) -> PassResult:
+        graph, modified = gm.graph, False
+        for weighting in self.flow.weightings:
+            node = weighting.node
+            tokens = node.args[weighting.operand]
+            layout = self.flow.layouts[tokens]
+            if not layout.merged:
+                continue
+            where = (layout.batch_dim(), weighting.token_dim, layout.start)
+            with graph.inserting_before(node):
+                if weighting.mean:
+                    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+                    weight = graph.call_function(merge.size_bias, (layout.size, len(layout.roles), *where))
+                    pooled = graph.call_function(merge.weighted_mean, (tokens, weight, list(node.args[1]), keepdim))
+                    node.replace_all_uses_with(pooled)
+                    graph.erase_node(node)
+                else:
+                    node.update_arg(weighting.operand, graph.call_function(merge.scale_by_size, (tokens, layout.size, *where)))
+            modified = True
+        return PassResult(gm, modified)
