@@ -1,8 +1,11 @@
+import socket
+
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from tome_fx import demo
+from tome_fx import demo, zoo
 
 
 def test_demo_loads_local_weights_and_reports(tmp_path, capsys):
@@ -20,3 +23,20 @@ def test_demo_loads_local_weights_and_reports(tmp_path, capsys):
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(images), model.eval()(images))
+
+
+def test_an_unreachable_hub_is_noticed_once_and_the_demo_falls_back_at_once(monkeypatch, capsys):
+    attempts = []
+
+    def unreachable(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(zoo, "_REACHABLE", {})
+    demo.main(["--model", "deit_tiny_patch16_224", "--r", "8", "--batch", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "not reachable: no connection to huggingface.co" in out and "RANDOM INIT" in out
+    with pytest.raises(zoo.WeightsUnavailable, match="--checkpoint"):
+        zoo.load("vit_tiny_patch16_224", pretrained=True)
+    assert attempts == [("huggingface.co", 443)]  # one quick probe, remembered; no client retries

@@ -93,11 +93,11 @@ def _copy_token(pixels, dst, src, tubelets):
     pixels[:, frames(td), ..., rows(kd), cols(kd)] = pixels[:, frames(ts), ..., rows(ks), cols(ks)]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_exact_duplicate_patches_merge_without_changing_any_output(name):
-    """Positions zeroed, set-A tokens exact copies of their set-B neighbours: merging all the
-    copies in block 0 (proportional attention, weighted pooling, un-merged outputs) is exact."""
-    model = make(name, "sdpa", torch.float64)
+def _with_duplicate_patches(name, impl="sdpa"):
+    """A float64 model with position embeddings zeroed, inputs whose set-A tokens are exact
+    copies of their set-B neighbours (every other one: uneven sizes, so proportional attention
+    matters), and the schedule that merges exactly those copies in block 0."""
+    model = make(name, impl, torch.float64)
     with torch.no_grad():
         for module in model.modules():
             for attr in ("position_embeddings", "position_embedding"):
@@ -108,15 +108,36 @@ def test_exact_duplicate_patches_merge_without_changing_any_output(name):
     protected, tubelets = FAMILIES[name][1:]
     x = inputs(name, dtype=torch.float64)
     tokens = protected + (32 if tubelets else 16)
-    # every other set-A token copies its neighbour: uneven sizes, so proportional attention matters
     pairs = list(range(protected + protected % 2, tokens - 1, 2))[::2]
     for a in pairs:
         _copy_token(x, a - protected, a + 1 - protected, tubelets)
-    fast = tome_fx.transform(model, [len(pairs)], example_inputs=x)
-    assert fast.token_counts == [tokens, tokens - len(pairs), tokens - len(pairs)]
+    return model, x, [len(pairs)], tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exact_duplicate_patches_merge_without_changing_any_output(name):
+    """Merging all the copies in block 0 (proportional attention, weighted pooling, un-merged
+    outputs) is exact."""
+    model, x, schedule, tokens = _with_duplicate_patches(name)
+    fast = tome_fx.transform(model, schedule, example_inputs=x)
+    assert fast.token_counts == [tokens, tokens - schedule[0], tokens - schedule[0]]
     with torch.no_grad():
         for got, want in zip(tensors(fast(x)), tensors(model(x)), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2WithRegistersModel"])
+def test_returned_attention_maps_are_unmerged_exactly(name):
+    """``output_attentions=True``: each map is un-merged along its queries (copied) and its keys
+    (split by size), so with duplicate patches every map equals the original's (to float32's
+    precision: HF's eager attention takes its softmax in float32)."""
+    model, x, schedule, _ = _with_duplicate_patches(name, "eager")
+    fast = tome_fx.transform(model, schedule, example_inputs={"pixel_values": x, "output_attentions": True})
+    with torch.no_grad():
+        got, want = fast(pixel_values=x, output_attentions=True), model(x, output_attentions=True)
+    assert len(got.attentions) == 2
+    for g, w in zip(tensors(got), tensors(want), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

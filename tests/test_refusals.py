@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torchvision
 import transformers as T
 
 import tome_fx
@@ -65,3 +66,42 @@ def test_a_zero_initialised_bias_table_is_not_mistaken_for_no_mask():
     assert all(not p.any() for n, p in model.named_parameters() if "relative_position_bias_table" in n)
     with pytest.raises(UnsupportedModelError):
         tome_fx.transform(model, 2, example_inputs=torch.randn(2, 3, 32, 32))
+
+
+def test_torchvision_maxvit_names_its_windowed_attention():
+    """MaxViT's attention (einsum over [batch, windows, heads, tokens, dim]) is found, and the
+    refusal says why it cannot merge, not that there is no attention."""
+    model = torchvision.models.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16], block_layers=[1],
+        head_dim=8, stochastic_depth_prob=0.0, num_classes=3,
+    ).eval()
+    with pytest.raises(UnsupportedModelError, match=r"graph node 'softmax'.* attention within windows"):
+        tome_fx.transform(model, 2, example_inputs=torch.randn(2, 3, 32, 32))
+
+
+class _PositionMasked(torch.nn.Module):
+    """A user's ViT whose attention mask is built in forward from token positions."""
+
+    def __init__(self, kind, dim=8):
+        super().__init__()
+        self.kind = kind
+        self.embed, self.qkv, self.proj = (torch.nn.Linear(4, dim), torch.nn.Linear(dim, 3 * dim),
+                                           torch.nn.Linear(dim, dim))
+
+    def forward(self, x):
+        h = self.embed(x)
+        n = h.shape[1]
+        position = torch.arange(n, device=h.device)
+        if self.kind == "alibi":  # a distance bias, ALiBi-style
+            mask = -(position[:, None] - position[None, :]).abs().to(h.dtype) * 0.5
+        else:  # a causal mask made by hand
+            mask = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+        q, k, v = self.qkv(h).reshape(*h.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return h + self.proj(attended.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("kind", ["alibi", "tril"])
+def test_masks_built_from_token_positions_are_refused_at_transform_time(kind):
+    with pytest.raises(UnsupportedModelError, match="built from token positions"):
+        tome_fx.transform(_PositionMasked(kind).eval(), 2, example_inputs=torch.randn(2, 16, 4))

@@ -3,7 +3,7 @@
 ``torch.export`` flattens a call into the tensors it was given: every other argument
 (a ``return_features`` flag, ``output_attentions``, an argument left at its default) is
 baked into the graph. ``CallSpec`` records the call made at capture and lays out later
-calls the same way, so the original's positional and keyword arguments are accepted in
+calls as the graph takes them, so the original's positional and keyword arguments are accepted in
 any form Python allows, and a baked-in value that a later call changes raises instead of
 being silently ignored. The binding is plain Python (no ``inspect`` at call time), so
 dynamo traces it under ``torch.compile``.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 _P = inspect.Parameter
 _MISSING = object()
@@ -62,40 +63,54 @@ def _describe(value) -> str:
     return repr(value)
 
 
+def _holds_tensor(value) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+
+
 @dataclass(frozen=True)
 class CallSpec:
-    """The arguments a model was captured with, by parameter name, and how they were laid out."""
+    """The arguments a model was captured with, by parameter name. The graph takes the
+    tensors (by keyword, except positional-only and ``*args`` ones); every other argument
+    is a constant bound into the model's forward while it is captured."""
 
     signature: inspect.Signature
     arguments: dict[str, Any]  # every argument given at capture (others took their defaults)
-    positional: tuple[str, ...]  # names passed positionally to the graph, in order
 
     @classmethod
     def record(cls, model: torch.nn.Module, args: tuple, kwargs: dict) -> CallSpec:
         signature = inspect.signature(model.forward)
-        arguments = dict(signature.bind(*args, **kwargs).arguments)  # TypeError as the model would raise
-        positional = []  # the prefix inspect.BoundArguments.args would pass positionally
-        for name, param in signature.parameters.items():
-            if param.kind in (_P.KEYWORD_ONLY, _P.VAR_KEYWORD) or name not in arguments:
-                break
-            positional.append(name)
-        return cls(signature, arguments, tuple(positional))
+        return cls(signature, dict(signature.bind(*args, **kwargs).arguments))  # TypeError as the model would raise
 
-    def layout(self, arguments: dict[str, Any]) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` for the graph, from values by parameter name."""
+    def graph_call(self, arguments: dict[str, Any]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the tensors among ``arguments`` (values by parameter name),
+        as the captured graph takes them."""
         args, kwargs = [], {}
         for name, value in arguments.items():
             kind = self.signature.parameters[name].kind
-            if name not in self.positional:
-                kwargs.update(value if kind is _P.VAR_KEYWORD else {name: value})
-        for name in self.positional:
-            kind = self.signature.parameters[name].kind
-            args.extend(arguments[name] if kind is _P.VAR_POSITIONAL else (arguments[name],))
+            if kind is _P.VAR_POSITIONAL:
+                args.extend(value)
+            elif kind is _P.POSITIONAL_ONLY:
+                args.append(value)
+            elif kind is _P.VAR_KEYWORD:
+                kwargs.update((key, v) for key, v in value.items() if _holds_tensor(v))
+            elif _holds_tensor(value):
+                kwargs[name] = value
         return tuple(args), kwargs
+
+    def constants(self) -> dict[str, Any]:
+        """The captured non-tensor keyword arguments, bound into the forward at capture."""
+        found = {}
+        for name, value in self.arguments.items():
+            kind = self.signature.parameters[name].kind
+            if kind is _P.VAR_KEYWORD:
+                found.update((key, v) for key, v in value.items() if not _holds_tensor(v))
+            elif kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY) and not _holds_tensor(value):
+                found[name] = value
+        return found
 
     def example(self) -> tuple[tuple, dict]:
         """The capture's own call, laid out for the graph."""
-        return self.layout(self.arguments)
+        return self.graph_call(self.arguments)
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Lay out a call made the way the original accepts it (positional or keyword) as the
@@ -112,7 +127,7 @@ class CallSpec:
                     self._check(key, captured.get(key, _MISSING), given.get(key, _MISSING))
             else:
                 self._check(name, captured, given)
-        return self.layout({name: values.get(name, self.arguments[name]) for name in self.arguments})
+        return self.graph_call({name: values.get(name, self.arguments[name]) for name in self.arguments})
 
     @staticmethod
     def _check(name: str, captured, given) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -97,19 +100,37 @@ def _with_batch_of_two(arguments: dict[str, Any]) -> dict[str, Any]:
     return pytree.tree_map(lambda t: torch.cat([t, t]) if is_batched(t) else t, arguments)
 
 
+@contextlib.contextmanager
+def _constants_bound(model: torch.nn.Module, constants: dict[str, Any]):
+    """``model.forward`` with ``constants`` bound in (an instance attribute, removed after):
+    torch.export then sees the tensors alone. (Non-tensor values in ``**kwargs`` beside a
+    dynamic batch trip up its ``dynamic_shapes`` matching.)"""
+    had = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    model.forward = functools.partial(model.forward, **constants)
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = saved
+        else:
+            del model.forward
+
+
 def capture(model: torch.nn.Module, call: CallSpec) -> torch.fx.GraphModule:
     """``torch.export`` the model as called in ``call`` (batch dynamic) and return its unlifted
-    GraphModule, which takes the arguments as ``call.layout`` lays them out.
+    GraphModule, which takes the tensors as ``call.graph_call`` lays them out.
 
     Parameters and buffers of the result are the model's own tensors (shared, not copied).
     """
-    arguments = _with_batch_of_two(call.arguments)
+    args, kwargs = call.graph_call(_with_batch_of_two(call.arguments))
     batch = torch.export.Dim("batch", min=1)
-    dynamic = {name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
-               for name, value in arguments.items()}
-    args, kwargs = call.layout(arguments)
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
+        with _constants_bound(model, call.constants()):
+            named = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            dynamic = {name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
+                       for name, value in named.items()}
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as error:  # export raises many types; all mean "not capturable"
         raise UnsupportedModelError(
             f"torch.export could not capture {type(model).__name__} with a dynamic batch: "

@@ -1,7 +1,7 @@
 """Find attention blocks by graph structure (not by module names).
 
 An attention block is: an attention op -- aten ``scaled_dot_product_attention``, or
-``matmul -> (scale/mask/cast) -> softmax -> (dropout/cast) -> matmul`` -- whose keys
+``matmul -> (scale/mask/cast) -> softmax -> (dropout/cast) -> matmul`` (or einsums) -- whose keys
 come from the residual stream, and the residual ``add`` that brings its output back
 into that stream. The merge goes right after that add, before the MLP branch.
 """
@@ -18,6 +18,7 @@ from .graph_utils import aten, ancestors, describe, is_assertion, module_path, t
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
+EINSUM = aten.einsum.default
 # ops allowed between the scores matmul and the softmax, and between softmax and the value matmul
 _LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
 _PASS_THROUGH = {aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default}
@@ -64,17 +65,37 @@ def _consumers(node: Node, through: set) -> list[tuple[Node, Node]]:
     return found
 
 
-def _manual_attention(softmax: Node) -> tuple[Node, Node, list[tuple[Node, Node]]] | None:
-    """(keys operand, output, masks) of ``matmul -> softmax -> matmul``, or None. The weights
-    may have other users too (a returned attention map): the token-flow analysis rules on them."""
+def _operands(node: Node) -> list:
+    """The tensor operands of a matmul or a two-operand einsum."""
+    if node.op != "call_function":
+        return []
+    if node.target in MATMUL:
+        return list(node.args[:2])
+    if node.target == EINSUM and len(node.args[1]) == 2:
+        return list(node.args[1])
+    return []
+
+
+def _key_token_dim(scores: Node) -> int:
+    """Where the keys operand of the scores holds the tokens: the logits' last axis."""
+    if scores.target in MATMUL:
+        return -1  # q @ k^T
+    inputs, output = scores.args[0].replace(" ", "").split("->")
+    keys = inputs.split(",")[1]
+    return keys.index(output[-1]) - len(keys)
+
+
+def _manual_attention(softmax: Node) -> tuple[Node, int, Node, list[tuple[Node, Node]]] | None:
+    """(keys operand, its token dim, output, masks) of ``matmul -> softmax -> matmul`` (or
+    einsums), or None. The weights may have other users too (a returned attention map): the
+    token-flow analysis rules on them."""
     scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
-    if scores.op != "call_function" or scores.target not in MATMUL:
+    if len(_operands(scores)) != 2:
         return None
-    values = [user for user, read in _consumers(softmax, _PASS_THROUGH)
-              if user.op == "call_function" and user.target in MATMUL and user.args[0] is read]
+    values = [user for user, read in _consumers(softmax, _PASS_THROUGH) if _operands(user)[:1] == [read]]
     if len(values) != 1:
         return None
-    return scores.args[1], values[0], masks
+    return _operands(scores)[1], _key_token_dim(scores), values[0], masks
 
 
 def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:
@@ -111,7 +132,7 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
             found = _manual_attention(node)
             if found is None:
                 continue
-            (keys, output, masks), key_token_dim = found, -1
+            keys, key_token_dim, output, masks = found
         else:
             continue
         found = _residual_add(output, keys, order)
@@ -124,8 +145,9 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
         key_meta = tensor_meta(keys)
         if key_meta is None or key_meta.dim() != 4:
             raise UnsupportedModelError(
-                f"attention at {describe(node)}: keys must be [batch, heads, tokens, dim] "
-                f"(4-d), got {None if key_meta is None else tuple(key_meta.shape)}"
+                f"attention at {describe(node)}: keys must be [batch, heads, tokens, dim] (4-d), got "
+                f"{None if key_meta is None else tuple(key_meta.shape)}: attention within windows, or over "
+                "a grid folded into several axes, is not one sequence of tokens"
             )
         name = module_path(residual) or module_path(node) or node.name
         blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks)))

@@ -29,9 +29,8 @@ class WeightedReductions(FlowPass):
                 if weighting.mean:
                     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
                     weight = graph.call_function(merge.size_bias, (layout.size, len(layout.roles), *where))
-                    pooled = graph.call_function(merge.weighted_mean, (tokens, weight, list(node.args[1]), keepdim))
-                    node.replace_all_uses_with(pooled)
-                    graph.erase_node(node)
+                    # rewritten in place: the analysis's records (a returned mean, say) still name it
+                    node.target, node.args, node.kwargs = merge.weighted_mean, (tokens, weight, list(node.args[1]), keepdim), {}
                 else:
                     node.update_arg(weighting.operand, graph.call_function(merge.scale_by_size, (tokens, layout.size, *where)))
             modified = True
