@@ -119,7 +119,7 @@ def test_exact_duplicates_merge_exactly_or_the_program_is_refused(ops):
     try:
         with torch.no_grad():
             want = model(x)
-    except (RuntimeError, IndexError):
+    except (RuntimeError, IndexError, ZeroDivisionError):
         assume(False)  # the program itself does not fit these shapes
     try:
         fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)

@@ -128,6 +128,8 @@ def test_values_fixed_at_transform_time_cannot_change_silently():
             fast(x, torch.zeros(2, 1, 8))
         features = tome_fx.transform(model, 2, example_inputs={"x": x, "return_features": True})
         assert features(x=x, return_features=True).shape == (2, 16, 8)
+        restored = pickle.loads(pickle.dumps(features))  # transformed again with the same arguments
+        torch.testing.assert_close(restored(x, return_features=True), features(x, return_features=True))
         with pytest.raises(TypeError, match="missing a required argument: 'x'"):
             features(return_features=True)
 
@@ -201,6 +203,8 @@ def test_to_dtype_and_device():
         got = fast(x.double())
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    fast.train().eval()  # a mode captured after the conversion uses the converted weights
+    assert fast(x.double()).dtype == torch.float64
 
 
 @pytest.mark.parametrize(

@@ -149,7 +149,7 @@ class ToMeModel(torch.nn.Module):
     def _capture(self, mode: bool) -> torch.fx.GraphModule:
         name = "train" if mode else "eval"
         try:
-            graph_module, plan = _build(self._source, self._call, self._options, mode)
+            graph_module, plan = _build(self._source, self._example_like_weights(), self._options, mode)
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"in {name} mode: {error}") from error
         if (plan.schedule, plan.token_counts, plan.protected) != (self.schedule, self.token_counts, self.plan.protected):
@@ -158,6 +158,17 @@ class ToMeModel(torch.nn.Module):
                 f"tokens) than in the mode it was transformed in ({self.schedule}, {self.plan.protected})"
             )
         return graph_module
+
+    def _example_like_weights(self) -> CallSpec:
+        """The capture's inputs, moved to where the weights are now (after ``.to(dtype)``, say)."""
+        weights = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weights is None:
+            return self._call
+
+        def like(t: torch.Tensor) -> torch.Tensor:
+            return t.to(weights.device, weights.dtype if t.is_floating_point() else t.dtype)
+
+        return self._call.with_tensors(like)
 
     # -- copies ------------------------------------------------------------------------------------
     def __deepcopy__(self, memo):
@@ -171,7 +182,7 @@ class ToMeModel(torch.nn.Module):
     def __reduce_ex__(self, protocol):
         """Pickled as the original module, the capture's inputs and the options: loading
         transforms again (captured graphs hold generated code that does not pickle)."""
-        args, kwargs = self._call.example()
+        args, kwargs = self._call.original_call()
         return _restore, (self._source, args, kwargs, self._options, self.state_dict(keep_vars=True), self._mode)
 
     # -- facts ---------------------------------------------------------------------------------------

@@ -108,9 +108,15 @@ class CallSpec:
                 found[name] = value
         return found
 
-    def example(self) -> tuple[tuple, dict]:
-        """The capture's own call, laid out for the graph."""
-        return self.graph_call(self.arguments)
+    def original_call(self) -> tuple[tuple, dict]:
+        """The capture's own call, as ``(args, kwargs)`` for the original's forward."""
+        bound = inspect.BoundArguments(self.signature, dict(self.arguments))
+        return bound.args, bound.kwargs
+
+    def with_tensors(self, convert) -> CallSpec:
+        """The same call with every tensor argument passed through ``convert``."""
+        return CallSpec(self.signature, pytree.tree_map(lambda v: convert(v) if isinstance(v, torch.Tensor) else v,
+                                                        self.arguments))
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Lay out a call made the way the original accepts it (positional or keyword) as the
