@@ -13,6 +13,7 @@ un-merged by copying) are found without looking for them.
 import math
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -144,3 +145,11 @@ def test_the_fuzzed_patterns_of_known_silent_errors_are_now_exact():
         maps = tome_fx.transform(_Program([("attention_map", 0)]).double(), 8, example_inputs=x)(x)
     assert maps.shape == (2, 1 + PATCHES, 1 + PATCHES)  # un-merged along queries and keys
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 1 + PATCHES, dtype=torch.float64))  # rows still sum to 1
+
+
+def test_slicing_the_batch_axis_is_refused():
+    """Found by the fuzzer: a batch slice left the merged tokens' sizes and positions with the
+    full batch, and un-merging broadcast the result back to it."""
+    model = _Program([("transpose", 1), ("stride", 0)]).double().eval()
+    with pytest.raises(UnsupportedModelError, match="slices the batch axis"):
+        tome_fx.transform(model, [len(DUPLICATES)], example_inputs=_duplicated_patches())

@@ -554,7 +554,8 @@ class _Analysis:
 
     @_rule(aten.slice.Tensor)
     def slice(self, node: Node) -> Layout:
-        """Exact for a range of protected tokens, or for all tokens from a protected position on."""
+        """Exact for a range of protected tokens, or for all tokens from a protected position on;
+        along other axes but the batch, exact as it is."""
         src = self.layout(node.args[0])
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         start = (node.args[2] if len(node.args) > 2 else None) or 0
@@ -562,6 +563,8 @@ class _Analysis:
         step = node.args[4] if len(node.args) > 4 else 1
         if isinstance(src.roles[dim], Fold):
             raise _Refuse("it slices an axis that folds the batch or tokens with another")
+        if src.roles[dim] == BATCH and (start, step, end) not in ((0, 1, None), (0, 1, sys.maxsize)):
+            raise _Refuse("it slices the batch axis, whose rows the token sizes and positions follow")
         if src.roles[dim] != TOKEN:
             return src
         if len(src.dims(TOKEN)) > 1:
