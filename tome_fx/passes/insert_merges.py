@@ -59,3 +59,16 @@ class InsertMerges(PassBase):
             seeds[merged] = Layout((BATCH, TOKEN, None), size=size, positions=positions)
         self.result = MergeNodes(seeds, size, positions)
         return PassResult(gm, modified=True)
+
+    def ensures(self, gm: GraphModule) -> None:
+        """Every merge reads the size and positions that the one before it wrote (the first, the
+        initial ones)."""
+        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge.tome_merge]
+        for before, step in zip([None, *merges], merges):
+            size, positions = step.args[2], step.args[3]
+            if before is None:
+                threaded = size.target is merge.initial_size and positions.target is merge.initial_positions
+            else:
+                threaded = size.args[0] is before and positions.args[0] is before
+            if not threaded:
+                raise AssertionError(f"{step.name} does not read the size and positions of the merge before it")

@@ -42,3 +42,10 @@ class RepairShapes(FlowPass):
                 node.update_arg(3, sys.maxsize)
                 modified = True
         return PassResult(gm, modified)
+
+    def ensures(self, gm: GraphModule) -> None:
+        """No shape argument over merged tokens still holds the captured token count."""
+        for fix in self.flow.shape_args:
+            entry = fix.node.args[1][fix.position]
+            if self.flow.layouts[fix.node.args[0]].merged and isinstance(entry, int) and entry != -1:
+                raise AssertionError(f"{fix.node.name}: shape entry {fix.position} still holds {entry}")
