@@ -3,7 +3,8 @@
 find blocks -> drop all-pass attention masks -> count protected tokens (learned, or read
 at fixed positions) -> resolve schedule -> insert merges ->
 token-flow analysis (refuses what it cannot prove) -> repair shapes -> restage the
-attention mask -> proportional attention -> weighted reductions -> un-merge returned tokens ->
+attention mask -> proportional attention -> weighted reductions -> un-merge tokens (before
+reshapes back to a grid, and returned ones) ->
 expose size/positions as extra outputs.
 """
 
@@ -20,13 +21,13 @@ from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .find_blocks import AttentionBlock, find_attention_blocks
-from .graph_utils import aten, module_path, shape_of, tensor_meta
+from .graph_utils import aten, describe, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
 from .repair_shapes import RepairShapes
 from .token_flow import BATCH, TOKEN, Layout, analyze_token_flow
-from .unmerge_outputs import UnmergeOutputs
+from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
 
@@ -49,6 +50,7 @@ class TomePlan:
     protected: int
     requested: tuple[int, ...]  # the schedule before clamping
     width: int  # channels of the residual stream
+    unmerged_at: tuple[str, ...] = ()  # reshapes back to a grid that read the tokens un-merged
 
     @property
     def schedule(self) -> list[int]:
@@ -105,14 +107,14 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
             raise UnsupportedModelError(
                 f"block {block.name}: could not prove that its attention runs over the residual stream's tokens"
             )
+    unmerged_at = tuple(describe(node) for node in flow.unmerges if flow.layouts[node.args[0]].merged)
     RepairShapes(flow)(gm)
     if mask is not None:
         RestageMasks(flow, mask)(gm)
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedReductions(flow)(gm)
-    if unmerge_outputs:
-        UnmergeOutputs(flow)(gm)
+    Unmerge(flow, outputs=unmerge_outputs)(gm)
     _append_outputs(gm, insert.result.size, insert.result.positions)
     gm.graph.lint()
     gm.recompile()
@@ -122,7 +124,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
         key_width = shape_of(block.keys)[-1 if block.key_token_dim == -2 else -2]
         plans.append(BlockPlan(block.name, count, block_r, _mlp_ratio(gm, block, width), key_width))
         count -= block_r
-    return TomePlan(tuple(plans), protected, tuple(requested), width)
+    return TomePlan(tuple(plans), protected, tuple(requested), width, unmerged_at)
 
 
 def _mlp_ratio(gm: GraphModule, block: AttentionBlock, width: int) -> float:

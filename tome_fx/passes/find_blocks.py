@@ -3,7 +3,9 @@
 An attention block is: an attention op -- aten ``scaled_dot_product_attention``, or
 ``matmul -> (scale/mask/cast) -> softmax -> (dropout/cast) -> matmul`` (or einsums) -- whose keys
 come from the residual stream, and the residual ``add`` that brings its output back
-into that stream. The merge goes right after that add, before the MLP branch.
+into that stream. The merge goes right after that add, before the MLP branch. An attention
+whose residual stream feeds its queries but not its keys is cross-attention (keys from
+text, say): not a block of its own.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def _key_token_dim(scores: Node) -> int:
     return keys.index(output[-1]) - len(keys)
 
 
-def _manual_attention(softmax: Node) -> tuple[Node, int, Node, list[tuple[Node, Node]]] | None:
-    """(keys operand, its token dim, output, masks) of ``matmul -> softmax -> matmul`` (or
+def _manual_attention(softmax: Node) -> tuple[Node, Node, int, Node, list[tuple[Node, Node]]] | None:
+    """(queries, keys operand, its token dim, output, masks) of ``matmul -> softmax -> matmul`` (or
     einsums), or None. The weights may have other users too (a returned attention map): the
     token-flow analysis rules on them."""
     scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
@@ -95,7 +97,8 @@ def _manual_attention(softmax: Node) -> tuple[Node, int, Node, list[tuple[Node, 
     values = [user for user, read in _consumers(softmax, _PASS_THROUGH) if _operands(user)[:1] == [read]]
     if len(values) != 1:
         return None
-    return _operands(scores)[1], _key_token_dim(scores), values[0], masks
+    queries, keys = _operands(scores)
+    return queries, keys, _key_token_dim(scores), values[0], masks
 
 
 def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:
@@ -125,17 +128,19 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
         if node.op != "call_function":
             continue
         if node.target in SDPA:
-            keys, key_token_dim, output = node.args[1], -2, node
+            queries, keys, key_token_dim, output = node.args[0], node.args[1], -2, node
             mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
             masks = [(node, mask)] if isinstance(mask, Node) else []
         elif node.target in SOFTMAX:
             found = _manual_attention(node)
             if found is None:
                 continue
-            keys, key_token_dim, output, masks = found
+            queries, keys, key_token_dim, output, masks = found
         else:
             continue
         found = _residual_add(output, keys, order)
+        if found is None and _residual_add(output, queries, order) is not None:
+            continue  # cross-attention: keys from another sequence (text); its queries are followed as tokens
         if found is None:
             raise UnsupportedModelError(
                 f"attention at {describe(node)} has no residual connection around it; "

@@ -119,6 +119,7 @@ class TokenFlow:
     sdpas: list[Node] = field(default_factory=list)  # sdpa whose keys are tokens
     weightings: list[Weighting] = field(default_factory=list)  # sums, means and contractions over tokens
     outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
+    unmerges: list[Node] = field(default_factory=list)  # reshapes back to a grid: un-merge their input first
     masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
 
@@ -476,7 +477,7 @@ class _Analysis:
                 refolded = _refold(factors, [out_shape[j] for j in gj])
             except _Refuse:
                 if any(role == TOKEN for role, _ in factors):
-                    raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})") from None
+                    return self.to_grid(node, src, in_shape, out_shape)
                 continue  # the batch axis is lost in a view; rules needing it refuse later
             for j, role in zip(gj, refolded):
                 roles[j] = role
@@ -485,6 +486,14 @@ class _Analysis:
             if node.target == aten.unflatten.int and any(holds(roles[j], TOKEN) for j in gj) and len(gj) > 1:
                 raise _Refuse("it unflattens an axis holding the tokens into sizes fixed at capture")
         return replace(src, roles=tuple(roles))
+
+    def to_grid(self, node: Node, src: Layout, in_shape, out_shape) -> None:
+        """Exact: a view that splits the token axis (back into a grid) reads the tokens
+        un-merged, each original token taking its group's value, as captured."""
+        if src.batch_dim() is None or any(isinstance(role, Fold) for role in src.roles):
+            raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})")
+        self.flow.unmerges.append(node)
+        return None
 
     def token_shape_arg(self, node: Node, position: int, role: Role, token_dims: list[int], src: Layout) -> None:
         """Record that the view's entry ``position`` holds the token count, for RepairShapes."""
