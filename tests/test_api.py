@@ -33,7 +33,8 @@ def test_original_model_is_not_modified(tiny):
     "r, error, message",
     [
         (-1, ValueError, r"r must be >= 0, got -1"),
-        (1.5, TypeError, r"r must be an int"),
+        (1.5, ValueError, r"a fraction r must be in \(0, 1\), got 1.5"),
+        ("13", TypeError, r"r must be an int"),
         ([1, 2, 3], ValueError, r"r lists 3 values but the model has 2 attention blocks"),
         ((2, 3.0), ValueError, r"inflection must be in \[-1, 1\], got 3.0"),
     ],

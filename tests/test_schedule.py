@@ -33,7 +33,7 @@ def test_tuple_schedule_is_monotone_and_near_r_per_block(r, inflection, blocks):
 
 @pytest.mark.parametrize(
     "bad, error",
-    [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("8", TypeError), ([1, -2], ValueError),
+    [(-1, ValueError), (2.5, ValueError), (True, TypeError), ("8", TypeError), ([1, -2], ValueError),
      ([1, 2.0], TypeError), ([1] * 5, ValueError), ((4, 1.5), ValueError), ((4, -2), ValueError),
      ((4,), TypeError), ((4, "x"), TypeError), ((-4, 0), ValueError)],
 )
@@ -55,3 +55,12 @@ def test_clamp_keeps_protected_tokens_and_one_more(requested, tokens, protected)
     else:
         assert clamped == [0] * len(clamped)
     assert tokens == start - sum(clamped)
+
+
+def test_a_fraction_merges_that_share_of_each_blocks_tokens():
+    assert resolve_schedule(0.25, 3) == [0.25, 0.25, 0.25]
+    assert clamp_schedule(resolve_schedule(0.25, 3), 197, 1) == [49, 37, 27]  # int(197/4), int(148/4), ...
+    assert clamp_schedule([0.9], 17, 1) == [8]  # clamped like any r
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"fraction r must be in \(0, 1\)"):
+            resolve_schedule(bad, 2)

@@ -27,16 +27,17 @@ from . import bench, demo, zoo
 
 
 def parse_schedule(text: str):
-    """``13`` -> 13; ``13,-1`` -> (13, -1.0) (r, inflection); ``4/4/0`` -> [4, 4, 0] per block."""
+    """``13`` -> 13; ``13,-1`` -> (13, -1.0) (r, inflection); ``4/4/0`` -> [4, 4, 0] per block;
+    ``0.3`` -> 0.3 (that fraction of each block's tokens)."""
     try:
         if "/" in text:
             return [int(v) for v in text.split("/")]
         if "," in text:
             r, inflection = text.split(",")
             return (int(r), float(inflection))
-        return int(text)
+        return float(text) if "." in text else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a schedule: {text!r} (use 13, 13,-1 or 4/4/0)") from None
+        raise argparse.ArgumentTypeError(f"not a schedule: {text!r} (use 13, 13,-1, 4/4/0 or 0.3)") from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:

@@ -7,7 +7,7 @@ from typing import Sequence, Union
 
 from .merge import max_merges
 
-Schedule = Union[int, Sequence[int], tuple]
+Schedule = Union[int, float, Sequence[int], tuple]
 
 
 def _check_count(value, what: str) -> int:
@@ -24,10 +24,16 @@ def resolve_schedule(r: Schedule, num_blocks: int) -> list[int]:
     - ``int``: the same r in every block;
     - ``list``: one r per block, a shorter list padded with 0;
     - ``(r, inflection)``: inflection in [-1, 1] as in the ToMe paper's code: 0 keeps r
-      constant, -1 decreases linearly from 2r to 0, +1 increases from 0 to 2r.
+      constant, -1 decreases linearly from 2r to 0, +1 increases from 0 to 2r;
+    - a ``float`` in (0, 1): that fraction of each block's tokens (tomesd's ``ratio``),
+      made a count by ``clamp_schedule`` once the token counts are known.
     """
     if num_blocks < 1:
         raise ValueError("a schedule needs at least one block")
+    if isinstance(r, numbers.Real) and not isinstance(r, numbers.Integral):
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"a fraction r must be in (0, 1), got {r}")
+        return [float(r)] * num_blocks
     if isinstance(r, list):
         if len(r) > num_blocks:
             raise ValueError(f"r lists {len(r)} values but the model has {num_blocks} attention blocks")
@@ -43,7 +49,9 @@ def resolve_schedule(r: Schedule, num_blocks: int) -> list[int]:
         if not -1.0 <= inflection <= 1.0:
             raise ValueError(f"inflection must be in [-1, 1], got {inflection}")
     elif not isinstance(r, numbers.Integral) or isinstance(r, bool):
-        raise TypeError(f"r must be an int, a list of ints or an (r, inflection) tuple, got {type(r).__name__}")
+        raise TypeError(
+            f"r must be an int, a fraction in (0, 1), a list of ints or an (r, inflection) tuple, got {type(r).__name__}"
+        )
     r = _check_count(r, "r")
     low = int(r * (1.0 - inflection))
     high = 2 * r - low
@@ -51,11 +59,12 @@ def resolve_schedule(r: Schedule, num_blocks: int) -> list[int]:
     return [int(low + step * i) for i in range(num_blocks)]
 
 
-def clamp_schedule(requested: Sequence[int], tokens: int, protected: int) -> list[int]:
-    """Clamp each block's r to (tokens - protected) // 2 as tokens shrink block by block."""
+def clamp_schedule(requested: Sequence[int | float], tokens: int, protected: int) -> list[int]:
+    """Clamp each block's r to (tokens - protected) // 2 as tokens shrink block by block; a
+    fraction becomes ``int(tokens * fraction)`` of the tokens entering the block."""
     clamped = []
     for r in requested:
-        r = min(r, max_merges(tokens, protected))
+        r = min(int(tokens * r) if isinstance(r, float) else r, max_merges(tokens, protected))
         clamped.append(r)
         tokens -= r
     return clamped

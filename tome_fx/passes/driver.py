@@ -48,7 +48,7 @@ class BlockPlan:
 class TomePlan:
     blocks: tuple[BlockPlan, ...]
     protected: int
-    requested: tuple[int, ...]  # the schedule before clamping
+    requested: tuple[int | float, ...]  # the schedule before clamping (a float: a fraction of the tokens)
     width: int  # channels of the residual stream
     unmerged_at: tuple[str, ...] = ()  # reshapes back to a grid that read the tokens un-merged
 
