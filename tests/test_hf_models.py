@@ -27,6 +27,7 @@ FAMILIES = {
         5,
         False,
     ),
+    "DPTForDepthEstimation": (lambda: _dpt(), 1, False),
     "VideoMAEForVideoClassification": (
         lambda: T.VideoMAEForVideoClassification(T.VideoMAEConfig(**VIDEO, num_labels=3)),
         0,
@@ -34,6 +35,22 @@ FAMILIES = {
     ),
 }
 IMPLS = ["eager", "sdpa"]
+
+
+def _dpt():
+    """DPT reassembles the hidden states of every block into grids for its depth head. HF's
+    init (std 0.02) shrinks the prediction through the head's many convs to ~1e-8, where no
+    comparison means anything: the neck and head get PyTorch's default init instead, and the
+    last conv a bias that keeps its ReLU open."""
+    model = T.DPTForDepthEstimation(T.DPTConfig(
+        **IMG, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], fusion_hidden_size=8, reassemble_factors=[2, 1]
+    ))
+    for module in [*model.neck.modules(), *model.head.modules()]:
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            module.reset_parameters()
+    with torch.no_grad():
+        model.head.head[-2].bias.fill_(1.0)
+    return model
 
 
 def make(name, impl, dtype=torch.float32):
