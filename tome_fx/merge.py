@@ -262,3 +262,42 @@ def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start
     token once per token it holds."""
     weight = size_bias(size, x.dim(), batch_dim, token_dim, start)
     return (x.to(accumulation_dtype(x.dtype)) * weight).to(x.dtype)
+
+
+def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: bool) -> NewOrder:
+    """tomesd's matching on an ``h`` x ``w`` grid of tokens ``metric`` [B, N, C]: one receiving
+    (dst) token in each ``sy`` x ``sx`` cell -- its top-left one, or with ``rand`` a random one
+    (global RNG) -- every other token a source; each source pairs with its most similar dst
+    by cosine similarity, and the ``r`` best pairs merge. Kept tokens are ordered
+    ``[unmerged sources by position, dst tokens]``."""
+    batch, device = metric.shape[0], metric.device
+    hsy, wsx = h // sy, w // sx
+    cells = torch.zeros(hsy, wsx, sy * sx, dtype=torch.long, device=device)
+    choice = (torch.randint(sy * sx, (hsy, wsx, 1), device=device) if rand
+              else torch.zeros(hsy, wsx, 1, dtype=torch.long, device=device))
+    cells = cells.scatter(2, choice, -1).view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    marks = torch.zeros(h, w, dtype=torch.long, device=device)
+    marks[: hsy * sy, : wsx * sx] = cells
+    order = marks.flatten().argsort(stable=True)  # dst (-1) first, then sources, each by position
+    dst_set, src_set = order[: hsy * wsx], order[hsy * wsx :]
+    metric = metric.detach()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, src_set] @ metric[:, dst_set].transpose(1, 2)
+    r = min(r, src_set.shape[0])
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    src, unmerged = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
+    kept = torch.cat([src_set[unmerged], dst_set.expand(batch, -1)], dim=1)
+    src_old, dst_old = src_set[src], dst_set[node_idx.gather(1, src)]
+    new_index = torch.zeros(batch, metric.shape[1], dtype=torch.long, device=device).scatter(
+        1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept)
+    )
+    return NewOrder(kept, new_index.scatter(1, src_old, new_index.gather(1, dst_old)), src_old, dst_old)
+
+
+def branch_merge(x: Tensor, order: NewOrder) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge a branch's input ``x`` [B, N, C] (every token one patch) as ``order`` says:
+    ``(merged tokens, their sizes, positions)``; ``unmerge(y, positions, 0, 1)`` brings the
+    branch's output back to all N tokens, each merged source taking its dst's value."""
+    merged, size = merge_wavg(order, x, initial_size(x))
+    return merged, size, order.new_index
