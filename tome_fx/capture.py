@@ -117,23 +117,24 @@ def _constants_bound(model: torch.nn.Module, constants: dict[str, Any]):
             del model.forward
 
 
-def capture(model: torch.nn.Module, call: CallSpec) -> torch.fx.GraphModule:
-    """``torch.export`` the model as called in ``call`` (batch dynamic) and return its unlifted
-    GraphModule, which takes the tensors as ``call.graph_call`` lays them out.
+def capture(model: torch.nn.Module, call: CallSpec, dynamic_batch: bool = True) -> torch.fx.GraphModule:
+    """``torch.export`` the model as called in ``call`` (batch dynamic, unless not
+    ``dynamic_batch``) and return its unlifted GraphModule, which takes the tensors as
+    ``call.graph_call`` lays them out.
 
     Parameters and buffers of the result are the model's own tensors (shared, not copied).
     """
-    args, kwargs = call.graph_call(_with_batch_of_two(call.arguments))
+    args, kwargs = call.graph_call(_with_batch_of_two(call.arguments) if dynamic_batch else call.arguments)
     batch = torch.export.Dim("batch", min=1)
     try:
         with _constants_bound(model, call.constants()):
             named = inspect.signature(model.forward).bind(*args, **kwargs).arguments
             dynamic = {name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
-                       for name, value in named.items()}
+                       for name, value in named.items()} if dynamic_batch else None
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as error:  # export raises many types; all mean "not capturable"
         raise UnsupportedModelError(
-            f"torch.export could not capture {type(model).__name__} with a dynamic batch: "
+            f"torch.export could not capture {type(model).__name__}{' with a dynamic batch' if dynamic_batch else ''}: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from error
     return program.module()

@@ -1,0 +1,169 @@
+"""Per-branch merging (tomesd's scheme): the residual stream keeps every token.
+
+In each merging block one matching is computed on the block's input tokens, laid out as
+a grid (``merge.grid_order``). Each chosen branch -- the self-attention, the
+cross-attention, the MLP -- merges its input right after its norm, runs on fewer tokens,
+and un-merges its output before the residual add, each original token taking the value
+of the merged token that holds it. The token-flow analysis then proves each branch safe
+on merged tokens, as it does for whole-stream merging.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+from torch.fx import GraphModule, Node
+
+from .. import merge
+from ..errors import UnsupportedModelError
+from .find_blocks import RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks
+from .graph_utils import aten, ancestors, describe, shape_of
+from .proportional_attention import ProportionalAttention
+from .repair_shapes import RepairShapes
+from .token_flow import BATCH, TOKEN, Layout, analyze_token_flow, is_weights
+from .unmerge import Unmerge
+from .weighted_reductions import WeightedReductions
+
+KINDS = ("attn", "crossattn", "mlp")
+_NORMS = {aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.default}
+
+
+@dataclass(frozen=True)
+class BranchSettings:
+    """tomesd's options: ``ratio`` of each merging block's tokens; blocks at most
+    ``max_downsample`` times smaller than the ``grid`` (tokens at full resolution, h x w) merge;
+    one dst per ``sy`` x ``sx`` cell, random with ``rand``; ``kinds``: the branches that merge."""
+
+    ratio: float
+    grid: tuple[int, int]
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    rand: bool = False
+    kinds: frozenset[str] = frozenset({"attn"})
+
+
+@dataclass(frozen=True)
+class Branch:
+    kind: str
+    add: Node  # the residual add that closes it
+    output: Node  # the branch's operand of that add
+    stream: Node  # the stream it reads (the add's other operand)
+    nodes: frozenset[Node]  # what the output depends on, back to the stream
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    """A merging block: its tokens, the tokens its branches merge away, which branches merge."""
+
+    name: str
+    tokens: int
+    r: int
+    merged: tuple[str, ...]
+
+
+def _is_attention(node: Node) -> bool:
+    return node.op == "call_function" and (node.target in SDPA or node.target in SOFTMAX)
+
+
+def find_branches(block: AttentionBlock, others: set[Node]) -> list[Branch]:
+    """The residual branches along ``block``'s stream: its attention's, then each later add
+    onto the stream of a branch that reads it, until a branch reaches another block's attention."""
+    branches, stream, add = [], block.stream, block.residual
+    while add is not None:
+        output = add.args[0] if add.args[1] is stream else add.args[1]
+        nodes = frozenset(ancestors(output, stop=lambda n: n is stream) | {output})
+        if nodes & others:
+            break
+        kind = "attn" if block.attention in nodes else "crossattn" if any(map(_is_attention, nodes)) else "mlp"
+        branches.append(Branch(kind, add, output, stream, nodes))
+        stream, add = add, next(
+            (u for u in add.users if u.op == "call_function" and u.target in RESIDUAL_ADD and add in u.args[:2]
+             and any(isinstance(a, Node) and a is not add and add in ancestors(a) for a in u.args[:2])),
+            None,
+        )
+    return branches
+
+
+def _merge_point(branch: Branch) -> Node:
+    """Where the branch's tokens merge: the output of the norm it starts with, as tomesd does,
+    or the stream itself where it starts otherwise."""
+    readers = [u for u in branch.stream.users if u in branch.nodes]
+    if len(readers) == 1 and readers[0].op == "call_function" and readers[0].target in _NORMS:
+        return readers[0]
+    return branch.stream
+
+
+def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool) -> tuple[BranchPlan, ...]:
+    """Rewrite ``gm`` in place; its outputs keep their shapes (the stream is never merged)."""
+    blocks = find_attention_blocks(gm.graph)
+    if not blocks:
+        raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
+    graph, seeds, closing, plans = gm.graph, {}, [], []
+    attentions = {b.attention for b in blocks}
+    height, width = settings.grid
+    for block in blocks:
+        shape = shape_of(block.stream)
+        if len(shape) != 3:
+            raise UnsupportedModelError(f"block {block.name}: tokens of shape {shape}; expected [batch, tokens, channels]")
+        tokens = shape[1]
+        downsample = math.ceil(math.sqrt(height * width // tokens))
+        r = int(tokens * settings.ratio)
+        chosen = [b for b in find_branches(block, attentions - {block.attention}) if b.kind in settings.kinds]
+        if downsample > settings.max_downsample or r <= 0 or not chosen:
+            continue
+        h, w = math.ceil(height / downsample), math.ceil(width / downsample)
+        if h * w != tokens:
+            raise UnsupportedModelError(
+                f"block {block.name}: {tokens} tokens are not the {h} x {w} grid its downsampling implies"
+            )
+        r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
+        with graph.inserting_after(block.stream):
+            order = graph.call_function(
+                merge.grid_order, (block.stream, h, w, settings.sx, settings.sy, r, settings.rand)
+            )
+        for branch in chosen:
+            point = _merge_point(branch)
+            with graph.inserting_after(order if point is block.stream else point):
+                step = graph.call_function(merge.branch_merge, (point, order))
+            with graph.inserting_after(step):
+                merged = graph.call_function(operator.getitem, (step, 0))
+            merged.meta["val"] = point.meta["val"]  # the analysis reads shapes as captured
+            with graph.inserting_after(merged):
+                size = graph.call_function(operator.getitem, (step, 1))
+            with graph.inserting_after(size):
+                positions = graph.call_function(operator.getitem, (step, 2))
+            point.replace_all_uses_with(merged, delete_user_cb=lambda user: user in branch.nodes and user is not step)
+            with graph.inserting_before(branch.add):
+                restored = graph.call_function(merge.unmerge, (branch.output, positions, 0, 1))
+            restored.meta["val"] = branch.output.meta.get("val")
+            branch.add.replace_input_with(branch.output, restored)
+            seeds[merged] = Layout((BATCH, TOKEN, None), size=size, positions=positions)
+            closing.append((branch, restored))
+        plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen))))
+
+    flow = analyze_token_flow(graph, seeds, protected=0)
+    for branch, restored in closing:
+        layout = flow.layouts.get(branch.output)
+        if (layout is None or len(layout.roles) != 3 or layout.roles[:2] != (BATCH, TOKEN)
+                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]):
+            raise UnsupportedModelError(
+                f"{describe(branch.add)}: the {branch.kind} branch does not return its merged tokens laid out "
+                "[batch, tokens, channels], so it cannot be un-merged before the residual add"
+            )
+    if flow.outputs:
+        raise UnsupportedModelError(f"{describe(flow.outputs[0])}: merged tokens leave their branch")
+    attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
+    for block, plan in plans:
+        if "attn" in plan.merged and block.attention not in attended:
+            raise UnsupportedModelError(f"block {block.name}: could not prove that its attention runs over its tokens")
+    RepairShapes(flow)(gm)
+    if prop_attn:
+        ProportionalAttention(flow)(gm)
+    WeightedReductions(flow)(gm)
+    Unmerge(flow, outputs=False)(gm)
+    graph.lint()
+    gm.recompile()
+    return tuple(plan for _, plan in plans)
