@@ -42,7 +42,10 @@ class ToMeUNet(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["unet"], name)
+            unet = self.__dict__.get("_modules", {}).get("unet")  # absent while being copied or unpickled
+            if unet is None:
+                raise
+            return getattr(unet, name)
 
     @property
     def plans(self) -> dict[tuple, tuple[BranchPlan, ...]]:
