@@ -64,6 +64,10 @@ OPS = {
     "flatten_last": lambda t, k, p: t.flatten(-2),
     "fold_batch": lambda t, k, p: t.reshape(-1, t.shape[-1]) @ p.weight[: t.shape[-1], : t.shape[-1]],
     "fold_and_unfold": lambda t, k, p: t.reshape(-1, t.shape[-1]).reshape(t.shape),
+    "minus_first_sample": lambda t, k, p: t - t[0],
+    "count_positive": lambda t, k, p: (t > 0).sum(_dim(t, k)),
+    "patch_attention_pool": lambda t, k, p: (t[:, 1:, :1].softmax(1) * t[:, 1:]).sum(1),
+    "patches_against_all": lambda t, k, p: t[:, 1:] @ t.transpose(-1, -2),
 }
 
 
@@ -153,3 +157,29 @@ def test_slicing_the_batch_axis_is_refused():
     model = _Program([("transpose", 1), ("stride", 0)]).double().eval()
     with pytest.raises(UnsupportedModelError, match="slices the batch axis"):
         tome_fx.transform(model, [len(DUPLICATES)], example_inputs=_duplicated_patches())
+
+
+@pytest.mark.parametrize(
+    "op, refused",
+    [
+        ("minus_first_sample", "takes one sample out of the batch"),
+        ("patches_against_all", "token axes that start at different positions"),
+        ("count_positive", None),  # a sum of bools over tokens is weighted in int64
+        ("patch_attention_pool", None),  # proportional attention over the sliced patches
+    ],
+)
+def test_found_by_review(op, refused):
+    """A second batch of silent errors (and one call-time crash), found by trying the library
+    as a new user would; the fuzzer now draws these ops too."""
+    x = _duplicated_patches()
+    x[1] = torch.randn(PATCHES, 4, dtype=torch.float64)  # the second image merges other tokens
+    for position in DUPLICATES:
+        x[1, position - 1] = x[1, position]
+    model = _Program([(op, 1)]).double().eval()
+    if refused:
+        with pytest.raises(UnsupportedModelError, match=refused):
+            tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
+        return
+    fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-9, atol=1e-9)

@@ -124,7 +124,7 @@ def test_values_fixed_at_transform_time_cannot_change_silently():
             fast(x, return_features=True)
         with pytest.raises(ValueError, match=r"`scale` was 1.0 .* this call gives 2.0"):
             fast(x, scale=2.0)
-        with pytest.raises(ValueError, match=r"`bias` was None .* gives a tensor of shape"):
+        with pytest.raises(ValueError, match=r"`bias` was None .* gives a float32 tensor of shape"):
             fast(x, torch.zeros(2, 1, 8))
         features = tome_fx.transform(model, 2, example_inputs={"x": x, "return_features": True})
         assert features(x=x, return_features=True).shape == (2, 16, 8)
@@ -229,3 +229,45 @@ def test_torchscript_modules_are_explained():
     traced = torch.jit.trace(model, torch.randn(2, 16, 4))
     with pytest.raises(TypeError, match="TorchScript module .* pass the nn.Module it was made from"):
         tome_fx.transform(traced, 2, example_inputs=torch.randn(2, 16, 4))
+
+
+def test_a_tensor_of_another_dtype_is_refused_and_equal_numbers_are_accepted():
+    """The dtype of a tensor argument may steer the captured code (a bool mask filled, a float
+    mask added); an int where a float was captured is the same value to Python."""
+    model = _Flagged().eval()
+    x = torch.randn(2, 16, 4)
+    fast = tome_fx.transform(model, 2, example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, scale=1), fast(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`x` was a float32 tensor .* gives a float64 tensor"):
+        fast(x.double())
+
+
+def test_to_dtype_keeps_buffers_shared_and_what_is_saved_loads():
+    model = _deit()
+    model.register_buffer("scale", torch.ones(1))
+    fast = tome_fx.transform(model, 4).to(torch.float64)
+    assert model.scale.dtype == torch.float64 and model.scale is fast.get_buffer("scale")
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    x = torch.randn(2, *IMAGES, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), fast(x), rtol=0, atol=0)
+
+
+def test_compiled_model_has_the_original_keys_and_keeps_its_mode_when_copied():
+    model = _deit()
+    compiled = tome_fx.compile(model, 4)
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    assert copy.deepcopy(compiled).training is False
+    assert compiled.train().model.training is True
+
+
+def test_a_mode_that_merges_differently_says_how():
+    """timm's patch dropout keeps fewer tokens in training: the train-mode graph cannot share
+    the eval-mode schedule, and the error shows both token counts."""
+    fast = tome_fx.transform(_deit(patch_drop_rate=0.5), 2)
+    with pytest.raises(tome_fx.UnsupportedModelError, match=r"in train mode the model merges differently: tokens "
+                                                           r"per block \[9, .*against \[17,"):
+        fast.train()

@@ -149,26 +149,42 @@ class ToMeModel(torch.nn.Module):
     def _capture(self, mode: bool) -> torch.fx.GraphModule:
         name = "train" if mode else "eval"
         try:
-            graph_module, plan = _build(self._source, self._example_like_weights(), self._options, mode)
+            graph_module, plan = _build(self._source, self._call, self._options, mode)
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"in {name} mode: {error}") from error
         if (plan.schedule, plan.token_counts, plan.protected) != (self.schedule, self.token_counts, self.plan.protected):
             raise UnsupportedModelError(
-                f"in {name} mode the model merges differently (schedule {plan.schedule}, {plan.protected} protected "
-                f"tokens) than in the mode it was transformed in ({self.schedule}, {self.plan.protected})"
+                f"in {name} mode the model merges differently: tokens per block {plan.token_counts}, schedule "
+                f"{plan.schedule}, {plan.protected} protected, against {self.token_counts}, {self.schedule}, "
+                f"{self.plan.protected} in the mode it was transformed in (e.g. tokens dropped only in training)"
             )
         return graph_module
 
-    def _example_like_weights(self) -> CallSpec:
-        """The capture's inputs, moved to where the weights are now (after ``.to(dtype)``, say)."""
-        weights = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if weights is None:
-            return self._call
+    def _weights(self) -> torch.Tensor | None:
+        return next((p for p in self.parameters() if p.is_floating_point()), None)
 
-        def like(t: torch.Tensor) -> torch.Tensor:
-            return t.to(weights.device, weights.dtype if t.is_floating_point() else t.dtype)
+    def _apply(self, fn, recurse=True):
+        """``.to()`` and friends: parameters change in place (the original sees them), buffers are
+        replaced (the original gets the new ones too, so the two stay one model). Where the
+        weights' dtype or device changed, the graph is captured again for them: captured code
+        may depend on the dtype (an upcast softmax, say)."""
+        weights = self._weights()
+        before = None if weights is None else (weights.dtype, weights.device)
+        result = super()._apply(fn, recurse)
+        source = dict(self._source.named_buffers())
+        for name, buffer in self.named_buffers():
+            if name in source and source[name] is not buffer:
+                owner, _, attr = name.rpartition(".")
+                self._source.get_submodule(owner)._buffers[attr] = buffer
+        weights = self._weights()
+        if weights is not None and (weights.dtype, weights.device) != before:
+            def like(t: torch.Tensor) -> torch.Tensor:
+                return t.to(weights.device, weights.dtype if t.is_floating_point() else t.dtype)
 
-        return self._call.with_tensors(like)
+            self.__dict__["_call"] = self._call.with_tensors(like)
+            self._graphs.clear()
+            self._attach(self._mode, self._capture(self._mode))
+        return result
 
     # -- copies ------------------------------------------------------------------------------------
     def __deepcopy__(self, memo):
@@ -319,20 +335,28 @@ class CompiledToMe(torch.nn.Module):
     ``ToMeModel`` shares one ``forward`` code object, so compiling several in one process
     (an r sweep) would recompile that one frame until dynamo's recompile limit sends the
     rest back to eager; each graph module has code of its own. ``train()``/``eval()``
-    compile the graph of that mode the first time it runs."""
+    compile the graph of that mode the first time it runs. Its ``state_dict`` has the
+    original's keys, like the ``ToMeModel``'s."""
 
     __signature__ = _InstanceSignature()
 
     def __init__(self, model: ToMeModel, **compile_kwargs):
         super().__init__()
-        self.model = model
-        self.__dict__.update(_compile_kwargs=compile_kwargs, _compiled={})  # weights shared with model
+        self.__dict__.update(model=model, _compile_kwargs=compile_kwargs, _compiled={})
+        for attr in (*_TREE, "_modules"):  # the model's weights and keys (state_dict as the original's)
+            object.__setattr__(self, attr, getattr(model, attr))
+        self.training = model.training
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        self.training = mode
+        return self
 
     def _graph(self):
-        mode = self.model._mode
-        if mode not in self._compiled:
-            self._compiled[mode] = torch.compile(self.model.graph_module, **self._compile_kwargs)
-        return self._compiled[mode]
+        graph_module = self.model.graph_module  # one per mode, and again after .to(dtype)
+        if graph_module not in self._compiled:
+            self._compiled[graph_module] = torch.compile(graph_module, **self._compile_kwargs)
+        return self._compiled[graph_module]
 
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
         args, kwargs = self.model._graph_inputs(args, kwargs)

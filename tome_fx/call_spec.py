@@ -12,6 +12,7 @@ dynamo traces it under ``torch.compile``.
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,8 @@ def _default(param: inspect.Parameter):
 def _same(captured, given) -> bool:
     """``given`` fits a graph captured with ``captured``: a tensor where it had a tensor,
     equal values (and containers of the same shape) everywhere else."""
-    if isinstance(captured, torch.Tensor):
-        return isinstance(given, torch.Tensor)
+    if isinstance(captured, torch.Tensor):  # its dtype and rank may steer the captured code; sizes are checked later
+        return isinstance(given, torch.Tensor) and (given.dtype, given.dim()) == (captured.dtype, captured.dim())
     if isinstance(captured, (tuple, list)):
         return (
             type(given) is type(captured)
@@ -47,6 +48,8 @@ def _same(captured, given) -> bool:
             and given.keys() == captured.keys()
             and all(_same(captured[k], given[k]) for k in captured)
         )
+    if isinstance(captured, numbers.Number) and isinstance(given, numbers.Number):
+        return bool(given == captured)  # 0 for False, 2 for 2.0, numpy scalars: Python treats them alike
     if type(given) is not type(captured):
         return False
     try:
@@ -59,7 +62,7 @@ def _describe(value) -> str:
     if value is _MISSING:
         return "not given"
     if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
     return repr(value)
 
 

@@ -89,7 +89,10 @@ def batched_tensors(inputs) -> list[torch.Tensor]:
 def batch_size(inputs: ExampleInputs) -> int:
     sizes = {t.shape[0] for t in batched_tensors(inputs)}
     if len(sizes) != 1:
-        raise ValueError(f"example inputs must share one batch size (dim 0), got {sorted(sizes)}")
+        raise ValueError(
+            f"example inputs must share one batch size, got {sorted(sizes)}: every tensor argument with "
+            "dimensions is taken to hold the batch on dim 0"
+        )
     return sizes.pop()
 
 

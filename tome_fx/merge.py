@@ -234,10 +234,10 @@ def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: in
     return size.reshape(shape)
 
 
-def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int) -> Tensor:
-    """Proportional attention: log(size) added to the logits of the keys on ``token_dim``, laid
-    out and typed for ``like`` (the logits, or the queries of an sdpa) as it runs."""
-    return size_bias(size, like.dim(), batch_dim, token_dim).log().to(like.dtype)
+def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+    """Proportional attention: log(size) added to the logits of the keys on ``token_dim`` (tokens
+    from ``start`` on), laid out and typed for ``like`` (the logits, or an sdpa's queries)."""
+    return size_bias(size, like.dim(), batch_dim, token_dim, start).log().to(like.dtype)
 
 
 def add_attention_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
@@ -259,8 +259,10 @@ def weighted_mean(x: Tensor, weight: Tensor, dim: list[int], keepdim: bool = Fal
 
 def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
     """``x`` with every token scaled by its size: a sum over the tokens then counts each merged
-    token once per token it holds."""
+    token once per token it holds. Integers and bools become int64, which their sum is anyway."""
     weight = size_bias(size, x.dim(), batch_dim, token_dim, start)
+    if not x.is_floating_point():
+        return x.to(torch.int64) * weight.round().to(torch.int64)
     return (x.to(accumulation_dtype(x.dtype)) * weight).to(x.dtype)
 
 

@@ -23,7 +23,9 @@ class ProportionalAttention(FlowPass):
             if not layout.merged:
                 continue
             with graph.inserting_before(softmax):
-                bias = graph.call_function(merge.log_size_bias, (layout.size, logits, layout.batch_dim(), dim))
+                bias = graph.call_function(
+                    merge.log_size_bias, (layout.size, logits, layout.batch_dim(), dim, layout.start)
+                )
                 softmax.update_arg(0, graph.call_function(aten.add.Tensor, (logits, bias)))
             modified = True
         for sdpa in self.flow.sdpas:
@@ -34,7 +36,8 @@ class ProportionalAttention(FlowPass):
             mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
             with graph.inserting_before(sdpa):
                 bias = graph.call_function(
-                    merge.log_size_bias, (layout.size, query, layout.batch_dim(), tensor_meta(query).dim() - 1)
+                    merge.log_size_bias,
+                    (layout.size, query, layout.batch_dim(), tensor_meta(query).dim() - 1, layout.start),
                 )
                 mask = graph.call_function(merge.add_attention_bias, (mask, bias))
             if len(sdpa.args) > 3:

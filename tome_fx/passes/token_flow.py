@@ -146,6 +146,8 @@ _POINTWISE_EXTRA = {
     aten.to.dtype,
     aten.to.dtype_layout,
     aten.type_as.default,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
 }
 # pointwise ops linear in their first operand: weights over tokens stay weights through them
 _SCALING = _POINTWISE_EXTRA | {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
@@ -398,6 +400,8 @@ class _Analysis:
         la, lb = self.layout(a), self.layout(b)
         if la and lb and la.size is not lb.size:
             raise _Refuse("it multiplies tokens from before and after a merge")
+        if la and lb and la.start != lb.start:
+            raise _Refuse("it multiplies token axes that start at different positions (one of them sliced)")
         if _ndim(a) < 2 or _ndim(b) < 2:
             raise _Refuse("matrix-vector products over tokens are not understood")
         ra = la.roles if la else (None,) * _ndim(a)
@@ -549,11 +553,14 @@ class _Analysis:
 
     @_rule(aten.select.int)
     def select(self, node: Node) -> Layout:
-        """Exact for a protected token, which keeps its position; refused for any other."""
+        """Exact for a protected token, which keeps its position; refused for any other token,
+        and for one sample of the batch (other samples merged other tokens)."""
         src = self.layout(node.args[0])
         dim = _norm_dim(node.args[1], len(src.roles))
         if isinstance(src.roles[dim], Fold):
             raise _Refuse("it indexes an axis that folds the batch or tokens with another")
+        if src.roles[dim] == BATCH:
+            raise _Refuse("it takes one sample out of the batch, whose rows the token sizes and positions follow")
         if src.roles[dim] == TOKEN:
             index = node.args[2]
             if index < 0:
@@ -587,7 +594,7 @@ class _Analysis:
             return replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim + 1 :])
         if src.start + start > self.protected:
             raise _Refuse(
-                f"it slices tokens [{start}:{end}] of {count}; merged tokens have no fixed positions "
+                f"it slices tokens [{start}:{'' if end == sys.maxsize else end}] of {count}; merged tokens have no fixed positions "
                 f"past the {self.protected} protected ones"
             )
         if end != sys.maxsize:
@@ -621,8 +628,10 @@ class _Analysis:
             elif node.target == aten.mean.dim and weights:
                 raise _Refuse("a mean of weights over tokens: their count changes when tokens merge")
             elif not weights:
-                if src.batch_dim() is None or node.kwargs.get("dtype"):
+                if src.batch_dim() is None:
                     raise _Refuse("a sum or mean over tokens needs a batch axis to weight them by size")
+                if node.target == aten.mean.dim and node.kwargs.get("dtype"):
+                    raise _Refuse("a mean over tokens with a dtype argument")
                 self.flow.weightings.append(Weighting(node, 0, token_dim, mean=node.target == aten.mean.dim))
         if keepdim:
             return replace(src, roles=tuple(None if d in dims else r for d, r in enumerate(src.roles)))
