@@ -262,6 +262,11 @@ def test_compiled_model_has_the_original_keys_and_keeps_its_mode_when_copied():
     assert list(compiled.state_dict()) == list(model.state_dict())
     assert copy.deepcopy(compiled).training is False
     assert compiled.train().model.training is True
+    compiled.eval().to(torch.float64)  # through the model's own .to(): captured again for float64
+    assert compiled.model.graph_module is not None and model.blocks[0].mlp.fc1.weight.dtype == torch.float64
+    x = torch.randn(2, *IMAGES, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), compiled.model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_mode_that_merges_differently_says_how():

@@ -352,6 +352,11 @@ class CompiledToMe(torch.nn.Module):
         self.training = mode
         return self
 
+    def _apply(self, fn, recurse=True):
+        """``.to()`` goes through the model's own: it keeps buffers shared and captures again."""
+        self.model._apply(fn, recurse)
+        return self
+
     def _graph(self):
         graph_module = self.model.graph_module  # one per mode, and again after .to(dtype)
         if graph_module not in self._compiled:
