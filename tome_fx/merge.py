@@ -272,6 +272,7 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     (global RNG) -- every other token a source; each source pairs with its most similar dst
     by cosine similarity, and the ``r`` best pairs merge. Kept tokens are ordered
     ``[unmerged sources by position, dst tokens]``."""
+    metric = metric.flatten(1, -2)  # a grid [B, h, w, C] as its h * w tokens
     batch, device = metric.shape[0], metric.device
     hsy, wsx = h // sy, w // sx
     cells = torch.zeros(hsy, wsx, sy * sx, dtype=torch.long, device=device)
@@ -299,7 +300,15 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
 
 def branch_merge(x: Tensor, order: NewOrder) -> tuple[Tensor, Tensor, Tensor]:
     """Merge a branch's input ``x`` [B, N, C] (every token one patch) as ``order`` says:
-    ``(merged tokens, their sizes, positions)``; ``unmerge(y, positions, 0, 1)`` brings the
-    branch's output back to all N tokens, each merged source taking its dst's value."""
-    merged, size = merge_wavg(order, x, initial_size(x))
-    return merged, size, order.new_index
+    ``(merged tokens, their sizes, positions)``; ``branch_unmerge`` brings the branch's output
+    back to all N tokens, each merged source taking its dst's value. A grid [B, h, w, C]
+    merges as its h * w tokens and stays 4-d: [B, N', 1, C]."""
+    tokens = x.flatten(1, -2)
+    merged, size = merge_wavg(order, tokens, initial_size(tokens))
+    return (merged if x.dim() == 3 else merged.unsqueeze(2)), size, order.new_index
+
+
+def branch_unmerge(y: Tensor, positions: Tensor, like: Tensor) -> Tensor:
+    """A branch's output ``y`` over merged tokens (``branch_merge``'s layout) back to every
+    token, shaped like the stream ``like`` it is added to."""
+    return unmerge(y.flatten(1, -2), positions, 0, 1).view(like.shape)

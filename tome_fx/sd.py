@@ -11,69 +11,30 @@ the UNet is modified, so it follows diffusers' code as it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
-from torch.utils import _pytree as pytree
 
-from .call_spec import CallSpec
-from .capture import capture
-from .passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
+from .passes.branch_merges import BranchSettings
+from .per_branch import PerBranchToMe
 
 
-@dataclass(frozen=True)
-class _Options:
-    settings: BranchSettings
-    use_rand: bool
-    prop_attn: bool
-
-
-class ToMeUNet(torch.nn.Module):
+class ToMeUNet(PerBranchToMe):
     """A UNet that merges tokens in its transformer blocks; called, and read (``config``,
     ``dtype``, ``device``...), like the UNet it wraps, whose parameters it shares."""
 
-    def __init__(self, unet: torch.nn.Module, options: _Options):
-        super().__init__()
-        self.unet = unet
-        self.__dict__.update(options=options, _graphs={})
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            unet = self.__dict__.get("_modules", {}).get("unet")  # absent while being copied or unpickled
-            if unet is None:
-                raise
-            return getattr(unet, name)
+    def __init__(self, unet: torch.nn.Module, settings: BranchSettings, use_rand: bool, prop_attn: bool):
+        super().__init__(unet, settings, prop_attn)
+        self.__dict__.update(use_rand=use_rand)
 
     @property
-    def plans(self) -> dict[tuple, tuple[BranchPlan, ...]]:
-        """For the input shapes of each call seen so far: the blocks that merge, their tokens,
-        the tokens they merge away and which branches merge."""
-        return {tuple(d[0] for d in key[1] if isinstance(d, tuple)): plan for key, (_, plan) in self._graphs.items()}
+    def unet(self) -> torch.nn.Module:
+        return self.model
 
-    def _key(self, call: CallSpec) -> tuple:
-        leaves, spec = pytree.tree_flatten(call.arguments)
-        described = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
-        return (str(spec), described, self.unet.training)
-
-    def forward(self, *args, **kwargs) -> Any:
-        call = CallSpec.record(self.unet, args, kwargs)
-        key = self._key(call)
-        if key not in self._graphs:
-            self._graphs[key] = self._build(call)
-        graph_args, graph_kwargs = call.graph_call(call.arguments)
-        return self._graphs[key][0](*graph_args, **graph_kwargs)
-
-    def _build(self, call: CallSpec):
-        sample = next(v for v in pytree.tree_leaves(call.arguments) if isinstance(v, torch.Tensor))
-        options = self.options
-        # tomesd's rule: an odd batch cannot hold prompted and unprompted halves, so no randomness
-        settings = replace(options.settings, grid=tuple(sample.shape[-2:]),
-                           rand=options.use_rand and sample.shape[0] % 2 == 0)
-        graph_module = capture(self.unet, call, dynamic_batch=False)
-        return graph_module, apply_branch_tome(graph_module, settings, prop_attn=options.prop_attn)
+    def _settings_for(self, sample: torch.Tensor) -> BranchSettings:
+        # full resolution is the latent's; tomesd's rule: an odd batch cannot hold prompted
+        # and unprompted halves, so no randomness
+        return replace(self.settings, grid=tuple(sample.shape[-2:]), rand=self.use_rand and sample.shape[0] % 2 == 0)
 
 
 def apply(
@@ -104,12 +65,12 @@ def apply(
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     kinds = frozenset(k for k, on in (("attn", merge_attn), ("crossattn", merge_crossattn), ("mlp", merge_mlp)) if on)
-    options = _Options(BranchSettings(ratio, (0, 0), max_downsample, sx, sy, False, kinds), use_rand, prop_attn)
+    settings = BranchSettings(ratio, (0, 0), max_downsample, sx, sy, False, kinds)
     if isinstance(pipe_or_unet, torch.nn.Module) and not hasattr(pipe_or_unet, "unet"):
         unet = pipe_or_unet.unet if isinstance(pipe_or_unet, ToMeUNet) else pipe_or_unet
-        return ToMeUNet(unet, options)
+        return ToMeUNet(unet, settings, use_rand, prop_attn)
     pipe = remove(pipe_or_unet)
-    pipe.unet = ToMeUNet(pipe.unet, options)
+    pipe.unet = ToMeUNet(pipe.unet, settings, use_rand, prop_attn)
     return pipe
 
 

@@ -22,7 +22,7 @@ from .find_blocks import RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_atten
 from .graph_utils import aten, ancestors, describe, shape_of
 from .proportional_attention import ProportionalAttention
 from .repair_shapes import RepairShapes
-from .token_flow import BATCH, TOKEN, Layout, analyze_token_flow, is_weights
+from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, analyze_token_flow, is_weights
 from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
@@ -96,6 +96,28 @@ def _merge_point(branch: Branch) -> Node:
     return branch.stream
 
 
+def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
+    """The block's token grid (h, w); (0, 0) where it is too far below full resolution to merge.
+    A stream [batch, h, w, channels] is its own grid (SAM); a sequence [batch, tokens, channels]
+    is the full-resolution ``settings.grid`` downsampled to its count (a UNet's levels)."""
+    shape = shape_of(block.stream)
+    if len(shape) == 4:
+        return shape[1], shape[2]
+    if len(shape) != 3:
+        raise UnsupportedModelError(
+            f"block {block.name}: tokens of shape {shape}; expected [batch, tokens, channels] or [batch, h, w, channels]"
+        )
+    height, width = settings.grid
+    tokens = shape[1]
+    downsample = math.ceil(math.sqrt(height * width // tokens))
+    if downsample > settings.max_downsample:
+        return 0, 0
+    h, w = math.ceil(height / downsample), math.ceil(width / downsample)
+    if h * w != tokens:
+        raise UnsupportedModelError(f"block {block.name}: {tokens} tokens are not the {h} x {w} grid its downsampling implies")
+    return h, w
+
+
 def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool) -> tuple[BranchPlan, ...]:
     """Rewrite ``gm`` in place; its outputs keep their shapes (the stream is never merged)."""
     blocks = find_attention_blocks(gm.graph)
@@ -103,22 +125,15 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}
-    height, width = settings.grid
     for block in blocks:
-        shape = shape_of(block.stream)
-        if len(shape) != 3:
-            raise UnsupportedModelError(f"block {block.name}: tokens of shape {shape}; expected [batch, tokens, channels]")
-        tokens = shape[1]
-        downsample = math.ceil(math.sqrt(height * width // tokens))
+        h, w = _grid(block, settings)
+        tokens = h * w
         r = int(tokens * settings.ratio)
         chosen = [b for b in find_branches(block, attentions - {block.attention}) if b.kind in settings.kinds]
-        if downsample > settings.max_downsample or r <= 0 or not chosen:
+        if h == 0 or r <= 0 or not chosen:
             continue
-        h, w = math.ceil(height / downsample), math.ceil(width / downsample)
-        if h * w != tokens:
-            raise UnsupportedModelError(
-                f"block {block.name}: {tokens} tokens are not the {h} x {w} grid its downsampling implies"
-            )
+        if block.not_one_sequence and any(b.kind == "attn" for b in chosen):
+            raise UnsupportedModelError(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
         with graph.inserting_after(block.stream):
             order = graph.call_function(
@@ -137,21 +152,24 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 positions = graph.call_function(operator.getitem, (step, 2))
             point.replace_all_uses_with(merged, delete_user_cb=lambda user: user in branch.nodes and user is not step)
             with graph.inserting_before(branch.add):
-                restored = graph.call_function(merge.unmerge, (branch.output, positions, 0, 1))
+                restored = graph.call_function(merge.branch_unmerge, (branch.output, positions, branch.stream))
             restored.meta["val"] = branch.output.meta.get("val")
             branch.add.replace_input_with(branch.output, restored)
-            seeds[merged] = Layout((BATCH, TOKEN, None), size=size, positions=positions)
+            roles = (BATCH, TOKEN, None) if len(shape_of(point)) == 3 else (BATCH, TOKEN, GRID_INNER, None)
+            seeds[merged] = Layout(roles, size=size, positions=positions)
             closing.append((branch, restored))
         plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen))))
 
     flow = analyze_token_flow(graph, seeds, protected=0)
     for branch, restored in closing:
         layout = flow.layouts.get(branch.output)
-        if (layout is None or len(layout.roles) != 3 or layout.roles[:2] != (BATCH, TOKEN)
-                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]):
+        if (layout is None or layout.roles not in ((BATCH, TOKEN, None), (BATCH, TOKEN, GRID_INNER, None))
+                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]
+                or shape_of(branch.output) != shape_of(branch.stream)):
             raise UnsupportedModelError(
                 f"{describe(branch.add)}: the {branch.kind} branch does not return its merged tokens laid out "
-                "[batch, tokens, channels], so it cannot be un-merged before the residual add"
+                "like the stream, [batch, tokens, channels] or [batch, h, w, channels], so it cannot be "
+                "un-merged before the residual add"
             )
     if flow.outputs:
         raise UnsupportedModelError(f"{describe(flow.outputs[0])}: merged tokens leave their branch")

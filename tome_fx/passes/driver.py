@@ -78,6 +78,9 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
+    for block in blocks:
+        if block.not_one_sequence:
+            raise UnsupportedModelError(block.not_one_sequence)
     masks = DropAllPassMasks(blocks)
     masks(gm)
     stream = blocks[0].stream

@@ -24,6 +24,8 @@ EINSUM = aten.einsum.default
 # ops allowed between the scores matmul and the softmax, and between softmax and the value matmul
 _LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
 _PASS_THROUGH = {aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default}
+# views of the logits (SAM adds its decomposed relative positions on a [q_h, q_w, k_h, k_w] view)
+_LOGIT_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
 
 
@@ -37,6 +39,7 @@ class AttentionBlock:
     stream: Node  # residual stream entering the block
     residual: Node  # residual add after the attention: the merge point
     masks: tuple[tuple[Node, Node], ...] = ()  # (node applying it, mask): sdpa attn_mask, or added to logits
+    not_one_sequence: str | None = None  # why its keys are not one [batch, heads, tokens, dim] sequence
 
 
 _MASKING = {aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
@@ -91,7 +94,7 @@ def _manual_attention(softmax: Node) -> tuple[Node, Node, int, Node, list[tuple[
     """(queries, keys operand, its token dim, output, masks) of ``matmul -> softmax -> matmul`` (or
     einsums), or None. The weights may have other users too (a returned attention map): the
     token-flow analysis rules on them."""
-    scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH)
+    scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | _LOGIT_VIEWS)
     if len(_operands(scores)) != 2:
         return None
     values = [user for user, read in _consumers(softmax, _PASS_THROUGH) if _operands(user)[:1] == [read]]
@@ -148,14 +151,16 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
             )
         residual, stream = found
         key_meta = tensor_meta(keys)
+        not_one_sequence = None
         if key_meta is None or key_meta.dim() != 4:
-            raise UnsupportedModelError(
+            not_one_sequence = (
                 f"attention at {describe(node)}: keys must be [batch, heads, tokens, dim] (4-d), got "
                 f"{None if key_meta is None else tuple(key_meta.shape)}: attention within windows, or over "
                 "a grid folded into several axes, is not one sequence of tokens"
             )
         name = module_path(residual) or module_path(node) or node.name
-        blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks)))
+        blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks),
+                                     not_one_sequence))
     _check_sequential(blocks)
     return blocks
 

@@ -17,6 +17,11 @@ token; summing over it must count each merged token ``size`` times. A ``WEIGHTS`
 axis holds weights over the tokens -- a softmax over them, which proportional
 attention gives log(size) -- so a merged entry already carries its whole group's
 weight: sums over it are exact as they are, and un-merging splits it by size.
+
+A token grid [batch, h, w, channels] (SAM's residual stream) merges as one sequence: the
+merged tokens lie along its ``TOKEN`` axis and its ``GRID_INNER`` axis holds one entry
+at run time (w as captured). Only ops that act per token, or fold the pair back into one
+token axis, may see such a tensor.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class _Weights(str):
 
 
 WEIGHTS = _Weights(TOKEN)
+GRID_INNER = "grid_inner"
 
 
 def is_weights(role) -> bool:
@@ -236,6 +242,16 @@ def _refold(factors: list[tuple[str | None, int]], sizes: list[int]) -> list[Rol
     return roles
 
 
+def _grid_as_tokens(role: Role) -> Role:
+    """A merged grid's (token, inner) pair folded into one axis is that axis of merged tokens;
+    the inner axis folded any other way is refused."""
+    if isinstance(role, Fold) and any(r == GRID_INNER for r, _ in role.factors):
+        if [r for r, _ in role.factors] != [TOKEN, GRID_INNER]:
+            raise _Refuse("it folds one axis of a merged token grid with another axis")
+        return TOKEN
+    return role
+
+
 class _Analysis:
     def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node]):
         self.flow = TokenFlow(layouts=dict(seeds))
@@ -308,6 +324,10 @@ class _Analysis:
         rule = _RULES.get(target) or (_Analysis.pointwise if _is_pointwise(target) else None)
         if rule is None:
             raise _Refuse("no rule describes how this op treats the token axis")
+        if rule not in _GRID_RULES and any(
+            GRID_INNER in self.layout(n).roles for n in node.all_input_nodes if self.layout(n)
+        ):
+            raise _Refuse("it reads a merged token grid as a grid (its merged tokens lie along one axis)")
         return rule(self, node)
 
     @_rule(aten.sym_size.int)
@@ -349,7 +369,7 @@ class _Analysis:
                 raise _Refuse(f"`{arg.name}` has no recorded shape")
             offset = out_ndim - meta.dim()
             for d in range(meta.dim()):
-                if holds(roles[offset + d], TOKEN) and meta.shape[d] != 1:
+                if (holds(roles[offset + d], TOKEN) or roles[offset + d] == GRID_INNER) and meta.shape[d] != 1:
                     raise _Refuse(
                         f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
                         f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
@@ -484,6 +504,7 @@ class _Analysis:
                     return self.to_grid(node, src, in_shape, out_shape)
                 continue  # the batch axis is lost in a view; rules needing it refuse later
             for j, role in zip(gj, refolded):
+                role = _grid_as_tokens(role)
                 roles[j] = role
                 if holds(role, TOKEN):
                     self.token_shape_arg(node, j, role, [d for d in gi if holds(src.roles[d], TOKEN)], src)
@@ -662,6 +683,11 @@ class _Analysis:
         """Exact: a new tensor of the tokens' (live) shape, with values of its own."""
         src = self.layout(node.args[0])
         return replace(src, roles=tuple(TOKEN if is_weights(r) else r for r in src.roles))
+
+
+# the rules that may see a merged token grid: each acts per token or keeps the axes whole
+_GRID_RULES = {_Analysis.pointwise, _Analysis.norm, _Analysis.linear, _Analysis.reshape, _Analysis.permute,
+               _Analysis.transpose, _Analysis.split, _Analysis.sym_size}
 
 
 def analyze_token_flow(

@@ -1,0 +1,75 @@
+"""A module that merges tokens per branch (``passes.branch_merges``), captured per input shape.
+
+Models that hand their token grid on at every block (a UNet's levels, SAM's windowed
+encoder) keep every token in the residual stream; each chosen branch runs on fewer.
+The wrapped model is captured with ``torch.export`` for each input shape it is called
+with (resolution, batch; cached), so any shape works without an error. It is read like
+the model it wraps (``config``, ``dtype``, ``img_size``...), whose parameters it shares
+and never modifies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .call_spec import CallSpec
+from .capture import capture
+from .passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
+
+
+class PerBranchToMe(torch.nn.Module):
+    """``model`` with its chosen branches merging tokens as ``settings`` says; ``prop_attn``:
+    proportional attention in merged self-attention."""
+
+    def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool = False):
+        super().__init__()
+        self.model = model
+        self.__dict__.update(settings=settings, prop_attn=prop_attn, _graphs={})
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")  # absent while being copied or unpickled
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    @property
+    def plans(self) -> dict[tuple, tuple[BranchPlan, ...]]:
+        """For the input shapes of each call seen so far: the blocks that merge, their tokens,
+        the tokens they merge away and which branches merge."""
+        return {tuple(d[0] for d in key[1] if isinstance(d, tuple)): plan for key, (_, plan) in self._graphs.items()}
+
+    def summary(self) -> str:
+        """The plans as text: per input shape, each merging block and its branches."""
+        lines = []
+        for shapes, plan in self.plans.items():
+            lines.append(f"inputs {shapes}: {len(plan)} blocks merge")
+            lines += [f"  {p.name}: {p.tokens} tokens, {p.r} merged away in {', '.join(p.merged)}" for p in plan]
+        return "\n".join(lines) or "no call yet: plans are made per input shape, on the first call"
+
+    def _key(self, call: CallSpec) -> tuple:
+        leaves, spec = pytree.tree_flatten(call.arguments)
+        described = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
+        return (str(spec), described, self.model.training)
+
+    def forward(self, *args, **kwargs) -> Any:
+        call = CallSpec.record(self.model, args, kwargs)
+        key = self._key(call)
+        if key not in self._graphs:
+            self._graphs[key] = self._build(call)
+        graph_args, graph_kwargs = call.graph_call(call.arguments)
+        return self._graphs[key][0](*graph_args, **graph_kwargs)
+
+    def _settings_for(self, sample: torch.Tensor) -> BranchSettings:
+        """The settings for a call whose first tensor is ``sample``."""
+        return self.settings
+
+    def _build(self, call: CallSpec):
+        sample = next(v for v in pytree.tree_leaves(call.arguments) if isinstance(v, torch.Tensor))
+        graph_module = capture(self.model, call, dynamic_batch=False)
+        return graph_module, apply_branch_tome(graph_module, self._settings_for(sample), prop_attn=self.prop_attn)
