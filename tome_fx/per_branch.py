@@ -27,7 +27,19 @@ class PerBranchToMe(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool = False):
         super().__init__()
         self.model = model
-        self.__dict__.update(settings=settings, prop_attn=prop_attn, _graphs={})
+        self.__dict__.update(settings=settings, prop_attn=prop_attn, _graphs={}, _compile_kwargs=None)
+
+    def compile(self, **compile_kwargs) -> None:
+        """Like ``nn.Module.compile``, in place: every graph, captured and to come, runs under
+        ``torch.compile(graph, **compile_kwargs)`` (``fullgraph=True`` holds: each graph is one
+        exported program). Compiling this module instead would trace the per-shape dispatch."""
+        self._compile_kwargs = compile_kwargs
+        self._graphs = {key: (self._compiled(gm), plan) for key, (gm, plan) in self._graphs.items()}
+
+    def _compiled(self, graph_module):
+        if self._compile_kwargs is None:
+            return graph_module
+        return torch.compile(getattr(graph_module, "_orig_mod", graph_module), **self._compile_kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -72,4 +84,5 @@ class PerBranchToMe(torch.nn.Module):
     def _build(self, call: CallSpec):
         sample = next(v for v in pytree.tree_leaves(call.arguments) if isinstance(v, torch.Tensor))
         graph_module = capture(self.model, call, dynamic_batch=False)
-        return graph_module, apply_branch_tome(graph_module, self._settings_for(sample), prop_attn=self.prop_attn)
+        plan = apply_branch_tome(graph_module, self._settings_for(sample), prop_attn=self.prop_attn)
+        return self._compiled(graph_module), plan

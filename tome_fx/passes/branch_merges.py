@@ -27,6 +27,7 @@ from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
 KINDS = ("attn", "crossattn", "mlp")
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _NORMS = {aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.default}
 
 
@@ -70,7 +71,8 @@ def _is_attention(node: Node) -> bool:
 
 def find_branches(block: AttentionBlock, others: set[Node]) -> list[Branch]:
     """The residual branches along ``block``'s stream: its attention's, then each later add
-    onto the stream of a branch that reads it, until a branch reaches another block's attention."""
+    onto the stream of a branch that reads it (through views of the stream: timm's SAM runs its
+    MLP on the grid flattened), until a branch reaches another block's attention."""
     branches, stream, add = [], block.stream, block.residual
     while add is not None:
         output = add.args[0] if add.args[1] is stream else add.args[1]
@@ -79,12 +81,20 @@ def find_branches(block: AttentionBlock, others: set[Node]) -> list[Branch]:
             break
         kind = "attn" if block.attention in nodes else "crossattn" if any(map(_is_attention, nodes)) else "mlp"
         branches.append(Branch(kind, add, output, stream, nodes))
-        stream, add = add, next(
-            (u for u in add.users if u.op == "call_function" and u.target in RESIDUAL_ADD and add in u.args[:2]
-             and any(isinstance(a, Node) and a is not add and add in ancestors(a) for a in u.args[:2])),
-            None,
-        )
+        stream, add = _view_of(add), None
+        for user in stream.users:
+            if (user.op == "call_function" and user.target in RESIDUAL_ADD and stream in user.args[:2]
+                    and any(isinstance(a, Node) and a is not stream and stream in ancestors(a) for a in user.args[:2])):
+                add = user
+                break
     return branches
+
+
+def _view_of(node: Node) -> Node:
+    """``node`` seen through a chain of views that are its only user."""
+    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS:
+        node = next(iter(node.users))
+    return node
 
 
 def _merge_point(branch: Branch) -> Node:

@@ -31,6 +31,9 @@ from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
 
+_GRID_HINT = "; blocks that keep a [batch, h, w, channels] grid (SAM's image encoders) merge per branch: tome_fx.sam.apply"
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     name: str
@@ -80,7 +83,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
     for block in blocks:
         if block.not_one_sequence:
-            raise UnsupportedModelError(block.not_one_sequence)
+            raise UnsupportedModelError(block.not_one_sequence + _GRID_HINT * (len(shape_of(block.stream)) == 4))
     masks = DropAllPassMasks(blocks)
     masks(gm)
     stream = blocks[0].stream
@@ -88,7 +91,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     if len(stream_shape) != 3:
         raise UnsupportedModelError(
             f"block {blocks[0].name}: residual stream has shape {tuple(tensor_meta(stream).shape)}; expected "
-            "[batch, tokens, channels] (windowed or 2-d token grids are not a single token sequence)"
+            "[batch, tokens, channels] (windowed or 2-d token grids are not a single token sequence)" + _GRID_HINT
         )
     tokens = stream_shape[1]
     mask = shared_mask(masks.kept, tokens)

@@ -1,0 +1,155 @@
+"""SAM's image encoder (Meta's segment_anything, HF SamModel, timm samvit): MLP branches merge.
+
+Small configs: a 128 px image, 16 px patches (an 8 x 8 grid), windows of 4 (aligned with
+the 2 x 2 merge cells, so duplicate cells stay duplicates through windowed attention),
+global attention in blocks 1 and 3, decomposed relative positions on.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import tome_fx
+from tome_fx import sam
+from tome_fx.per_branch import PerBranchToMe
+
+pytest.importorskip("segment_anything")
+
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402
+
+IMG, PATCH, GRID = 128, 16, 8
+
+
+def _segment_anything():
+    return ImageEncoderViT(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=4, num_heads=2, out_chans=32,
+                           use_rel_pos=True, window_size=4, global_attn_indexes=(1, 3))
+
+
+def _hf():
+    from transformers import SamConfig, SamModel, SamVisionConfig
+
+    vision = SamVisionConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=IMG,
+                             patch_size=PATCH, window_size=4, global_attn_indexes=[1, 3], output_channels=32,
+                             mlp_dim=128)
+    return SamModel(SamConfig(vision_config=vision.to_dict()))
+
+
+def _timm():
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    return VisionTransformerSAM(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=4, num_heads=2, window_size=4,
+                                global_attn_indexes=(1, 3), use_rel_pos=True, neck_chans=32, num_classes=0,
+                                global_pool="")
+
+
+# builder, and how to get the image embeddings from what it builds
+FAMILIES = {
+    "segment_anything": (_segment_anything, lambda m, x: m(x)),
+    "hf": (_hf, lambda m, x: m.get_image_embeddings(x)),
+    "timm": (_timm, lambda m, x: m(x)),
+}
+
+
+def _model(family: str, zero_positions: bool = False):
+    """float64, every weight random (HF initialises SAM's linears to ~1e-10: outputs ~0)."""
+    torch.manual_seed(0)
+    model = FAMILIES[family][0]().double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if zero_positions and ("pos" in name.split(".")[-1]):  # pos_embed, rel_pos_h, rel_pos_w
+                p.zero_()
+            elif p.dim() > 1:
+                p.normal_(0, 0.3 / p.shape[-1] ** 0.5 * (3 if p.dim() == 4 else 1))
+            else:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+def _duplicate_cells(batch: int = 2) -> torch.Tensor:
+    """An image whose patches repeat in 2 x 2 cells."""
+    torch.manual_seed(1)
+    cells = torch.randn(batch, 3, GRID // 2, 1, PATCH, GRID // 2, 1, PATCH, dtype=torch.float64)
+    return cells.expand(-1, -1, -1, 2, -1, -1, 2, -1).reshape(batch, 3, IMG, IMG)
+
+
+def _embed(family, model, x):
+    with torch.no_grad():
+        return FAMILIES[family][1](model, x)
+
+
+def _apply(model, ratio, **kwargs):
+    """``sam.apply``: a new encoder, or (HF SamModel) the model with its encoder swapped."""
+    result = sam.apply(model, ratio, **kwargs)
+    encoder = result.vision_encoder if hasattr(result, "vision_encoder") else result
+    assert isinstance(encoder, PerBranchToMe)
+    return result, encoder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_zero_is_the_identity(family):
+    model = _model(family)
+    x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    expected = _embed(family, model, x)
+    fast, encoder = _apply(model, 0.0)
+    # timm resamples its position table in float32 (bicubic, to the same size) under torch.export
+    tolerance = 1e-7 if family == "timm" else 1e-12
+    torch.testing.assert_close(_embed(family, fast, x), expected, rtol=0, atol=tolerance)
+    assert not next(iter(encoder.plans.values()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_merging_is_exact_for_duplicate_tokens(family):
+    """Patches duplicated in the 2 x 2 cells, positions zeroed: the merged MLPs (every source
+    merged into its cell's dst) leave the embeddings unchanged; a random image changes them."""
+    model = _model(family, zero_positions=True)
+    x = _duplicate_cells()
+    noise = torch.randn_like(x)
+    expected, expected_noise = _embed(family, model, x), _embed(family, model, noise)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, encoder = _apply(model, 0.75)
+    torch.testing.assert_close(_embed(family, fast, x), expected, rtol=0, atol=1e-10)
+    (plan,) = encoder.plans.values()
+    assert len(plan) == 4 and all(p.merged == ("mlp",) and p.r == 48 and p.tokens == 64 for p in plan)
+    assert (_embed(family, fast, noise) - expected_noise).abs().max() > 1e-3
+    sam.remove(fast)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_compiled_equals_eager():
+    model = _model("segment_anything")
+    x = torch.randn(1, 3, IMG, IMG, dtype=torch.float64)
+    eager = _embed("segment_anything", sam.apply(model, 0.5), x)
+    fast = sam.apply(model, 0.5)
+    fast.compile(fullgraph=True)
+    torch.testing.assert_close(_embed("segment_anything", fast, x), eager, rtol=0, atol=1e-10)
+    assert fast.summary().startswith("inputs ((1, 3, 128, 128),): 4 blocks merge")
+
+
+def test_predictor_set_image_and_predict():
+    """SamPredictor runs on the swapped encoder; ``remove`` gives the original back."""
+    from segment_anything import SamPredictor
+
+    torch.manual_seed(0)
+    model = Sam(
+        image_encoder=_segment_anything(),
+        prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(GRID, GRID), input_image_size=(IMG, IMG),
+                                     mask_in_chans=8),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=16,
+                                 transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2)),
+    ).eval()
+    encoder = model.image_encoder
+    predictor = SamPredictor(model)
+    image = np.random.default_rng(0).integers(0, 256, (96, IMG, 3), dtype=np.uint8)  # resized and padded to 128
+    predictor.set_image(image)
+    original = predictor.features.clone()
+    assert sam.apply(predictor, 0.5) is predictor and isinstance(model.image_encoder, PerBranchToMe)
+    predictor.set_image(image)
+    assert predictor.features.shape == original.shape and not torch.equal(predictor.features, original)
+    masks, scores, _ = predictor.predict(point_coords=np.array([[40, 50]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 96, IMG) and scores.shape == (3,)
+    assert sam.remove(predictor).model.image_encoder is encoder
+
+
+def test_transform_points_to_sam_apply():
+    with pytest.raises(tome_fx.UnsupportedModelError, match=r"tome_fx\.sam\.apply"):
+        tome_fx.transform(_model("segment_anything").float(), 4, example_inputs=(torch.randn(1, 3, IMG, IMG),))
