@@ -41,6 +41,8 @@ def test_r0_is_the_identity_and_merging_keeps_the_grid(name):
         got = fast(**x).sample
     assert fast.token_counts == [16, 13, 10]
     assert len(fast.plan.unmerged_at) == 1  # the unpatchify reshape
+    summary = fast.plan.summary()
+    assert "16 tokens in, 3 merged, 13 out" in summary and f"un-merged before {fast.plan.unmerged_at[0]}" in summary
     assert got.shape == want.shape and not torch.allclose(got, want)
 
 

@@ -135,3 +135,16 @@ def test_a_pipeline_runs_at_two_resolutions_with_guidance_and_is_restored():
     sd.remove(pipe)
     assert pipe.unet is unet
     torch.testing.assert_close(images(32), original, rtol=0, atol=0)
+
+
+def test_compiled_equals_eager_and_summary():
+    """``compile`` runs each captured graph under torch.compile(fullgraph=True), including the
+    ones captured after it (a new resolution)."""
+    unet = _unet("sd15")
+    eager = sd.apply(unet, 0.5, use_rand=False, merge_mlp=True)
+    fast = sd.apply(unet, 0.5, use_rand=False, merge_mlp=True)
+    fast.compile(fullgraph=True)
+    x = _inputs("sd15")
+    with torch.no_grad():
+        torch.testing.assert_close(_run(fast, x), _run(eager, x), rtol=1e-9, atol=1e-9)
+    assert "merged away in attn, mlp" in fast.summary()

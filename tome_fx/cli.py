@@ -5,6 +5,7 @@
              (JSON + Markdown table + speedup plot)
   eval       top-1 of the original and ToMe versions side by side on an image folder
   visualize  paint which patches merged into which token
+  bench-grid per-branch merging timed: an SD-1.5 UNet step (vs tomesd) or SAM's ViT-B encoder
 
 Models: fashion-vit (the Fashion-MNIST reference model shipped with tome_fx), timm names
 (deit_small_patch16_224), tv:NAME (torchvision, tv:vit_b_16), hf:ID_OR_DIR (HF image
@@ -83,6 +84,21 @@ def _bench(args) -> None:
         print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'speedup.png'}")
 
 
+def _bench_grid(args) -> None:
+    from . import grid_bench
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    rows = []
+    for mode in args.modes:
+        if args.model == "sd":
+            rows += grid_bench.run_sd(args.ratios, mode, args.repeats)
+        else:
+            rows += grid_bench.run_sam(args.ratios, mode, args.repeats)
+        grid_bench.write(rows, args.out, args.model)  # after each mode: a long run keeps what it has
+    print(f"{torch.get_num_threads()} threads, fp32, medians of {args.repeats} interleaved calls after warm-up")
+    print((pathlib.Path(args.out) / f"{args.model}.md").read_text())
+
+
 def _eval(args) -> None:
     from .evaluate import batches, top1
 
@@ -138,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
 
+    p = commands.add_parser("bench-grid", help="per-branch merging timed: SD UNet step or SAM encoder",
+                            description="Per-branch merging timed at full size: an SD-1.5-shaped UNet at 512 px, "
+                            "batch 2, against tomesd; or SAM's ViT-B image encoder at 1024 px.")
+    p.add_argument("model", choices=["sd", "sam"])
+    p.add_argument("--ratios", nargs="+", type=float, default=None,
+                   help="ratios to time (default: sd 0.3 0.5 0.6, sam 0.5 0.75)")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (after warm-up)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="benchmarks/results/grid", help="folder for MODEL.json and MODEL.md")
+
     p = commands.add_parser("eval", help="top-1, original vs ToMe, on an image folder",
                             description="Top-1 accuracy of the original and ToMe versions on the same images.")
     _add_model_arguments(p, "fashion-vit")
@@ -162,7 +189,10 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    {"demo": demo.run, "bench": _bench, "eval": _eval, "visualize": _visualize}[args.command](args)
+    if getattr(args, "ratios", 0) is None:
+        args.ratios = [0.3, 0.5, 0.6] if args.model == "sd" else [0.5, 0.75]
+    {"demo": demo.run, "bench": _bench, "bench-grid": _bench_grid, "eval": _eval,
+     "visualize": _visualize}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import sympy
+import torch
 
 from .schedule import Schedule, clamp_schedule, resolve_schedule
+
+aten = torch.ops.aten
 
 batch, tokens, width, depth, head_dim = sympy.symbols("B N C L d", positive=True, integer=True)
 mlp_ratio = sympy.Symbol("m", positive=True)
@@ -50,6 +53,21 @@ def constant_r_flops(n=tokens, c=width, m=mlp_ratio, depth_=depth, r_=r, d=head_
     n_l = n - block * r_
     per_block = 8 * n_l * c**2 + 4 * n_l**2 * c + 4 * m * (n_l - r_) * c**2 + n_l**2 * d / 2
     return b * sympy.simplify(sympy.summation(per_block, (block, 0, depth_ - 1)))
+
+
+def counted_flops(call) -> int:
+    """FLOPs of ``call()`` as ``FlopCounterMode`` counts them (matmuls, linears, convolutions,
+    attention): the bound for models whose blocks vary too much for one formula -- a UNet's
+    resnets and cross-attention, SAM's windows -- read off the graph that actually runs."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    # CPU's fused attention kernel has no formula of its own: the same as the other sdpa kernels
+    with FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}) as counter:
+        call()
+    return counter.get_total_flops()
 
 
 def token_counts(n: int, schedule: Sequence[int]) -> list[int]:

@@ -64,6 +64,14 @@ class TomePlan:
         """Tokens entering each block, then the final count."""
         return [b.tokens_in for b in self.blocks] + [self.blocks[-1].tokens_out]
 
+    def summary(self) -> str:
+        """What will happen, readable: each block's tokens in and out, the protected tokens,
+        where tokens are un-merged back to the grid."""
+        lines = [f"{len(self.blocks)} blocks, {self.protected} protected tokens, width {self.width}"]
+        lines += [f"  {b.name}: {b.tokens_in} tokens in, {b.r} merged, {b.tokens_out} out" for b in self.blocks]
+        lines += [f"  un-merged before {where}" for where in self.unmerged_at]
+        return "\n".join(lines)
+
     def predicted_flops(self, batch: int = 1, merging: bool = True) -> int:
         """The attention blocks' FLOPs by the cost model (``tome_fx.cost``); ``merging=False``:
         the same blocks as the original runs them, every one on all the tokens."""

@@ -1,0 +1,142 @@
+"""Per-branch merging, timed: a Stable Diffusion UNet step and SAM's image encoder.
+
+Both at the sizes users run (random init: speed does not depend on weights). Every
+variant is built and warmed up first (compiled ones compile then), then timed calls go
+round-robin (``bench.time_interleaved``). Beside each time: the FLOP bound, the original's
+FLOPs over the variant's as ``FlopCounterMode`` counts them on the graphs that run
+(``cost.counted_flops``), and for SD the largest difference from tomesd's output at
+equal settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import cost, sam, sd
+from .bench import time_interleaved
+
+
+@dataclass
+class GridRow:
+    model: str
+    variant: str  # original | tomesd r=... | tome_fx r=... [branches]
+    mode: str  # eager | compiled
+    median_s: float
+    min_s: float
+    max_s: float
+    speedup: float  # the original's median (same mode) over this one's
+    bound: float | None  # FLOP bound (counted); None where not counted
+    max_abs_diff_vs_tomesd: float | None = None
+
+
+def sd15_unet() -> tuple[torch.nn.Module, tuple]:
+    """diffusers' default UNet2DConditionModel is SD-1.5-shaped (320/640/1280/1280, two
+    layers per level); SD 1.5's text width is 768. Inputs: a 512 px image's 64 x 64 latents,
+    batch 2 (classifier-free guidance)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=768).eval()
+    return unet, (torch.randn(2, 4, 64, 64), torch.tensor(500), torch.randn(2, 77, 768))
+
+
+def _timed(times: dict, model: str, mode: str, bounds: dict, diffs: dict) -> list[GridRow]:
+    base = statistics.median(times["original"])
+    return [
+        GridRow(model, name, mode, statistics.median(t), min(t), max(t), base / statistics.median(t),
+                bounds.get(name), diffs.get(name))
+        for name, t in times.items()
+    ]
+
+
+def run_sd(ratios: list[float], mode: str, repeats: int, all_branches: float | None = 0.5) -> list[GridRow]:
+    """Original, tomesd and ``tome_fx.sd`` at each ratio (self-attention only, tomesd's
+    default), plus ``tome_fx.sd`` merging every branch at ``all_branches``; ``use_rand=False``
+    so outputs compare."""
+    import tomesd
+
+    unet, inputs = sd15_unet()
+    patched = copy.deepcopy(unet)
+    variants: dict = {"original": unet}
+    for ratio in ratios:
+        variants[f"tome_fx r={ratio}"] = sd.apply(unet, ratio, use_rand=False)
+    if all_branches:
+        variants[f"tome_fx r={all_branches} attn+crossattn+mlp"] = sd.apply(
+            unet, all_branches, use_rand=False, merge_crossattn=True, merge_mlp=True)
+
+    def tomesd_at(ratio, model):
+        def call(x):
+            if mode == "eager":  # re-patching only sets the ratio; compiled, it would recompile
+                tomesd.apply_patch(patched, ratio=ratio, use_rand=False)
+            return model(*x)
+        return call
+
+    if mode == "compiled":
+        # one ratio: tomesd swaps classes and keeps its ratio in a dict, so a ratio change recompiles
+        ratios = [0.5] if 0.5 in ratios else ratios[:1]
+        for name, m in variants.items():
+            if isinstance(m, sd.ToMeUNet):
+                m.compile()
+        variants["original"] = torch.compile(unet)
+        tomesd.apply_patch(patched, ratio=ratios[0], use_rand=False)
+        patched_call = torch.compile(patched)
+    else:
+        patched_call = patched
+    calls = {name: (lambda x, m=m: m(*x)) for name, m in variants.items()}
+    calls.update({f"tomesd r={ratio}": tomesd_at(ratio, patched_call) for ratio in ratios})
+    with torch.no_grad():
+        # the first call captures (and compiles): FlopCounterMode would count the capture's fake run
+        outputs = {name: call(inputs).sample for name, call in calls.items()}
+        bounds = {}
+        if mode == "eager":
+            flops = {name: cost.counted_flops(lambda c=call: c(inputs)) for name, call in calls.items()}
+            bounds = {name: flops["original"] / f for name, f in flops.items()}
+    diffs = {f"tome_fx r={r}": float((outputs[f"tome_fx r={r}"] - outputs[f"tomesd r={r}"]).abs().max())
+             for r in ratios if f"tome_fx r={r}" in outputs}
+    times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
+    return _timed(times, "SD-1.5 UNet 512px b2", mode, bounds, diffs)
+
+
+def run_sam(ratios: list[float], mode: str, repeats: int) -> list[GridRow]:
+    """segment_anything's ViT-B image encoder at 1024 x 1024, batch 1."""
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    encoder = sam_model_registry["vit_b"](checkpoint=None).image_encoder.eval()
+    inputs = torch.randn(1, 3, 1024, 1024)
+    calls = {"original": encoder, **{f"tome_fx r={r}": sam.apply(encoder, r) for r in ratios}}
+    if mode == "compiled":
+        for name, m in calls.items():
+            if name != "original":
+                m.compile()
+        calls["original"] = torch.compile(encoder)
+    bounds = {}
+    with torch.no_grad():
+        for m in calls.values():
+            m(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
+        if mode == "eager":
+            flops = {name: cost.counted_flops(lambda m=m: m(inputs)) for name, m in calls.items()}
+            bounds = {name: flops["original"] / f for name, f in flops.items()}
+    times = time_interleaved(calls, inputs, repeats, warmup=1)
+    return _timed(times, "SAM ViT-B encoder 1024px b1", mode, bounds, {})
+
+
+def write(rows: list[GridRow], out: str, name: str) -> None:
+    """``name``.json and ``name``.md under ``out``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    lines = ["| model | variant | mode | median s | min-max s | speedup | FLOP bound | max abs diff vs tomesd |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bound = "" if r.bound is None else f"{r.bound:.2f}x"
+        diff = "" if r.max_abs_diff_vs_tomesd is None else f"{r.max_abs_diff_vs_tomesd:.1e}"
+        lines.append(f"| {r.model} | {r.variant} | {r.mode} | {r.median_s:.2f} | {r.min_s:.2f}-{r.max_s:.2f} | "
+                     f"{r.speedup:.2f}x | {bound} | {diff} |")
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
