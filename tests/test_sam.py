@@ -97,19 +97,21 @@ def test_ratio_zero_is_the_identity(family):
     assert not next(iter(encoder.plans.values()))
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mlp_merging_is_exact_for_duplicate_tokens(family):
-    """Patches duplicated in the 2 x 2 cells, positions zeroed: the merged MLPs (every source
-    merged into its cell's dst) leave the embeddings unchanged; a random image changes them."""
+def test_mlp_merging_is_exact_for_duplicate_tokens(family, ratio):
+    """Patches duplicated in the 2 x 2 cells, positions zeroed: the merged MLPs (sources merged
+    into their cell's dst: some at 0.5, all at 0.75) leave the embeddings unchanged; a random
+    image changes them."""
     model = _model(family, zero_positions=True)
     x = _duplicate_cells()
     noise = torch.randn_like(x)
     expected, expected_noise = _embed(family, model, x), _embed(family, model, noise)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    fast, encoder = _apply(model, 0.75)
+    fast, encoder = _apply(model, ratio)
     torch.testing.assert_close(_embed(family, fast, x), expected, rtol=0, atol=1e-10)
     (plan,) = encoder.plans.values()
-    assert len(plan) == 4 and all(p.merged == ("mlp",) and p.r == 48 and p.tokens == 64 for p in plan)
+    assert len(plan) == 4 and all(p.merged == ("mlp",) and p.r == int(64 * ratio) and p.tokens == 64 for p in plan)
     assert (_embed(family, fast, noise) - expected_noise).abs().max() > 1e-3
     sam.remove(fast)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
@@ -153,3 +155,60 @@ def test_predictor_set_image_and_predict():
 def test_transform_points_to_sam_apply():
     with pytest.raises(tome_fx.UnsupportedModelError, match=r"tome_fx\.sam\.apply"):
         tome_fx.transform(_model("segment_anything").float(), 4, example_inputs=(torch.randn(1, 3, IMG, IMG),))
+
+
+class _GridBlock(torch.nn.Module):
+    """A block on a [B, h, w, C] stream whose MLP branch ends in ``tail`` (an op to prove)."""
+
+    def __init__(self, tail, dim=8, w=4):
+        super().__init__()
+        self.tail, self.norm1, self.norm2 = tail, torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj, self.mlp = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+        self.table = torch.nn.Parameter(torch.randn(w, dim))
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, h * w, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, h, w, c))
+        return x + self.tail(self, self.mlp(self.norm2(x)))
+
+
+GRID_TAILS = {
+    "per-token (accepted)": lambda m, y: torch.nn.functional.gelu(y) * 2,
+    "a table over the grid's inner axis": lambda m, y: y + m.table,
+    "a mean over the inner axis": lambda m, y: y - y.mean(2, keepdim=True),
+    "inner axis folded before the tokens": lambda m, y: y.permute(0, 2, 1, 3).reshape(y.shape[0], -1, y.shape[3])
+    .view(y.shape[0], y.shape[2], y.shape[1], y.shape[3]).permute(0, 2, 1, 3),
+    "inner axis split": lambda m, y: y.reshape(y.shape[0], y.shape[1], y.shape[2] // 2, -1).flatten(2).view(y.shape),
+    "inner axis kept apart in a view": lambda m, y: y.view(*y.shape[:3], 2, -1).flatten(3),
+}
+
+
+@pytest.mark.parametrize("tail", GRID_TAILS)
+def test_a_merged_grid_only_meets_per_token_ops(tail):
+    """At run time a merged grid is [B, N', 1, C] where the graph says [B, h, w, C]: any op that
+    reads its inner axis as the grid's width is refused, never run on the wrong axis."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_GridBlock(GRID_TAILS[tail]), _GridBlock(GRID_TAILS[tail])).eval()
+    x = torch.randn(2, 4, 4, 8)
+    encoder = sam.apply(model, 0.5)
+    if tail.endswith("(accepted)"):
+        assert encoder(x).shape == x.shape and not torch.allclose(encoder(x), model(x))
+        return
+    with pytest.raises(tome_fx.UnsupportedModelError, match="grid|fixed token count"):
+        encoder(x)
+
+
+def test_new_weights_assigned_to_the_encoder_are_used():
+    """Graphs read the tensors they were captured with: weights assigned later (not copied in)
+    get a new graph, never a stale one."""
+    model = _model("segment_anything")
+    x = torch.randn(1, 3, IMG, IMG, dtype=torch.float64)
+    fast = sam.apply(model, 0.5)
+    before = _embed("segment_anything", fast, x)
+    model.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items()}, assign=True)
+    after = _embed("segment_anything", fast, x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _embed("segment_anything", sam.apply(model, 0.5), x), rtol=0, atol=0)
+    assert len(fast._graphs) == 1  # the stale graph is dropped

@@ -146,5 +146,7 @@ def test_compiled_equals_eager_and_summary():
     fast.compile(fullgraph=True)
     x = _inputs("sd15")
     with torch.no_grad():
-        torch.testing.assert_close(_run(fast, x), _run(eager, x), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(_run(fast, x), _run(eager, x), rtol=1e-7, atol=1e-7)  # inductor's own sums
     assert "merged away in attn, mlp" in fast.summary()
+    again = sd.apply(fast, 0.3)  # applying again starts from the UNet, with the new settings
+    assert again.unet is unet and again.settings.ratio == 0.3 and "unet" not in again._modules

@@ -65,14 +65,20 @@ class PerBranchToMe(torch.nn.Module):
         return "\n".join(lines) or "no call yet: plans are made per input shape, on the first call"
 
     def _key(self, call: CallSpec) -> tuple:
+        """Input shapes and values, the mode, and which tensors the model holds: a graph reads
+        the parameters it was captured with, so one replaced (``.to()``, ``load_state_dict(
+        assign=True)``, an adapter) needs a new graph."""
         leaves, spec = pytree.tree_flatten(call.arguments)
         described = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
-        return (str(spec), described, self.model.training)
+        held = tuple((id(t), t.dtype, t.device) for t in (*self.model.parameters(), *self.model.buffers()))
+        return (str(spec), described, self.model.training, held)
 
     def forward(self, *args, **kwargs) -> Any:
         call = CallSpec.record(self.model, args, kwargs)
         key = self._key(call)
         if key not in self._graphs:
+            # graphs of tensors the model no longer holds would only keep them alive
+            self._graphs = {k: v for k, v in self._graphs.items() if k[-1] == key[-1]}
             self._graphs[key] = self._build(call)
         graph_args, graph_kwargs = call.graph_call(call.arguments)
         return self._graphs[key][0](*graph_args, **graph_kwargs)

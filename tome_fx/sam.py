@@ -5,8 +5,8 @@ tokens as a 64 x 64 grid: windowed blocks partition it, global blocks add decomp
 relative positions, the neck convolves it. So the stream is never merged; each block's
 MLP branch merges its input after the norm (one dst per ``sy`` x ``sx`` cell, tomesd's
 matching on the block's input), runs on fewer tokens and un-merges before the residual
-add (``passes.branch_merges``). An MLP acts on each token alone, so this is exact for
-duplicate tokens. The attention branches do not merge: a window or a relative-position
+add (``passes.branch_merges``). An MLP acts on each token alone, so this is exact where
+the merged tokens are duplicates at the MLP's input. The attention branches do not merge: a window or a relative-position
 term needs every token at its own position, and a merged token has several.
 """
 
@@ -42,7 +42,7 @@ def apply(model, ratio: float = 0.5, *, sx: int = 2, sy: int = 2, use_rand: bool
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    settings = BranchSettings(ratio, (0, 0), sx=sx, sy=sy, rand=use_rand, kinds=frozenset({"mlp"}))
+    settings = BranchSettings(ratio, (0, 0), sx=sx, sy=sy, rand=use_rand, kinds=frozenset({"mlp"}), grid_stream=True)
     found = _holder(model)
     if found is None:
         encoder = model.model if isinstance(model, PerBranchToMe) else model

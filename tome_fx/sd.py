@@ -66,9 +66,10 @@ def apply(
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     kinds = frozenset(k for k, on in (("attn", merge_attn), ("crossattn", merge_crossattn), ("mlp", merge_mlp)) if on)
     settings = BranchSettings(ratio, (0, 0), max_downsample, sx, sy, False, kinds)
+    if isinstance(pipe_or_unet, PerBranchToMe):
+        return ToMeUNet(pipe_or_unet.model, settings, use_rand, prop_attn)
     if isinstance(pipe_or_unet, torch.nn.Module) and not hasattr(pipe_or_unet, "unet"):
-        unet = pipe_or_unet.unet if isinstance(pipe_or_unet, ToMeUNet) else pipe_or_unet
-        return ToMeUNet(unet, settings, use_rand, prop_attn)
+        return ToMeUNet(pipe_or_unet, settings, use_rand, prop_attn)
     pipe = remove(pipe_or_unet)
     pipe.unet = ToMeUNet(pipe.unet, settings, use_rand, prop_attn)
     return pipe

@@ -35,7 +35,8 @@ _NORMS = {aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.defaul
 class BranchSettings:
     """tomesd's options: ``ratio`` of each merging block's tokens; blocks at most
     ``max_downsample`` times smaller than the ``grid`` (tokens at full resolution, h x w) merge;
-    one dst per ``sy`` x ``sx`` cell, random with ``rand``; ``kinds``: the branches that merge."""
+    one dst per ``sy`` x ``sx`` cell, random with ``rand``; ``kinds``: the branches that merge;
+    ``grid_stream``: every block's stream is its own grid [batch, h, w, channels] instead."""
 
     ratio: float
     grid: tuple[int, int]
@@ -44,6 +45,7 @@ class BranchSettings:
     sy: int = 2
     rand: bool = False
     kinds: frozenset[str] = frozenset({"attn"})
+    grid_stream: bool = False  # the stream is a token grid [batch, h, w, channels] (SAM), not a sequence
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,11 @@ def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
     A stream [batch, h, w, channels] is its own grid (SAM); a sequence [batch, tokens, channels]
     is the full-resolution ``settings.grid`` downsampled to its count (a UNet's levels)."""
     shape = shape_of(block.stream)
-    if len(shape) == 4:
+    if len(shape) != (4 if settings.grid_stream else 3):
+        expected = "[batch, h, w, channels]" if settings.grid_stream else "[batch, tokens, channels]"
+        raise UnsupportedModelError(f"block {block.name}: tokens of shape {shape}; expected {expected}")
+    if settings.grid_stream:
         return shape[1], shape[2]
-    if len(shape) != 3:
-        raise UnsupportedModelError(
-            f"block {block.name}: tokens of shape {shape}; expected [batch, tokens, channels] or [batch, h, w, channels]"
-        )
     height, width = settings.grid
     tokens = shape[1]
     downsample = math.ceil(math.sqrt(height * width // tokens))
@@ -151,6 +152,14 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             )
         for branch in chosen:
             point = _merge_point(branch)
+            point_shape, stream_shape = shape_of(point), shape_of(block.stream)
+            if len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
+                stream_shape[0], stream_shape[-1], tokens
+            ):
+                raise UnsupportedModelError(
+                    f"block {block.name}: its {branch.kind} branch starts from shape {point_shape}, not the block's "
+                    f"{h} x {w} tokens laid out [batch, tokens, channels] or [batch, h, w, channels]"
+                )
             with graph.inserting_after(order if point is block.stream else point):
                 step = graph.call_function(merge.branch_merge, (point, order))
             with graph.inserting_after(step):

@@ -502,9 +502,14 @@ class _Analysis:
             except _Refuse:
                 if any(role == TOKEN for role, _ in factors):
                     return self.to_grid(node, src, in_shape, out_shape)
+                if any(role == GRID_INNER for role, _ in factors):
+                    raise _Refuse("it splits one axis of a merged token grid") from None
                 continue  # the batch axis is lost in a view; rules needing it refuse later
             for j, role in zip(gj, refolded):
                 role = _grid_as_tokens(role)
+                if role == GRID_INNER:
+                    raise _Refuse("a view of a merged token grid keeps its inner axis, captured at its size, apart; "
+                                  "only folding it into the token axis is understood")
                 roles[j] = role
                 if holds(role, TOKEN):
                     self.token_shape_arg(node, j, role, [d for d in gi if holds(src.roles[d], TOKEN)], src)
