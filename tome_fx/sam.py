@@ -6,8 +6,9 @@ relative positions, the neck convolves it. So the stream is never merged; each b
 MLP branch merges its input after the norm (one dst per ``sy`` x ``sx`` cell, tomesd's
 matching on the block's input), runs on fewer tokens and un-merges before the residual
 add (``passes.branch_merges``). An MLP acts on each token alone, so this is exact where
-the merged tokens are duplicates at the MLP's input. The attention branches do not merge: a window or a relative-position
-term needs every token at its own position, and a merged token has several.
+the merged tokens are duplicates at the MLP's input. The attention branches do not merge:
+a window or a relative-position term needs every token at its own position, and a merged
+token has several.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 restored = graph.call_function(merge.branch_unmerge, (branch.output, positions, branch.stream))
             restored.meta["val"] = branch.output.meta.get("val")
             branch.add.replace_input_with(branch.output, restored)
-            roles = (BATCH, TOKEN, None) if len(shape_of(point)) == 3 else (BATCH, TOKEN, GRID_INNER, None)
+            roles = (BATCH, TOKEN, None) if len(point_shape) == 3 else (BATCH, TOKEN, GRID_INNER, None)
             seeds[merged] = Layout(roles, size=size, positions=positions)
             closing.append((branch, restored))
         plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen))))
