@@ -21,7 +21,7 @@ import sys
 import torch
 
 import tome_fx
-from tome_fx import bench, evaluate, fashion_mnist, text_agreement
+from tome_fx import bench, cost, evaluate, fashion_mnist, text_agreement
 
 SCHEDULES = [0, 4, 8, 12, 16, 20, 24, 28, 32, (16, -1), (24, -1)]
 
@@ -29,11 +29,8 @@ SCHEDULES = [0, 4, 8, 12, 16, 20, 24, 28, 32, (16, -1), (24, -1)]
 def stem_flops(model: torch.nn.Module) -> int:
     """FLOPs per image outside the blocks (the conv stem; the head is a 64x10 linear), which
     ToMe does not change: part of the whole-model bound."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.patch_embed(torch.zeros(1, 1, 28, 28))
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return cost.counted_flops(lambda: model.patch_embed(torch.zeros(1, 1, 28, 28)))
 
 
 def fashion_rows(batch: int, repeats: int) -> list[dict]:

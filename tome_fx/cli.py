@@ -88,12 +88,10 @@ def _bench_grid(args) -> None:
     from . import grid_bench
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    rows = []
+    rows, ratios = [], args.ratios or ([0.3, 0.5, 0.6] if args.model == "sd" else [0.5, 0.75])
     for mode in args.modes:
-        if args.model == "sd":
-            rows += grid_bench.run_sd(args.ratios, mode, args.repeats)
-        else:
-            rows += grid_bench.run_sam(args.ratios, mode, args.repeats)
+        run = grid_bench.run_sd if args.model == "sd" else grid_bench.run_sam
+        rows += run(ratios, mode, args.repeats)
         grid_bench.write(rows, args.out, args.model)  # after each mode: a long run keeps what it has
     print(f"{torch.get_num_threads()} threads, fp32, medians of {args.repeats} interleaved calls after warm-up")
     print((pathlib.Path(args.out) / f"{args.model}.md").read_text())
@@ -189,8 +187,6 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if getattr(args, "ratios", 0) is None:
-        args.ratios = [0.3, 0.5, 0.6] if args.model == "sd" else [0.5, 0.75]
     {"demo": demo.run, "bench": _bench, "bench-grid": _bench_grid, "eval": _eval,
      "visualize": _visualize}[args.command](args)
 

@@ -46,6 +46,12 @@ def sd15_unet() -> tuple[torch.nn.Module, tuple]:
     return unet, (torch.randn(2, 4, 64, 64), torch.tensor(500), torch.randn(2, 77, 768))
 
 
+def _bounds(calls: dict, inputs) -> dict[str, float]:
+    """The original's counted FLOPs over each variant's (after a first call of each)."""
+    flops = {name: cost.counted_flops(lambda c=call: c(inputs)) for name, call in calls.items()}
+    return {name: flops["original"] / f for name, f in flops.items()}
+
+
 def _timed(times: dict, model: str, mode: str, bounds: dict, diffs: dict) -> list[GridRow]:
     base = statistics.median(times["original"])
     return [
@@ -93,10 +99,7 @@ def run_sd(ratios: list[float], mode: str, repeats: int, all_branches: float | N
     with torch.no_grad():
         # the first call captures (and compiles): FlopCounterMode would count the capture's fake run
         outputs = {name: call(inputs).sample for name, call in calls.items()}
-        bounds = {}
-        if mode == "eager":
-            flops = {name: cost.counted_flops(lambda c=call: c(inputs)) for name, call in calls.items()}
-            bounds = {name: flops["original"] / f for name, f in flops.items()}
+        bounds = _bounds(calls, inputs) if mode == "eager" else {}
     diffs = {f"tome_fx r={r}": float((outputs[f"tome_fx r={r}"] - outputs[f"tomesd r={r}"]).abs().max())
              for r in ratios if f"tome_fx r={r}" in outputs}
     times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
@@ -116,13 +119,10 @@ def run_sam(ratios: list[float], mode: str, repeats: int) -> list[GridRow]:
             if name != "original":
                 m.compile()
         calls["original"] = torch.compile(encoder)
-    bounds = {}
     with torch.no_grad():
         for m in calls.values():
             m(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
-        if mode == "eager":
-            flops = {name: cost.counted_flops(lambda m=m: m(inputs)) for name, m in calls.items()}
-            bounds = {name: flops["original"] / f for name, f in flops.items()}
+        bounds = _bounds(calls, inputs) if mode == "eager" else {}
     times = time_interleaved(calls, inputs, repeats, warmup=1)
     return _timed(times, "SAM ViT-B encoder 1024px b1", mode, bounds, {})
 
