@@ -1,6 +1,9 @@
 """Train the Fashion-MNIST reference ViT (tome_fx.fashion_mnist) on CPU and save it.
 
-    python benchmarks/train_fashion_mnist.py [--epochs 10] [--out tome_fx/assets/vit_fashion_mnist.safetensors]
+    python benchmarks/train_fashion_mnist.py [--arch vit|rope] [--epochs 10] [--out FILE]
+
+``--arch rope`` trains the rotary twin (tome_fx/assets/vit_rope_fashion_mnist.safetensors) with
+the same recipe, for choosing how merged tokens rotate.
 
 AdamW with warm-up and cosine decay, label smoothing, random shifts and flips, fp32
 (bf16 autocast measured no faster on this 2-core machine).
@@ -50,7 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
-    parser.add_argument("--out", default=str(fashion_mnist.CHECKPOINT))
+    parser.add_argument("--arch", choices=("vit", "rope"), default="vit")
+    parser.add_argument("--out", help="default: the shipped checkpoint of --arch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", help="start from these weights (a further cosine cycle) instead of random init")
     args = parser.parse_args(argv)
@@ -62,7 +66,7 @@ def main(argv=None) -> None:
     test_x, test_y = fashion_mnist.load_split("test")
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
-    model = fashion_mnist.create_model(checkpoint=args.init)
+    model = fashion_mnist.create_model(checkpoint=args.init, arch=args.arch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = len(train_x) // args.batch
     total, warmup = args.epochs * steps_per_epoch, steps_per_epoch // 2
@@ -71,7 +75,7 @@ def main(argv=None) -> None:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {torch.get_num_threads()} threads, "
           f"{steps_per_epoch} steps/epoch", flush=True)
 
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out or {"vit": fashion_mnist.CHECKPOINT, "rope": fashion_mnist.ROPE_CHECKPOINT}[args.arch])
     out.parent.mkdir(parents=True, exist_ok=True)
     best, history = (evaluate(model, test_x, test_y) if args.init else 0.0), []
     for epoch in range(args.epochs):

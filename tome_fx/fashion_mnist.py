@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 DATA_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
-CHECKPOINT = pathlib.Path(__file__).parent / "assets" / "vit_fashion_mnist.safetensors"
+ASSETS = pathlib.Path(__file__).parent / "assets"
+CHECKPOINT = ASSETS / "vit_fashion_mnist.safetensors"
+ROPE_CHECKPOINT = ASSETS / "vit_rope_fashion_mnist.safetensors"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # per-channel statistics of the training images, so inputs are roughly zero-mean unit-variance
@@ -35,25 +37,41 @@ def _conv_stem_patch_embed(**kwargs) -> nn.Module:
     """timm's PatchEmbed whose ``proj`` is conv 3x3 -> conv 3x3 -> the patchify conv."""
     from timm.layers import PatchEmbed
 
-    embed = PatchEmbed(**kwargs)
+    return _stemmed(PatchEmbed(**kwargs))
+
+
+def _stemmed(embed: nn.Module) -> nn.Module:
+    """timm's PatchEmbed with its ``proj`` made conv 3x3 -> conv 3x3 -> the patchify conv."""
     width, patch = embed.proj.out_channels, embed.patch_size
 
     def conv(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
 
-    embed.proj = nn.Sequential(*conv(kwargs["in_chans"], STEM_CHANNELS), *conv(STEM_CHANNELS, STEM_CHANNELS),
+    embed.proj = nn.Sequential(*conv(embed.proj.in_channels, STEM_CHANNELS), *conv(STEM_CHANNELS, STEM_CHANNELS),
                                nn.Conv2d(STEM_CHANNELS, width, patch, patch))
     return embed
 
 
-def create_model(checkpoint: str | pathlib.Path | None = CHECKPOINT) -> torch.nn.Module:
-    """The reference ViT (eval mode); weights from ``checkpoint`` unless it is None."""
+def create_model(checkpoint: str | pathlib.Path | None = CHECKPOINT, *, arch: str = "vit") -> torch.nn.Module:
+    """The reference ViT (eval mode); weights from ``checkpoint`` unless it is None.
+
+    ``arch="rope"`` is its rotary twin, for measuring how merged tokens should rotate:
+    timm's RoPE ViT (naver-ai rope-vit, axial, no absolute position table) with the same
+    stem, width, depth, heads and token count.
+    """
     import timm
     from safetensors.torch import load_file
 
     cfg = dict(input_size=(1, 28, 28), mean=(MEAN,), std=(STD,), num_classes=len(CLASSES))
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_layer=_conv_stem_patch_embed,
-                              pretrained_cfg_overlay=cfg, **MODEL_KWARGS)
+    if arch == "vit":
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_layer=_conv_stem_patch_embed,
+                                  pretrained_cfg_overlay=cfg, **MODEL_KWARGS)
+    elif arch == "rope":
+        model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, pretrained_cfg_overlay=cfg,
+                                  **MODEL_KWARGS)
+        _stemmed(model.patch_embed)
+    else:
+        raise ValueError(f"arch is 'vit' or 'rope', not {arch!r}")
     if checkpoint is not None:
         path = pathlib.Path(checkpoint)
         if not path.is_file():
