@@ -89,11 +89,16 @@ def test_deit_small_compiled_fullgraph_matches_reference_in_float64():
     torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_exact_duplicate_patches_merge_without_changing_the_output():
-    """Whole model: patches that are exact copies merge, and logits stay the same."""
+@pytest.mark.parametrize("pool", ["avg", "map", "map_manual"])
+def test_exact_duplicate_patches_merge_without_changing_the_output(pool):
+    """Whole model: patches that are exact copies merge, and logits stay the same. With
+    ``global_pool="map"`` (SigLIP's attention-pool head, sdpa or its manual path) the latent
+    query attends over the merged tokens with proportional attention."""
     model = timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, num_classes=5, global_pool="avg"
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, num_classes=5, global_pool=pool[:3]
     ).eval().double()
+    if pool == "map_manual":
+        model.attn_pool.fused_attn = False
     with torch.no_grad():
         model.pos_embed.zero_()  # positions would make copies differ
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)

@@ -187,6 +187,14 @@ def restage_mask(mask: Tensor, positions: Tensor, tokens: int) -> Tensor:
     return mask.gather(3, rep[:, None, None, :].expand(batch, heads, queries, tokens))
 
 
+def restage_key_mask(mask: Tensor, positions: Tensor, tokens: int, inner: int = 1) -> Tensor:
+    """A mask over the original tokens as keys, ``[B * inner or 1, .., N0]``, read at one
+    original token of each current group: ``[B * inner, .., tokens]``."""
+    rep = representatives(positions, tokens).repeat_interleave(inner, 0)
+    mask = mask.expand(rep.shape[0], *mask.shape[1:])
+    return mask.gather(-1, rep.reshape(rep.shape[0], *(1,) * (mask.dim() - 2), tokens).expand(*mask.shape[:-1], tokens))
+
+
 def mask_pairs(mask: Tensor, positions: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
     """[B, Na, Nb] bool pairs of set-A and set-B tokens: ``compatible`` where the mask treats them
     alike (equal columns as keys, equal rows as queries), so padding never joins a real token;
@@ -223,10 +231,11 @@ def tome_merge(
     return x, new_size, merge_positions(order, positions)
 
 
-def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1) -> Tensor:
     """``size`` [B, N] (tokens from ``start`` on) laid out to broadcast against an ``ndim``-dim
-    tensor whose batch is on ``batch_dim`` and tokens on ``token_dim``."""
-    size = size[:, start:]
+    tensor whose batch is on ``batch_dim`` and tokens on ``token_dim``; ``inner`` > 1: that
+    dim folds the batch with ``inner`` entries inside it (heads in nn.MultiheadAttention's B*H)."""
+    size = size[:, start:].repeat_interleave(inner, 0) if inner > 1 else size[:, start:]
     shape = [1] * ndim
     shape[batch_dim], shape[token_dim] = size.shape
     if batch_dim > token_dim:
@@ -234,10 +243,10 @@ def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: in
     return size.reshape(shape)
 
 
-def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1) -> Tensor:
     """Proportional attention: log(size) added to the logits of the keys on ``token_dim`` (tokens
     from ``start`` on), laid out and typed for ``like`` (the logits, or an sdpa's queries)."""
-    return size_bias(size, like.dim(), batch_dim, token_dim, start).log().to(like.dtype)
+    return size_bias(size, like.dim(), batch_dim, token_dim, start, inner).log().to(like.dtype)
 
 
 def add_attention_bias(mask: Tensor | None, bias: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ everything was built from token positions (``tril``, ALiBi from ``arange``): ref
 A real mask (BERT padding) must be one node shared by every block. Merges then only
 join tokens whose mask rows and columns are equal (``merge.mask_pairs``), so each
 merged token is masked exactly like every original token it holds, and ``RestageMasks``
-reads the mask at one original token per merged token before each attention.
+reads the mask at one original token per merged token before each attention. A pooling
+head's own mask over the keys (SigLIP2's), built from the same inputs, is read likewise.
 """
 
 from __future__ import annotations
@@ -137,5 +138,14 @@ class RestageMasks(FlowPass):
                 _set_attn_mask(applied_by, current)
             else:
                 applied_by.replace_input_with(self.mask, current)
+            modified = True
+        for applied_by, mask, layout in self.flow.key_masks:
+            if not layout.merged:
+                continue
+            with graph.inserting_before(applied_by):
+                tokens = graph.call_function(aten.sym_size.int, (layout.size, 1))
+                current = graph.call_function(
+                    merge.restage_key_mask, (mask, layout.positions, tokens, layout.batch_axis()[1]))
+            applied_by.replace_input_with(mask, current)
             modified = True
         return PassResult(gm, modified)

@@ -5,7 +5,9 @@ An attention block is: an attention op -- aten ``scaled_dot_product_attention``,
 come from the residual stream, and the residual ``add`` that brings its output back
 into that stream. The merge goes right after that add, before the MLP branch. An attention
 whose residual stream feeds its queries but not its keys is cross-attention (keys from
-text, say): not a block of its own.
+text, say): not a block of its own. Nor is attention pooling (SigLIP's MAP head): learned
+queries that no input feeds, attending over the tokens with no residual around it; the
+token-flow analysis gives it proportional attention over its (merged) keys.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
-from .graph_utils import aten, ancestors, describe, is_assertion, module_path, tensor_meta
+from .graph_utils import aten, ancestors, depends_on_inputs, describe, is_assertion, module_path, tensor_meta
 
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -144,6 +146,8 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
         found = _residual_add(output, keys, order)
         if found is None and _residual_add(output, queries, order) is not None:
             continue  # cross-attention: keys from another sequence (text); its queries are followed as tokens
+        if found is None and not depends_on_inputs(queries):
+            continue  # attention pooling: learned queries (a MAP head) read the tokens as keys and values
         if found is None:
             raise UnsupportedModelError(
                 f"attention at {describe(node)} has no residual connection around it; "

@@ -23,8 +23,9 @@ class ProportionalAttention(FlowPass):
             if not layout.merged:
                 continue
             with graph.inserting_before(softmax):
+                batch_dim, inner = layout.batch_axis()
                 bias = graph.call_function(
-                    merge.log_size_bias, (layout.size, logits, layout.batch_dim(), dim, layout.start)
+                    merge.log_size_bias, (layout.size, logits, batch_dim, dim, layout.start, inner)
                 )
                 softmax.update_arg(0, graph.call_function(aten.add.Tensor, (logits, bias)))
             modified = True

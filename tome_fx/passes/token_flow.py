@@ -26,6 +26,7 @@ token axis, may see such a tensor.
 
 from __future__ import annotations
 
+import math
 import operator
 import sys
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from torch.fx import Graph, Node
 from torch.fx.passes.infra.pass_base import PassBase
 
 from ..errors import UnsupportedModelError
-from .graph_utils import aten, describe, is_assertion, shape_of, tensor_meta
+from .graph_utils import aten, ancestors, describe, is_assertion, shape_of, tensor_meta
 
 BATCH, TOKEN = "batch", "token"
 
@@ -85,6 +86,17 @@ class Layout:
         found = self.dims(BATCH)
         return found[0] if len(found) == 1 else None
 
+    def batch_axis(self) -> tuple[int, int] | None:
+        """(dim, inner): the batch's dim, and how many entries per sample that dim holds where
+        the batch is folded outermost with unnamed axes (nn.MultiheadAttention's B*H)."""
+        if self.batch_dim() is not None:
+            return self.batch_dim(), 1
+        folds = [(d, r.factors) for d, r in enumerate(self.roles) if isinstance(r, Fold) and holds(r, BATCH)]
+        if len(folds) != 1 or folds[0][1][0][0] != BATCH or any(role for role, _ in folds[0][1][1:]):
+            return None
+        dim, factors = folds[0]
+        return dim, math.prod(size for _, size in factors[1:])
+
     @property
     def merged(self) -> bool:
         return self.size is not None
@@ -127,6 +139,8 @@ class TokenFlow:
     outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
     unmerges: list[Node] = field(default_factory=list)  # reshapes back to a grid: un-merge their input first
     masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
+    # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
+    key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
 
 
@@ -304,6 +318,19 @@ class _Analysis:
                 "merging only through sums and scaling"
             )
 
+    def key_mask(self, node: Node, mask: Node, keys: Layout, tokens: int) -> None:
+        """Exact for a mask over the keys that an attention outside the blocks (a pooling head)
+        builds from the same inputs as the blocks' shared mask: merges only join tokens that
+        mask treats alike, and it is read at one original token per merged token."""
+        shared = set(self.masks.values())
+        inputs = lambda n: {a for a in ancestors(n) | {n} if a.op == "placeholder"}  # noqa: E731
+        if (not shared or any(a.op == "get_attr" for a in ancestors(mask))
+                or not inputs(mask) <= set().union(*map(inputs, shared))):
+            raise _Refuse("an attention mask over keys that is not built from the blocks' shared mask's inputs")
+        if keys.start != 0 or keys.batch_axis() is None or shape_of(mask)[-1] != tokens:
+            raise _Refuse(f"a mask over keys of shape {shape_of(mask)} that is not [.., all {tokens} tokens]")
+        self.flow.key_masks.append((node, mask, keys))
+
     def outputs(self, tracked: list[Node]) -> None:
         """Returned tensors are un-merged along every token axis: exact, since each original
         token takes its group's value (and a weight its share of the group's weight)."""
@@ -412,11 +439,11 @@ class _Analysis:
         return layout
 
     @_rule(aten.matmul.default, aten.bmm.default)
-    def matmul(self, node: Node) -> Layout:
+    def matmul(self, node: Node, operands: tuple[Node, Node] | None = None) -> Layout:
         """Exact: a contraction over channels acts per token; one over tokens is a sum, exact
         unweighted where one operand holds weights over them (attention's weights x values),
         and weighted by size where both hold one value per token."""
-        a, b = node.args[:2]
+        a, b = operands or node.args[:2]
         la, lb = self.layout(a), self.layout(b)
         if la and lb and la.size is not lb.size:
             raise _Refuse("it multiplies tokens from before and after a merge")
@@ -443,6 +470,20 @@ class _Analysis:
         roles[-2], roles[-1] = ra[-2], rb[-1]
         return replace(la or lb, roles=tuple(roles))
 
+    @_rule(aten.baddbmm.default)
+    def baddbmm(self, node: Node) -> Layout:
+        """Exact as its product (a matmul) plus the mask it adds, a pooling head's mask over
+        the keys (nn.MultiheadAttention's ``baddbmm(mask, q, k^T)``)."""
+        mask, a, b = node.args[:3]
+        if self.layout(mask) or node.kwargs.get("beta", 1) != 1:
+            raise _Refuse("it adds tokens, or a scaled tensor, to a product over tokens")
+        layout = self.matmul(node, (a, b))
+        if self.flow.weightings and self.flow.weightings[-1].node is node:
+            raise _Refuse("a baddbmm that contracts the token axis")
+        if holds(layout.roles[-1], TOKEN) and shape_of(mask)[-1] != 1:
+            self.key_mask(node, mask, layout, shape_of(node)[-1])
+        return layout
+
     @_rule(aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
     def softmax(self, node: Node) -> Layout:
         """Exact over tokens with proportional attention: log(size) on the logits gives a merged
@@ -456,8 +497,8 @@ class _Analysis:
             raise _Refuse("softmax over the batch axis")
         if layout.roles[dim] != TOKEN:
             return layout
-        if layout.batch_dim() is None:
-            raise _Refuse("softmax over tokens where the batch axis is folded into another axis")
+        if layout.batch_axis() is None:
+            raise _Refuse("softmax over tokens where the batch axis is folded inside another axis")
         self.flow.softmaxes.append((node, dim))
         return replace(layout, roles=tuple(WEIGHTS if d == dim else r for d, r in enumerate(layout.roles)))
 
@@ -472,6 +513,8 @@ class _Analysis:
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         if isinstance(mask, Node) and self.masks.get(node) is mask and lk is not None:
             self.flow.masked.append((node, lk))
+        elif isinstance(mask, Node) and lk is not None and not self.layout(mask) and tensor_meta(mask).shape[-1] != 1:
+            self.key_mask(node, mask, lk, shape_of(k)[-2])
         elif isinstance(mask, Node) and (self.layout(mask) or tensor_meta(mask).shape[-1] != 1):
             raise _Refuse("an attention mask over keys that is not the one mask shared by every block")
         if (lk is None) != (lv is None) or (lk and (lk.roles[-2] != TOKEN or lv.roles[-2] != TOKEN)):
