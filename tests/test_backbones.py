@@ -59,3 +59,43 @@ def test_siglip2_duplicate_patches_merge_exactly_with_padding_and_its_head_mask(
     assert fast.token_counts == [64, 56, 56]
     with torch.no_grad():
         assert_same(fast(**inputs), model(**inputs), 1e-9)
+
+
+# -- scope=: one tower of CLIP -------------------------------------------------------------------
+def _clip():
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = T.CLIPConfig(text_config=dict(tower, vocab_size=100, max_position_embeddings=16, bos_token_id=0,
+                                           eos_token_id=1, pad_token_id=1),
+                          vision_config=dict(tower, image_size=32, patch_size=4), projection_dim=16)
+    model = T.CLIPModel(config).eval()
+    ids = torch.randint(2, 100, (2, 16))
+    ids[:, -1] = 1  # the end token, which the text tower pools
+    return model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def test_clip_whole_model_is_refused_with_the_scopes_that_would_work():
+    model, inputs = _clip()
+    with pytest.raises(tome_fx.UnsupportedModelError, match="scope='vision_model' .* or scope='text_model'"):
+        tome_fx.transform(model, 2, example_inputs=inputs)
+
+
+def test_clip_vision_scope_merges_images_and_leaves_text_bitwise_equal():
+    model, inputs = _clip()
+    with torch.no_grad():
+        want = model(**inputs)
+        same = tome_fx.transform(model, 0, example_inputs=inputs, scope="vision_model")(**inputs)
+        fast = tome_fx.transform(model, 4, example_inputs=inputs, scope="vision_model")
+        got = fast(**inputs)
+    assert fast.token_counts == [65, 61, 57]
+    assert [b.name.split(".")[0] for b in fast.plan.blocks] == ["vision_model"] * 2
+    assert_same(same, want, 1e-6)
+    assert torch.equal(got.text_embeds, want.text_embeds)
+    assert got.image_embeds.shape == want.image_embeds.shape
+    assert not torch.allclose(got.image_embeds, want.image_embeds)
+
+
+def test_scope_must_name_a_submodule():
+    model, inputs = _clip()
+    with pytest.raises(ValueError, match="'vision' names no submodule.*'vision_model'"):
+        tome_fx.transform(model, 2, example_inputs=inputs, scope="vision")

@@ -34,6 +34,7 @@ class _Options:
     prop_attn: bool
     trace_source: bool
     unmerge_outputs: bool
+    scope: tuple[str, ...] = ()
 
 
 # what a module's parameters, buffers and submodules live in: the ToMeModel owns one tree,
@@ -65,7 +66,8 @@ def _in_mode(model: torch.nn.Module, mode: bool | None):
 def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool | None):
     with _in_mode(model, mode):
         graph_module = capture(model, call)
-    plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs)
+    plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs,
+                      scope=options.scope)
     return graph_module, plan
 
 
@@ -264,7 +266,8 @@ class ToMeModel(torch.nn.Module):
     def __repr__(self) -> str:
         return (
             f"ToMeModel(schedule={self.schedule}, tokens={self.token_counts}, protected={self.plan.protected}, "
-            f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs})"
+            f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs}"
+            + (f", scope={list(self._options.scope)})" if self._options.scope else ")")
         )
 
 
@@ -291,6 +294,7 @@ def transform(
     prop_attn: bool = True,
     trace_source: bool = False,
     unmerge_outputs: bool = True,
+    scope: str | list[str] | None = None,
 ) -> ToMeModel:
     """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
 
@@ -302,6 +306,9 @@ def transform(
     Per-token outputs (``last_hidden_state``...) are un-merged back to the original token
     positions, so outputs keep the original shapes; ``unmerge_outputs=False`` returns the
     merged tokens instead (their sizes come from ``forward_with_tokens``).
+    ``scope``: a submodule path (``"vision_model"``), or a list of them: only the attention
+    blocks under it merge, and the rest of the model runs as captured (CLIP's text tower,
+    a VLM's language model).
     Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
     proven safe.
     """
@@ -313,18 +320,34 @@ def transform(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
+    scope = _scope(model, scope)
     args, kwargs = normalize_example_inputs(model, example_inputs)
     batch_size((args, kwargs))
-    return _transform(model, args, kwargs, _Options(r, prop_attn, trace_source, unmerge_outputs))
+    return _transform(model, args, kwargs, _Options(r, prop_attn, trace_source, unmerge_outputs, scope))
+
+
+def _scope(model: torch.nn.Module, scope: str | list[str] | None) -> tuple[str, ...]:
+    """``scope`` as a tuple of module paths, each checked to name a submodule of ``model``."""
+    paths = () if scope is None else (scope,) if isinstance(scope, str) else tuple(scope)
+    for path in paths:
+        if not isinstance(path, str):
+            raise TypeError(f"scope holds module paths (str), got {type(path).__name__}")
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            children = [name for name, _ in model.named_children()]
+            raise ValueError(f"scope {path!r} names no submodule of the model; its children are {children}") from None
+    return paths
 
 
 def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compile_kwargs) -> torch.nn.Module:
     """``transform`` then ``torch.compile``, with the batch dimension marked dynamic so that a
     new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
     it compiles once more the first time it sees a single-sample batch). ``compile_kwargs``
-    go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``
-    and ``unmerge_outputs``."""
-    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs") if k in compile_kwargs}
+    go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``,
+    ``unmerge_outputs`` and ``scope``."""
+    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope")
+               if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
     return _with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
 

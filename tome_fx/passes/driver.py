@@ -84,11 +84,14 @@ class TomePlan:
         return int(per_image * batch)
 
 
-def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool) -> TomePlan:
-    """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``."""
-    blocks = find_attention_blocks(gm.graph)
+def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool,
+               scope: tuple[str, ...] = ()) -> TomePlan:
+    """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
+    With ``scope`` (module paths), only the blocks under it merge."""
+    blocks = find_attention_blocks(gm.graph, scope)
     if not blocks:
-        raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
+        where = f" under scope {list(scope)}" if scope else ""
+        raise UnsupportedModelError(f"no attention block was found{where}: there is no self-attention to merge")
     for block in blocks:
         if block.not_one_sequence:
             raise UnsupportedModelError(block.not_one_sequence + _GRID_HINT * (len(shape_of(block.stream)) == 4))

@@ -126,11 +126,18 @@ def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tup
     return None
 
 
-def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
+def in_scope(path: str, scope: tuple[str, ...]) -> bool:
+    """``path`` is one of the module paths in ``scope`` or under one; every path is, without a scope."""
+    return not scope or any(path == s or path.startswith(s + ".") for s in scope)
+
+
+def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> list[AttentionBlock]:
+    """The attention blocks in graph order; with ``scope`` (module paths), only those under it:
+    attention elsewhere is left as captured, unexamined."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     blocks: list[AttentionBlock] = []
     for node in graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or not in_scope(module_path(node), scope):
             continue
         if node.target in SDPA:
             queries, keys, key_token_dim, output = node.args[0], node.args[1], -2, node
@@ -175,7 +182,29 @@ def _check_sequential(blocks: list[AttentionBlock]) -> None:
         if prev.residual not in ancestors(block.keys):
             raise UnsupportedModelError(
                 f"block {block.name}: its attention does not read the output of block {prev.name}; "
-                "only a single stream of sequential blocks can be merged"
+                "only a single stream of sequential blocks can be merged" + _scope_hint(blocks)
             )
         if prev.residual is block.residual:
             raise UnsupportedModelError(f"blocks {prev.name} and {block.name} share one residual add")
+
+
+def _scope_hint(blocks: list[AttentionBlock]) -> str:
+    """Name the separate chains of blocks (CLIP's two towers) as ``scope=`` values: for each
+    chain, the shortest module path that holds all its blocks and no other chain's."""
+    chains: list[list[AttentionBlock]] = []
+    for block in blocks:
+        chain = next((c for c in chains if c[-1].residual in ancestors(block.keys)), None)
+        chain.append(block) if chain is not None else chains.append([block])
+    if len(chains) < 2:
+        return ""
+    common = []
+    for chain in chains:
+        parts = [b.name.split(".") for b in chain]
+        common.append([p[0] for p in zip(*parts) if len(set(p)) == 1])
+    scopes = []
+    for i, parts in enumerate(common):
+        others = [c for j, c in enumerate(common) if j != i]
+        depth = next((k for k in range(1, len(parts) + 1) if all(c[:k] != parts[:k] for c in others)), None)
+        if depth is not None:
+            scopes.append(f"scope={'.'.join(parts[:depth])!r} ({len(chains[i])} blocks)")
+    return f"; to merge one part of the model, pass {' or '.join(scopes)}" if scopes else ""
