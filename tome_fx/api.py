@@ -15,6 +15,7 @@ from .call_spec import CallSpec
 from .capture import batch_size, batched_tensors, capture, normalize_example_inputs
 from .errors import UnsupportedModelError
 from .passes import TomePlan, apply_tome
+from .passes.rotary_tables import RULES
 from .schedule import Schedule, resolve_schedule
 
 
@@ -35,6 +36,7 @@ class _Options:
     trace_source: bool
     unmerge_outputs: bool
     scope: tuple[str, ...] = ()
+    rope: str = "mean"
 
 
 # what a module's parameters, buffers and submodules live in: the ToMeModel owns one tree,
@@ -67,7 +69,7 @@ def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool
     with _in_mode(model, mode):
         graph_module = capture(model, call)
     plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs,
-                      scope=options.scope)
+                      scope=options.scope, rope=options.rope)
     return graph_module, plan
 
 
@@ -295,6 +297,7 @@ def transform(
     trace_source: bool = False,
     unmerge_outputs: bool = True,
     scope: str | list[str] | None = None,
+    rope: str = "mean",
 ) -> ToMeModel:
     """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
 
@@ -309,6 +312,9 @@ def transform(
     ``scope``: a submodule path (``"vision_model"``), or a list of them: only the attention
     blocks under it merge, and the rest of the model runs as captured (CLIP's text tower,
     a VLM's language model).
+    ``rope``: the rotary terms of a merged token in RoPE models (EVA-02, DINOv3), which no
+    rule makes exact: ``"mean"``, the size-weighted mean of its patches' cos/sin rows (the
+    better on the Fashion-MNIST RoPE model), or ``"representative"``, its first patch's.
     Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
     proven safe.
     """
@@ -321,9 +327,11 @@ def transform(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
     scope = _scope(model, scope)
+    if rope not in RULES:
+        raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
     args, kwargs = normalize_example_inputs(model, example_inputs)
     batch_size((args, kwargs))
-    return _transform(model, args, kwargs, _Options(r, prop_attn, trace_source, unmerge_outputs, scope))
+    return _transform(model, args, kwargs, _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope))
 
 
 def _scope(model: torch.nn.Module, scope: str | list[str] | None) -> tuple[str, ...]:
@@ -345,8 +353,8 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
     it compiles once more the first time it sees a single-sample batch). ``compile_kwargs``
     go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``,
-    ``unmerge_outputs`` and ``scope``."""
-    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope")
+    ``unmerge_outputs``, ``scope`` and ``rope``."""
+    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope", "rope")
                if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
     return _with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)

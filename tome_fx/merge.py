@@ -195,6 +195,32 @@ def restage_key_mask(mask: Tensor, positions: Tensor, tokens: int, inner: int = 
     return mask.gather(-1, rep.reshape(rep.shape[0], *(1,) * (mask.dim() - 2), tokens).expand(*mask.shape[:-1], tokens))
 
 
+def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, batch_dim: int, token_dim: int,
+                  start: int, rule: str) -> Tensor:
+    """A table of one row per original token from ``start`` on (rotary cos/sin), laid out to
+    broadcast against an ``ndim``-dim tensor, as one row per current token: [B, ..] with the
+    batch on ``batch_dim`` and the tokens on ``token_dim``. ``rule="mean"``: the size-weighted
+    mean of each group's rows; ``"representative"``: the row of each group's first token."""
+    t = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim((batch_dim, token_dim), (0, 1))
+    rest = t.shape[2:]
+    t = t.reshape(1, t.shape[1], -1)
+    batch, tokens = size.shape
+    index = positions[:, start:] - start  # [B, N0 - start]: the group holding each original token
+    if rule == "mean":
+        acc = accumulation_dtype(t.dtype)
+        sums = torch.zeros(batch, tokens - start, t.shape[2], dtype=acc, device=t.device)
+        sums = sums.scatter_add(1, index[..., None].expand(-1, -1, t.shape[2]), t.to(acc).expand(batch, -1, -1))
+        rows = (sums / size[:, start:, None].to(acc)).to(t.dtype)
+    elif rule == "representative":
+        originals = torch.arange(index.shape[1], device=index.device).expand_as(index)
+        first = torch.full((batch, tokens - start), index.shape[1], dtype=index.dtype, device=index.device)
+        first = first.scatter_reduce(1, index, originals, "amin")
+        rows = t.expand(batch, -1, -1).gather(1, first[..., None].expand(-1, -1, t.shape[2]))
+    else:
+        raise ValueError(f"rope rule is 'mean' or 'representative', not {rule!r}")
+    return rows.reshape(batch, tokens - start, *rest).movedim((0, 1), (batch_dim, token_dim))
+
+
 def mask_pairs(mask: Tensor, positions: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
     """[B, Na, Nb] bool pairs of set-A and set-B tokens: ``compatible`` where the mask treats them
     alike (equal columns as keys, equal rows as queries), so padding never joins a real token;

@@ -2,8 +2,8 @@
 
 find blocks -> drop all-pass attention masks -> count protected tokens (learned, or read
 at fixed positions) -> resolve schedule -> insert merges ->
-token-flow analysis (refuses what it cannot prove) -> repair shapes -> restage the
-attention mask -> proportional attention -> weighted reductions -> un-merge tokens (before
+token-flow analysis (refuses what it cannot prove) -> repair shapes -> rotary tables read
+per merged token -> restage the attention mask -> proportional attention -> weighted reductions -> un-merge tokens (before
 reshapes back to a grid, and returned ones) ->
 expose size/positions as extra outputs.
 """
@@ -26,6 +26,7 @@ from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
 from .repair_shapes import RepairShapes
+from .rotary_tables import RestageTables
 from .token_flow import BATCH, TOKEN, Layout, analyze_token_flow
 from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
@@ -85,9 +86,10 @@ class TomePlan:
 
 
 def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool,
-               scope: tuple[str, ...] = ()) -> TomePlan:
+               scope: tuple[str, ...] = (), rope: str = "mean") -> TomePlan:
     """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
-    With ``scope`` (module paths), only the blocks under it merge."""
+    With ``scope`` (module paths), only the blocks under it merge; ``rope``: how a merged
+    token's rotary terms are chosen (``rotary_tables.RULES``)."""
     blocks = find_attention_blocks(gm.graph, scope)
     if not blocks:
         where = f" under scope {list(scope)}" if scope else ""
@@ -126,6 +128,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
             )
     unmerged_at = tuple(describe(node) for node in flow.unmerges if flow.layouts[node.args[0]].merged)
     RepairShapes(flow)(gm)
+    RestageTables(flow, rope)(gm)
     if mask is not None:
         RestageMasks(flow, mask)(gm)
     if prop_attn:

@@ -92,7 +92,7 @@ def _key_token_dim(scores: Node) -> int:
     return keys.index(output[-1]) - len(keys)
 
 
-def _manual_attention(softmax: Node) -> tuple[Node, Node, int, Node, list[tuple[Node, Node]]] | None:
+def manual_attention(softmax: Node) -> tuple[Node, Node, int, Node, list[tuple[Node, Node]]] | None:
     """(queries, keys operand, its token dim, output, masks) of ``matmul -> softmax -> matmul`` (or
     einsums), or None. The weights may have other users too (a returned attention map): the
     token-flow analysis rules on them."""
@@ -144,7 +144,7 @@ def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> list[Att
             mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
             masks = [(node, mask)] if isinstance(mask, Node) else []
         elif node.target in SOFTMAX:
-            found = _manual_attention(node)
+            found = manual_attention(node)
             if found is None:
                 continue
             queries, keys, key_token_dim, output, masks = found
@@ -208,3 +208,21 @@ def _scope_hint(blocks: list[AttentionBlock]) -> str:
         if depth is not None:
             scopes.append(f"scope={'.'.join(parts[:depth])!r} ({len(chains[i])} blocks)")
     return f"; to merge one part of the model, pass {' or '.join(scopes)}" if scopes else ""
+
+
+def query_key_paths(graph: Graph) -> set[Node]:
+    """Nodes on the way into the queries or keys of an attention but not into its values:
+    where rotary position embeddings act."""
+    found: set[Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA:
+            queries, keys, values = node.args[:3]
+        elif node.target in SOFTMAX and (manual := manual_attention(node)) is not None:
+            queries, keys, _, output, _ = manual
+            values = _operands(output)[1]  # weights @ values
+        else:
+            continue
+        found |= (ancestors(queries) | {queries} | ancestors(keys) | {keys}) - ancestors(values) - {values}
+    return found

@@ -11,6 +11,7 @@ the integer.
 
 from __future__ import annotations
 
+import operator
 import sys
 
 from torch.fx import GraphModule
@@ -37,6 +38,13 @@ class RepairShapes(FlowPass):
                     shape[fix.position] = gm.graph.call_function(aten.sym_size.int, (source, fix.in_dim))
             fix.node.update_arg(1, shape)
             modified = True
+        for node in self.flow.open_splits:  # [lead, rest] along the tokens: the rest runs to the end
+            if self.flow.layouts[node.args[0]].merged:
+                lead = node.args[1][0]
+                with gm.graph.inserting_before(node):
+                    tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], node.args[2]))
+                    node.update_arg(1, [lead, gm.graph.call_function(operator.sub, (tokens, lead))])
+                modified = True
         for node in self.flow.open_slices:
             if self.flow.layouts[node.args[0]].merged:
                 node.update_arg(3, sys.maxsize)

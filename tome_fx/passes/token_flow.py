@@ -36,7 +36,8 @@ from torch.fx import Graph, Node
 from torch.fx.passes.infra.pass_base import PassBase
 
 from ..errors import UnsupportedModelError
-from .graph_utils import aten, ancestors, describe, is_assertion, shape_of, tensor_meta
+from .find_blocks import query_key_paths
+from .graph_utils import aten, ancestors, depends_on_inputs, describe, is_assertion, shape_of, tensor_meta
 
 BATCH, TOKEN = "batch", "token"
 
@@ -139,6 +140,9 @@ class TokenFlow:
     outputs: list[Node] = field(default_factory=list)  # per-token tensors the model returns
     unmerges: list[Node] = field(default_factory=list)  # reshapes back to a grid: un-merge their input first
     masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
+    # (node, table, its output's layout): a per-token table (rotary terms) meeting merged queries or keys
+    tables: list[tuple[Node, Node, Layout]] = field(default_factory=list)
+    open_splits: list[Node] = field(default_factory=list)  # split_with_sizes whose last part runs to the end
     # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
@@ -267,8 +271,9 @@ def _grid_as_tokens(role: Role) -> Role:
 
 
 class _Analysis:
-    def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node]):
+    def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node], rotary: set[Node]):
         self.flow = TokenFlow(layouts=dict(seeds))
+        self.rotary = rotary  # nodes into queries or keys only, where a per-token table is rotary terms
         self.seeds = seeds
         self.protected = protected
         self.masks = masks  # node applying an attention mask -> the mask (merged by RestageMasks)
@@ -388,6 +393,7 @@ class _Analysis:
         if self.masks.get(node) in untracked:
             untracked.remove(self.masks[node])
             self.flow.masked.append((node, self.layout(tracked[0])))
+        layout = replace(self.layout(tracked[0]), roles=tuple(roles))
         for arg in untracked:
             meta = tensor_meta(arg)
             if meta is None:
@@ -397,11 +403,28 @@ class _Analysis:
             offset = out_ndim - meta.dim()
             for d in range(meta.dim()):
                 if (holds(roles[offset + d], TOKEN) or roles[offset + d] == GRID_INNER) and meta.shape[d] != 1:
+                    if self.rotary_table(node, arg, layout):
+                        break
                     raise _Refuse(
                         f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
                         f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
                     )
-        return replace(self.layout(tracked[0]), roles=tuple(roles))
+        return layout
+
+    def rotary_table(self, node: Node, table: Node, layout: Layout) -> bool:
+        """Approximate, by the ``rope`` rule: a table of one row per token that no input feeds,
+        multiplied into queries or keys only (rotary position embeddings), is read per merged
+        token (``RestageTables``). A merged token stands for several positions; no rule gives
+        it exactly the rotation of each."""
+        if node.target != aten.mul.Tensor or node not in self.rotary or depends_on_inputs(table):
+            return False
+        offset = len(layout.roles) - _ndim(table)
+        dims = [d for d in range(_ndim(table)) if shape_of(table)[d] != 1]
+        if (layout.batch_dim() is None or len(layout.dims(TOKEN)) != 1 or offset + layout.batch_dim() in dims
+                or [offset + d for d in dims if holds(layout.roles[offset + d], TOKEN)] != layout.dims(TOKEN)):
+            return False
+        self.flow.tables.append((node, table, layout))
+        return True
 
     def _scales_weights(self, node: Node) -> None:
         """Weights over tokens stay exact through scaling (by anything not itself weights) and
@@ -611,10 +634,17 @@ class _Analysis:
 
     @_rule(aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
     def split(self, node: Node) -> list[Layout]:
-        """Exact along an axis that is neither batch nor tokens (q/k/v, heads)."""
+        """Exact along an axis that is neither batch nor tokens (q/k/v, heads); along the tokens,
+        exact as protected leading tokens and the rest (DINOv3's prefix and patches)."""
         src = self.layout(node.args[0])
         dim_index = 1 if node.target == aten.unbind.int else 2
         dim = _norm_dim(node.args[dim_index] if len(node.args) > dim_index else 0, len(src.roles))
+        if src.roles[dim] == TOKEN and node.target == aten.split_with_sizes.default and len(node.args[1]) == 2:
+            lead = node.args[1][0]
+            self.read_prefix(src.start + lead)
+            self.flow.open_splits.append(node)
+            return [replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim + 1:]),
+                    replace(src, start=src.start + lead)]
         if src.roles[dim] is not None:
             raise _Refuse("it splits along the token or batch axis")
         roles = src.roles[:dim] + src.roles[dim + 1 :] if node.target == aten.unbind.int else src.roles
@@ -708,9 +738,14 @@ class _Analysis:
 
     @_rule(aten.cat.default)
     def cat(self, node: Node) -> Layout:
-        """Exact along an axis that is neither batch nor tokens, for parts of one token layout."""
+        """Exact along an axis that is neither batch nor tokens, for parts of one token layout;
+        along the tokens, see ``rejoin``."""
         parts = node.args[0]
         layouts = [self.layout(p) for p in parts]
+        if layouts[-1] is not None:
+            dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(layouts[-1].roles))
+            if (joined := self.rejoin(node, layouts, dim)) is not None:
+                return joined
         if None in layouts or len({(lay, tuple(map(is_weights, lay.roles))) for lay in layouts}) != 1:
             raise _Refuse("it concatenates merged tokens with other tensors (or weights over tokens with values)")
         src = layouts[0]
@@ -718,6 +753,37 @@ class _Analysis:
         if src.roles[dim] is not None:
             raise _Refuse("it concatenates along the token or batch axis")
         return src
+
+    def rejoin(self, node: Node, layouts: list[Layout], dim: int) -> Layout | None:
+        """Exact: leading protected tokens (read at fixed positions) put back in front of the
+        tokens that follow them, as they were split (rotary terms go to the patches only)."""
+        if len(layouts) != 2 or layouts[0] is not None or layouts[1].roles[dim] != TOKEN:
+            return None
+        lead, rest = node.args[0][0], layouts[1]
+        if lead.op != "call_function":
+            return None
+        if lead.target == aten.slice.Tensor and len(lead.args) in (4, 5) and lead.args[4:] in ((), (1,)):
+            source, lead_dim, begin = lead.args[0], lead.args[1], lead.args[2] or 0
+        elif lead.target is operator.getitem and lead.args[1] == 0 and lead.args[0].target == aten.split_with_sizes.default:
+            source, lead_dim, begin = lead.args[0].args[0], lead.args[0].args[2], 0
+        else:
+            return None
+        src = self.layout(source)
+        if src is None or _norm_dim(lead_dim, len(src.roles)) != dim or src.roles != rest.roles:
+            return None
+        if (src.size, src.positions) != (rest.size, rest.positions) or src.start + begin + shape_of(lead)[dim] != rest.start:
+            return None
+        return replace(rest, start=src.start + begin)
+
+    @_rule(aten.stack.default)
+    def stack(self, node: Node) -> Layout:
+        """Exact: parts of one token layout side by side on a new axis (rotate-half's pairs)."""
+        layouts = [self.layout(p) for p in node.args[0]]
+        if None in layouts or len({(lay, tuple(map(is_weights, lay.roles))) for lay in layouts}) != 1:
+            raise _Refuse("it stacks merged tokens with other tensors (or weights over tokens with values)")
+        src = layouts[0]
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles) + 1)
+        return replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim:])
 
     @_rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)
     def new_tensor(self, node: Node) -> None:
@@ -743,4 +809,4 @@ def analyze_token_flow(
 ) -> TokenFlow:
     """Carry token roles from ``seeds`` through ``graph``; raise UnsupportedModelError where unsafe.
     ``masks``: nodes that apply the shared attention mask, to the mask."""
-    return _Analysis(seeds, protected, masks or {}).run(graph)
+    return _Analysis(seeds, protected, masks or {}, query_key_paths(graph)).run(graph)
