@@ -99,3 +99,112 @@ def test_scope_must_name_a_submodule():
     model, inputs = _clip()
     with pytest.raises(ValueError, match="'vision' names no submodule.*'vision_model'"):
         tome_fx.transform(model, 2, example_inputs=inputs, scope="vision")
+
+
+# -- rotary position embeddings ------------------------------------------------------------------
+def _timm_rope(name, **kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, depth=2, embed_dim=64, num_heads=2,
+                              num_classes=5, **kwargs)
+    with torch.no_grad():  # rope-vit starts its layer scale at 1e-5 and its head at 1e-3 of normal:
+        for name, param in model.named_parameters():  # the blocks would barely change the output
+            if "gamma" in name:
+                param.fill_(1.0)
+        model.head.reset_parameters()
+    return model.eval()
+
+
+ROPE_FAMILIES = {
+    "vit_small_patch16_rope_224": lambda: _timm_rope("vit_small_patch16_rope_224"),
+    "vit_small_patch16_rope_mixed_224": lambda: _timm_rope("vit_small_patch16_rope_mixed_224"),
+    "eva02_tiny_patch14_224": lambda: _timm_rope("eva02_tiny_patch14_224", ref_feat_shape=(8, 8)),
+    "DINOv3ViTModel": lambda: _dinov3(),
+}
+
+
+def _dinov3():
+    torch.manual_seed(0)
+    return T.DINOv3ViTModel(T.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=32, patch_size=4,
+                                              num_register_tokens=4)).eval()
+
+
+@pytest.mark.parametrize("rope", ["mean", "representative"])
+@pytest.mark.parametrize("name", ROPE_FAMILIES)
+def test_rope_models_r0_is_the_original_and_merging_keeps_shapes(name, rope):
+    model, x = ROPE_FAMILIES[name](), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        assert_same(tome_fx.transform(model, 0, example_inputs=x, rope=rope)(x), want, 1e-5)
+        fast = tome_fx.transform(model, 8, example_inputs=x, rope=rope)
+        got = fast(x)
+    assert fast.token_counts[-1] == fast.token_counts[0] - 16
+    assert [t.shape for t in tensors(got)] == [t.shape for t in tensors(want)]
+    assert not all(torch.allclose(g, w) for g, w in zip(tensors(got), tensors(want)))
+
+
+def _duplicate_pairs(images, patch=4):
+    """Patch 2j-1 copied into patch 2j (raster order, 8 x 8 patches): with one leading token,
+    token pairs (2j, 2j+1) are the bipartite pairs (A even, B odd) and hold equal patches."""
+    patches = images.unfold(2, patch, patch).unfold(3, patch, patch)  # a view into images
+    flat = patches.reshape(*images.shape[:2], 64, patch, patch).clone()
+    flat[:, :, 2:64:2] = flat[:, :, 1:63:2]
+    patches.copy_(flat.reshape(patches.shape))
+
+
+@pytest.mark.parametrize("rope", ["mean", "representative"])
+def test_rope_rotary_rows_equal_within_merged_pairs_merge_exactly(rope):
+    """The oracle for the rotary path: duplicate patches whose rotary rows are equal too
+    (row 2j = row 2j-1, rows differing between pairs) merge exactly, in float64, under either
+    rule; reading the wrong rows for a merged token, or a wrong split or rejoin of the class
+    token, would not."""
+    model = _timm_rope("vit_small_patch16_rope_224").double()
+    table = model.rope.pos_embed  # [64 patches, sin | cos]
+    angles = torch.rand(32, table.shape[1] // 2, dtype=torch.float64) * 6
+    pairs = torch.cat([angles[:1], angles[1:].repeat_interleave(2, 0), angles[-1:]])[:64]  # rows 2j-1, 2j equal
+    table.copy_(torch.cat([pairs.sin(), pairs.cos()], 1))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _duplicate_pairs(x)
+    fast = tome_fx.transform(model, [31], example_inputs=x, rope=rope)
+    assert fast.token_counts == [65, 34, 34]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_dinov3_with_rotation_zeroed_merges_duplicates_exactly():
+    """Position terms zeroed (inverse frequencies 0: every rotation is the identity) and
+    duplicate patches: merging them leaves every output unchanged, with 1 + 4 register
+    tokens protected."""
+    model = _dinov3().double()
+    model.rope_embeddings.inv_freq.zero_()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4)
+    flat = patches.reshape(2, 3, 64, 4, 4).clone()
+    flat[:, :, 1:64:2] = flat[:, :, 0:63:2]  # with 5 leading tokens, patches (2j, 2j+1) are pairs
+    patches.copy_(flat.reshape(patches.shape))
+    fast = tome_fx.transform(model, [32], example_inputs=x)
+    assert fast.plan.protected == 5 and fast.token_counts == [69, 37, 37]
+    with torch.no_grad():
+        assert_same(fast(x), model(x), 1e-9)
+
+
+def test_rope_compiled_matches_eager():
+    model, x = ROPE_FAMILIES["eva02_tiny_patch14_224"](), torch.randn(3, 3, 32, 32)
+    compiled = tome_fx.compile(model, 8, example_inputs=x, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), compiled.model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_restage_table_rules():
+    """One original token before ``start``; groups {1, 3} and {2} (sizes 2 and 1)."""
+    from tome_fx import merge
+
+    table = torch.tensor([[1.0], [10.0], [100.0]])  # rows of original tokens 1, 2, 3
+    positions = torch.tensor([[0, 1, 2, 1]])
+    size = torch.tensor([[1.0, 2.0, 1.0]])
+    mean = merge.restage_table(table, positions, size, 3, 0, 1, 1, "mean")
+    first = merge.restage_table(table, positions, size, 3, 0, 1, 1, "representative")
+    assert mean.shape == (1, 2, 1) and mean.flatten().tolist() == [50.5, 10.0]
+    assert first.flatten().tolist() == [1.0, 10.0]

@@ -420,7 +420,7 @@ class _Analysis:
             return False
         offset = len(layout.roles) - _ndim(table)
         dims = [d for d in range(_ndim(table)) if shape_of(table)[d] != 1]
-        if (layout.batch_dim() is None or len(layout.dims(TOKEN)) != 1 or offset + layout.batch_dim() in dims
+        if (layout.batch_dim() is None or len(layout.dims(TOKEN)) != 1 or layout.batch_dim() - offset in dims
                 or [offset + d for d in dims if holds(layout.roles[offset + d], TOKEN)] != layout.dims(TOKEN)):
             return False
         self.flow.tables.append((node, table, layout))
