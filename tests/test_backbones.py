@@ -62,13 +62,16 @@ def test_siglip2_duplicate_patches_merge_exactly_with_padding_and_its_head_mask(
 
 
 # -- scope=: one tower of CLIP -------------------------------------------------------------------
-def _clip():
+def _clip(family="CLIPModel"):
     torch.manual_seed(0)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = T.CLIPConfig(text_config=dict(tower, vocab_size=100, max_position_embeddings=16, bos_token_id=0,
-                                           eos_token_id=1, pad_token_id=1),
-                          vision_config=dict(tower, image_size=32, patch_size=4), projection_dim=16)
-    model = T.CLIPModel(config).eval()
+    text = dict(tower, vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(tower, image_size=32, patch_size=4)
+    if family == "CLIPModel":
+        model = T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    else:  # SigLIP's vision tower ends in its MAP head
+        model = T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
+    model.eval()
     ids = torch.randint(2, 100, (2, 16))
     ids[:, -1] = 1  # the end token, which the text tower pools
     return model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32)}
@@ -80,14 +83,16 @@ def test_clip_whole_model_is_refused_with_the_scopes_that_would_work():
         tome_fx.transform(model, 2, example_inputs=inputs)
 
 
-def test_clip_vision_scope_merges_images_and_leaves_text_bitwise_equal():
-    model, inputs = _clip()
+@pytest.mark.parametrize("family", ["CLIPModel", "SiglipModel"])
+def test_vision_scope_merges_images_and_leaves_text_bitwise_equal(family):
+    model, inputs = _clip(family)
+    tokens = 65 if family == "CLIPModel" else 64  # SigLIP has no class token
     with torch.no_grad():
         want = model(**inputs)
         same = tome_fx.transform(model, 0, example_inputs=inputs, scope="vision_model")(**inputs)
         fast = tome_fx.transform(model, 4, example_inputs=inputs, scope="vision_model")
         got = fast(**inputs)
-    assert fast.token_counts == [65, 61, 57]
+    assert fast.token_counts == [tokens, tokens - 4, tokens - 8]
     assert [b.name.split(".")[0] for b in fast.plan.blocks] == ["vision_model"] * 2
     assert_same(same, want, 1e-6)
     assert torch.equal(got.text_embeds, want.text_embeds)
