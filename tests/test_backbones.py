@@ -77,9 +77,11 @@ def _clip(family="CLIPModel"):
     return model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32)}
 
 
-def test_clip_whole_model_is_refused_with_the_scopes_that_would_work():
+def test_clip_whole_model_is_refused_naming_the_scope_that_would_work():
+    """Each tower is tried on its own: the text tower's causal mask is refused, so the
+    error names the vision tower only."""
     model, inputs = _clip()
-    with pytest.raises(tome_fx.UnsupportedModelError, match="scope='vision_model' .* or scope='text_model'"):
+    with pytest.raises(tome_fx.UnsupportedModelError, match="pass scope='vision_model'$"):
         tome_fx.transform(model, 2, example_inputs=inputs)
 
 
@@ -104,6 +106,152 @@ def test_scope_must_name_a_submodule():
     model, inputs = _clip()
     with pytest.raises(ValueError, match="'vision' names no submodule.*'vision_model'"):
         tome_fx.transform(model, 2, example_inputs=inputs, scope="vision")
+    with pytest.raises(ValueError, match="whole model"):
+        tome_fx.transform(model, 2, example_inputs=inputs, scope="")
+
+
+def test_scope_and_rope_are_kept_by_compile_and_shown():
+    model, inputs = _clip()
+    compiled = tome_fx.compile(model, 2, example_inputs=inputs, scope=["vision_model"], rope="representative")
+    assert (compiled.model.scope, compiled.model.rope) == (("vision_model",), "representative")
+    assert "scope=['vision_model']" in repr(compiled.model)
+
+
+class _Block(torch.nn.Module):
+    """A pre-norm block with sdpa and an optional mask."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def attend(self, x, mask=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def forward(self, x, mask=None):
+        B, N, C = x.shape
+        x = x + self.proj(self.attend(x, mask)[3].transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.norm2(x))
+
+
+def _pairs(batch=2, tokens=16, dim=16):
+    """Tokens (2j, 2j+1) equal: each bipartite pair is a pair of duplicates."""
+    return torch.randn(batch, tokens // 2, dim, dtype=torch.float64).repeat_interleave(2, 1)
+
+
+def test_scope_covering_part_of_a_masked_stream_restages_the_mask_after_it():
+    """Blocks after the scope read merged tokens and apply the shared mask: the mask is
+    restaged for them as for the blocks in the scope."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_Block() for _ in range(3)])
+
+        def forward(self, x, keep):
+            mask = keep[:, None, None, :]
+            for block in self.blocks:
+                x = block(x, mask)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Model().double().eval(), _pairs()
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[1, 12:] = False
+    scoped = tome_fx.transform(model, [4], example_inputs=(x, keep), scope="blocks.0")
+    whole = tome_fx.transform(model, [4, 0, 0], example_inputs=(x, keep))
+    with torch.no_grad():
+        torch.testing.assert_close(scoped(x, keep), whole(x, keep), rtol=0, atol=0)
+        torch.testing.assert_close(scoped(x, keep)[:, :12], model(x, keep)[:, :12], rtol=1e-10, atol=1e-10)
+
+
+def test_a_pooling_heads_own_mask_is_respected_by_the_merges():
+    """The head pools the first 5 tokens only, a mask the blocks do not share (built from
+    the same input and a position): merges never join tokens 4 and 5, which it tells apart,
+    so merging the other 7 duplicate pairs is exact."""
+
+    class Model(torch.nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+            self.latent = torch.nn.Parameter(torch.randn(1, 1, dim))
+            self.q, self.kv = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim)
+
+        def forward(self, x, keep):
+            mask = keep[:, None, None, :]
+            for block in self.blocks:
+                x = block(x, mask)
+            head_mask = (keep & (torch.arange(x.shape[1]) < 5))[:, None, None, :]
+            k, v = self.kv(x).chunk(2, -1)
+            q = self.q(self.latent.expand(x.shape[0], -1, -1))[:, None]
+            return torch.nn.functional.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=head_mask)
+
+    torch.manual_seed(0)
+    model, x = Model().double().eval(), _pairs()
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    fast = tome_fx.transform(model, [7, 0], example_inputs=(x, keep))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, keep), model(x, keep), rtol=1e-10, atol=1e-10)
+        _, state = fast.forward_with_tokens(x, keep)
+    assert (state.positions[:, 4] != state.positions[:, 5]).all()
+
+
+def test_refusals_of_the_new_rules():
+    """A per-token table whose product also enters the residual stream is not rotary terms;
+    a split over one of two token axes; a per-query mask added by baddbmm; attention with
+    input-fed queries and no residual."""
+
+    class TableIntoStream(_Block):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gain", torch.linspace(0.5, 2.0, 16)[:, None].repeat(1, 16))
+
+        def forward(self, x, mask=None):
+            h = self.norm1(x) * self.gain
+            B, N, C = x.shape
+            q, k, _ = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            v = self.qkv(self.norm1(x))[..., 2 * C:].reshape(B, N, self.heads, -1).transpose(1, 2)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return x + self.proj(a.transpose(1, 2).reshape(B, N, C)) + h
+
+    class SplitMaps(_Block):
+        def forward(self, x, mask=None):
+            q, k, v, a = self.attend(x)
+            weights = (q @ k.transpose(-2, -1)).softmax(-1)
+            B, N, C = x.shape
+            return x + self.proj(a.transpose(1, 2).reshape(B, N, C)), weights.split([1, N - 1], -1)[1]
+
+    class QueryMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.cross = _Block(), torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x, text, allow):
+            x = self.block(x)
+            return x + self.cross(x, text, text, attn_mask=(~allow).repeat_interleave(2, 0))[0]
+
+    class NoResidual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.pool = _Block(), _Block()
+
+        def forward(self, x):
+            return self.pool.attend(self.block(x))[3]
+
+    x = _pairs().float()
+    cases = [
+        (torch.nn.Sequential(_Block(), TableIntoStream()), (x,), "a tensor of a fixed token count"),
+        (torch.nn.Sequential(_Block(), SplitMaps()), (x,), "splits one of several token axes"),
+        (QueryMask(), (x, torch.randn(2, 5, 16), torch.rand(2, 16, 5) > 0.3), "fixed token count along the queries"),
+        (NoResidual(), (x,), "no residual connection"),
+    ]
+    for model, args, reason in cases:
+        with pytest.raises(tome_fx.UnsupportedModelError, match=reason):
+            tome_fx.transform(model.eval(), 2, example_inputs=args)
 
 
 # -- rotary position embeddings ------------------------------------------------------------------
@@ -178,21 +326,38 @@ def test_rope_rotary_rows_equal_within_merged_pairs_merge_exactly(rope):
         torch.testing.assert_close(fast(x), model(x), rtol=1e-10, atol=1e-10)
 
 
-def test_dinov3_with_rotation_zeroed_merges_duplicates_exactly():
-    """Position terms zeroed (inverse frequencies 0: every rotation is the identity) and
-    duplicate patches: merging them leaves every output unchanged, with 1 + 4 register
-    tokens protected."""
+@pytest.mark.parametrize("rope", ["mean", "representative"])
+def test_dinov3_rotary_rows_equal_within_merged_pairs_merge_exactly(rope):
+    """DINOv3 splits 1 + 4 register tokens off before rotating and puts them back: with
+    duplicate patches whose rotary rows are equal within pairs (rows differing between
+    pairs), merging them leaves every output unchanged; with rows differing within pairs
+    (the control) it does not."""
     model = _dinov3().double()
-    model.rope_embeddings.inv_freq.zero_()
+    angles = (torch.rand(32, 32, dtype=torch.float64) * 6).repeat_interleave(2, 0)  # patches 2j, 2j+1 share a row
+    tables = [angles.cos(), angles.sin()]
+    model.rope_embeddings.forward = lambda pixel_values: tuple(tables)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     patches = x.unfold(2, 4, 4).unfold(3, 4, 4)
     flat = patches.reshape(2, 3, 64, 4, 4).clone()
     flat[:, :, 1:64:2] = flat[:, :, 0:63:2]  # with 5 leading tokens, patches (2j, 2j+1) are pairs
     patches.copy_(flat.reshape(patches.shape))
-    fast = tome_fx.transform(model, [32], example_inputs=x)
+    fast = tome_fx.transform(model, [32], example_inputs=x, rope=rope)
     assert fast.plan.protected == 5 and fast.token_counts == [69, 37, 37]
     with torch.no_grad():
         assert_same(fast(x), model(x), 1e-9)
+    tables[0] = torch.rand(64, 32, dtype=torch.float64).cos()
+    fast = tome_fx.transform(model, [32], example_inputs=x, rope=rope)
+    with torch.no_grad():
+        assert not torch.allclose(fast(x).last_hidden_state, model(x).last_hidden_state, atol=1e-6)
+
+
+def test_the_rope_rules_differ():
+    model, x = ROPE_FAMILIES["vit_small_patch16_rope_224"](), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        mean, first = (tome_fx.transform(model, 8, example_inputs=x, rope=rule)(x) for rule in ("mean", "representative"))
+    assert not torch.allclose(mean, first)
+    with pytest.raises(ValueError, match="rope is one of"):
+        tome_fx.transform(model, 8, example_inputs=x, rope="coords")
 
 
 def test_rope_compiled_matches_eager():

@@ -224,6 +224,14 @@ class ToMeModel(torch.nn.Module):
         return self._options.unmerge_outputs
 
     @property
+    def scope(self) -> tuple[str, ...]:
+        return self._options.scope
+
+    @property
+    def rope(self) -> str:
+        return self._options.rope
+
+    @property
     def schedule(self) -> list[int]:
         """Tokens each block merges away (after clamping)."""
         return self.plan.schedule
@@ -268,8 +276,8 @@ class ToMeModel(torch.nn.Module):
     def __repr__(self) -> str:
         return (
             f"ToMeModel(schedule={self.schedule}, tokens={self.token_counts}, protected={self.plan.protected}, "
-            f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs}"
-            + (f", scope={list(self._options.scope)})" if self._options.scope else ")")
+            f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs}, "
+            f"rope={self.rope!r}" + (f", scope={list(self.scope)})" if self.scope else ")")
         )
 
 
@@ -340,6 +348,8 @@ def _scope(model: torch.nn.Module, scope: str | list[str] | None) -> tuple[str, 
     for path in paths:
         if not isinstance(path, str):
             raise TypeError(f"scope holds module paths (str), got {type(path).__name__}")
+        if not path:
+            raise ValueError("scope '' would be the whole model: leave scope out (None) for that")
         try:
             model.get_submodule(path)
         except AttributeError:

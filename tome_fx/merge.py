@@ -245,12 +245,18 @@ def tome_merge(
     protected: int,
     token_dim: int,
     mask: Tensor | None = None,
+    key_masks: tuple[tuple[Tensor, int], ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One ToMe step as inserted into a graph: match on ``keys``, merge ``x`` and ``size``,
     and follow the merge in ``positions``. With an attention ``mask`` over the original
-    tokens, only tokens the mask treats alike are merged, padding first."""
+    tokens, only tokens the mask treats alike are merged, padding first; so too for each of
+    ``key_masks``, masks over the tokens as keys (``restage_key_mask``'s, with its ``inner``)."""
     tokens = x.shape[1]
     compatible, inert = (None, None) if mask is None else mask_pairs(mask, positions, tokens)
+    for key_mask, inner in key_masks:
+        cols = restage_key_mask(key_mask, positions, tokens, inner).reshape(x.shape[0], -1, tokens).transpose(1, 2)
+        alike = (cols[:, ::2, None] == cols[:, None, 1::2]).all(-1)
+        compatible = alike if compatible is None else compatible & alike
     matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected, compatible, inert)
     order = new_order(matching, tokens)
     x, new_size = merge_wavg(order, x, size)

@@ -122,7 +122,7 @@ def shared_mask(kept: list[tuple[Node, Node]], tokens: int) -> Node | None:
 class RestageMasks(FlowPass):
     """Before each attention over merged tokens, read the mask at the current tokens."""
 
-    def __init__(self, flow: TokenFlow, mask: Node):
+    def __init__(self, flow: TokenFlow, mask: Node | None):
         super().__init__(flow)
         self.mask = mask
 

@@ -10,18 +10,19 @@ expose size/positions as extra outputs.
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 from torch.utils import _pytree as pytree
 
 from .. import cost
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
-from .find_blocks import AttentionBlock, find_attention_blocks
-from .graph_utils import aten, describe, module_path, shape_of, tensor_meta
+from .find_blocks import AttentionBlock, SeparateChains, find_attention_blocks
+from .graph_utils import ancestors, aten, describe, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
@@ -90,7 +91,10 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
     With ``scope`` (module paths), only the blocks under it merge; ``rope``: how a merged
     token's rotary terms are chosen (``rotary_tables.RULES``)."""
-    blocks = find_attention_blocks(gm.graph, scope)
+    try:
+        blocks = find_attention_blocks(gm.graph, scope)
+    except SeparateChains as error:
+        raise UnsupportedModelError(str(error) + _scope_hint(gm, error.scopes, r, rope)) from None
     if not blocks:
         where = f" under scope {list(scope)}" if scope else ""
         raise UnsupportedModelError(f"no attention block was found{where}: there is no self-attention to merge")
@@ -112,14 +116,17 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     # a dry run of the analysis, before any merge, finds the leading tokens read at fixed
     # positions (a readout of token 0, say); they are protected like learned ones
     unmerged = {stream: Layout((BATCH, TOKEN, None), size=None)}
-    reads = analyze_token_flow(gm.graph, unmerged, sys.maxsize, applies_mask).reads
-    protected = max(count_protected_tokens(stream), reads)
+    dry = analyze_token_flow(gm.graph, unmerged, sys.maxsize, applies_mask)
+    protected = max(count_protected_tokens(stream), dry.reads)
     requested = resolve_schedule(r, len(blocks))
     schedule = clamp_schedule(requested, tokens, protected)
+    # masks over keys outside the blocks (a pooling head's): the merges must respect them too
+    key_masks = {mask: layout.batch_axis()[1] for _, mask, layout in dry.key_masks}
+    hoist_before(gm, list(key_masks), blocks[0].residual)
 
-    insert = InsertMerges(blocks, schedule, protected, mask)
+    insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()))
     insert(gm)
-    flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask)
+    flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask, frozenset(key_masks))
     attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
     for block in blocks:
         if block.attention not in attended:
@@ -129,8 +136,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     unmerged_at = tuple(describe(node) for node in flow.unmerges if flow.layouts[node.args[0]].merged)
     RepairShapes(flow)(gm)
     RestageTables(flow, rope)(gm)
-    if mask is not None:
-        RestageMasks(flow, mask)(gm)
+    RestageMasks(flow, mask)(gm)
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedReductions(flow)(gm)
@@ -145,6 +151,40 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
         plans.append(BlockPlan(block.name, count, block_r, _mlp_ratio(gm, block, width), key_width))
         count -= block_r
     return TomePlan(tuple(plans), protected, tuple(requested), width, unmerged_at)
+
+
+def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> str:
+    """Which of the separate parts would transform on their own (each tried on a copy of the
+    graph), as ``scope=`` values; or why none would."""
+    works, fails = [], []
+    for scope in scopes:
+        graph = Graph()
+        graph.output(graph.graph_copy(gm.graph, {}))
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
+        try:
+            apply_tome(GraphModule(gm, graph), r, prop_attn=True, unmerge_outputs=True, scope=(scope,), rope=rope)
+            works.append(f"scope={scope!r}")
+        except UnsupportedModelError as why:
+            fails.append(f"{scope!r} ({why})")
+    if works:
+        return f"; to merge one part of the model, pass {' or '.join(works)}"
+    return "; no part can be merged on its own either: " + "; ".join(fails) if fails else ""
+
+
+def hoist_before(gm: GraphModule, masks: list, anchor) -> None:
+    """Move the computation of ``masks`` (from the inputs alone) in front of ``anchor``, where
+    the merges can read them."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    needed = set()
+    for node in masks:
+        if anchor in ancestors(node):
+            raise UnsupportedModelError(
+                f"{describe(node)}: a mask over the keys of an attention outside the blocks is computed from the "
+                "tokens; merges cannot be made to respect it"
+            )
+        needed |= ancestors(node) | {node}
+    for node in sorted((n for n in needed if order[n] > order[anchor]), key=order.__getitem__):
+        anchor.prepend(node)
 
 
 def _mlp_ratio(gm: GraphModule, block: AttentionBlock, width: int) -> float:

@@ -180,23 +180,29 @@ def _check_sequential(blocks: list[AttentionBlock]) -> None:
     """Each block must read the residual stream the previous block wrote."""
     for prev, block in zip(blocks, blocks[1:]):
         if prev.residual not in ancestors(block.keys):
-            raise UnsupportedModelError(
+            raise SeparateChains(
                 f"block {block.name}: its attention does not read the output of block {prev.name}; "
-                "only a single stream of sequential blocks can be merged" + _scope_hint(blocks)
+                "only a single stream of sequential blocks can be merged", _chain_scopes(blocks)
             )
         if prev.residual is block.residual:
             raise UnsupportedModelError(f"blocks {prev.name} and {block.name} share one residual add")
 
 
-def _scope_hint(blocks: list[AttentionBlock]) -> str:
-    """Name the separate chains of blocks (CLIP's two towers) as ``scope=`` values: for each
-    chain, the shortest module path that holds all its blocks and no other chain's."""
+class SeparateChains(UnsupportedModelError):
+    """The blocks form separate chains (CLIP's two towers); ``scopes`` names each chain."""
+
+    def __init__(self, message: str, scopes: list[str]):
+        super().__init__(message)
+        self.scopes = scopes
+
+
+def _chain_scopes(blocks: list[AttentionBlock]) -> list[str]:
+    """For each chain of sequential blocks, the shortest module path that holds all its
+    blocks and no other chain's (chains with no such path are left out)."""
     chains: list[list[AttentionBlock]] = []
     for block in blocks:
         chain = next((c for c in chains if c[-1].residual in ancestors(block.keys)), None)
         chain.append(block) if chain is not None else chains.append([block])
-    if len(chains) < 2:
-        return ""
     common = []
     for chain in chains:
         parts = [b.name.split(".") for b in chain]
@@ -206,23 +212,26 @@ def _scope_hint(blocks: list[AttentionBlock]) -> str:
         others = [c for j, c in enumerate(common) if j != i]
         depth = next((k for k in range(1, len(parts) + 1) if all(c[:k] != parts[:k] for c in others)), None)
         if depth is not None:
-            scopes.append(f"scope={'.'.join(parts[:depth])!r} ({len(chains[i])} blocks)")
-    return f"; to merge one part of the model, pass {' or '.join(scopes)}" if scopes else ""
+            scopes.append(".".join(parts[:depth]))
+    return scopes
 
 
-def query_key_paths(graph: Graph) -> set[Node]:
-    """Nodes on the way into the queries or keys of an attention but not into its values:
-    where rotary position embeddings act."""
+def query_key_paths(graph: Graph) -> tuple[set[Node], dict[Node, Node]]:
+    """Nodes on the way into the queries or keys of an attention and not into its values
+    (where rotary position embeddings act), and each query or key operand with the op that
+    consumes it (the sdpa, or the scores matmul)."""
     found: set[Node] = set()
+    entries: dict[Node, Node] = {}
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in SDPA:
-            queries, keys, values = node.args[:3]
+            (queries, keys, values), consumer = node.args[:3], node
         elif node.target in SOFTMAX and (manual := manual_attention(node)) is not None:
             queries, keys, _, output, _ = manual
-            values = _operands(output)[1]  # weights @ values
+            values, consumer = _operands(output)[1], next(u for u in queries.users if _operands(u) == [queries, keys])
         else:
             continue
         found |= (ancestors(queries) | {queries} | ancestors(keys) | {keys}) - ancestors(values) - {values}
-    return found
+        entries.update({queries: consumer, keys: consumer})
+    return found, entries

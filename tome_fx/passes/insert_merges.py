@@ -2,8 +2,9 @@
 
 The merge node (``tome_fx.merge.tome_merge``) takes the block's residual output, the
 keys its attention used, the running ``size`` and ``positions`` (where each
-original token now sits), and the shared attention mask if there is one; every later use of the residual output reads the merged
-tokens instead.
+original token now sits), the shared attention mask if there is one, and the masks over
+keys of attentions outside the blocks (a pooling head's); every later use of the residual
+output reads the merged tokens instead.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ class MergeNodes:
 
 
 class InsertMerges(PassBase):
-    def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int, mask: Node | None):
+    def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int, mask: Node | None,
+                 key_masks: tuple[tuple[Node, int], ...] = ()):
         super().__init__()
         self.blocks, self.schedule, self.protected, self.mask = blocks, schedule, protected, mask
+        self.key_masks = key_masks  # (mask over keys outside the blocks, entries per sample on its first dim)
         self.result: MergeNodes | None = None
 
     def call(self, gm: GraphModule) -> PassResult:
@@ -44,7 +47,8 @@ class InsertMerges(PassBase):
             if r == 0:
                 continue
             residual = block.residual
-            args = (residual, block.keys, size, positions, r, self.protected, block.key_token_dim, self.mask)
+            args = (residual, block.keys, size, positions, r, self.protected, block.key_token_dim, self.mask,
+                    self.key_masks)
             with graph.inserting_after(residual):
                 step = graph.call_function(merge.tome_merge, args)
             with graph.inserting_after(step):

@@ -38,11 +38,11 @@ class RepairShapes(FlowPass):
                     shape[fix.position] = gm.graph.call_function(aten.sym_size.int, (source, fix.in_dim))
             fix.node.update_arg(1, shape)
             modified = True
-        for node in self.flow.open_splits:  # [lead, rest] along the tokens: the rest runs to the end
+        for node, dim in self.flow.open_splits:  # [lead, rest] along the tokens: the rest runs to the end
             if self.flow.layouts[node.args[0]].merged:
                 lead = node.args[1][0]
                 with gm.graph.inserting_before(node):
-                    tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], node.args[2]))
+                    tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
                     node.update_arg(1, [lead, gm.graph.call_function(operator.sub, (tokens, lead))])
                 modified = True
         for node in self.flow.open_slices:

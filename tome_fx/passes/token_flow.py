@@ -142,7 +142,7 @@ class TokenFlow:
     masked: list[tuple[Node, Layout]] = field(default_factory=list)  # mask users, with their keys' layout
     # (node, table, its output's layout): a per-token table (rotary terms) meeting merged queries or keys
     tables: list[tuple[Node, Node, Layout]] = field(default_factory=list)
-    open_splits: list[Node] = field(default_factory=list)  # split_with_sizes whose last part runs to the end
+    open_splits: list[tuple[Node, int]] = field(default_factory=list)  # split_with_sizes along tokens, and its dim
     # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
@@ -271,9 +271,11 @@ def _grid_as_tokens(role: Role) -> Role:
 
 
 class _Analysis:
-    def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node], rotary: set[Node]):
+    def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node],
+                 rotary: tuple[set[Node], set[Node]], respected: frozenset[Node] | None):
         self.flow = TokenFlow(layouts=dict(seeds))
-        self.rotary = rotary  # nodes into queries or keys only, where a per-token table is rotary terms
+        self.rotary_paths, self.attention_inputs = rotary  # see find_blocks.query_key_paths
+        self.respected = respected  # masks over keys the merges respect; None in the dry run (any, recorded)
         self.seeds = seeds
         self.protected = protected
         self.masks = masks  # node applying an attention mask -> the mask (merged by RestageMasks)
@@ -324,16 +326,13 @@ class _Analysis:
             )
 
     def key_mask(self, node: Node, mask: Node, keys: Layout, tokens: int) -> None:
-        """Exact for a mask over the keys that an attention outside the blocks (a pooling head)
-        builds from the same inputs as the blocks' shared mask: merges only join tokens that
-        mask treats alike, and it is read at one original token per merged token."""
-        shared = set(self.masks.values())
-        inputs = lambda n: {a for a in ancestors(n) | {n} if a.op == "placeholder"}  # noqa: E731
-        if (not shared or any(a.op == "get_attr" for a in ancestors(mask))
-                or not inputs(mask) <= set().union(*map(inputs, shared))):
-            raise _Refuse("an attention mask over keys that is not built from the blocks' shared mask's inputs")
+        """Exact for a mask over the keys of an attention outside the blocks (a pooling head's):
+        the merges are given it too (hoisted before them, ``driver``) and only join tokens
+        it treats alike, so reading it at one original token per merged token is exact."""
         if keys.start != 0 or keys.batch_axis() is None or shape_of(mask)[-1] != tokens:
             raise _Refuse(f"a mask over keys of shape {shape_of(mask)} that is not [.., all {tokens} tokens]")
+        if self.respected is not None and mask not in self.respected:
+            raise _Refuse("a mask over the keys that the merges did not take into account")
         self.flow.key_masks.append((node, mask, keys))
 
     def outputs(self, tracked: list[Node]) -> None:
@@ -390,8 +389,9 @@ class _Analysis:
         if any(map(is_weights, roles)):
             self._scales_weights(node)
         untracked = [n for n in node.all_input_nodes if n not in tracked]
-        if self.masks.get(node) in untracked:
-            untracked.remove(self.masks[node])
+        shared = [n for n in untracked if n in self.masks.values()]  # also where blocks outside a scope apply it
+        if shared:
+            untracked.remove(shared[0])
             self.flow.masked.append((node, self.layout(tracked[0])))
         layout = replace(self.layout(tracked[0]), roles=tuple(roles))
         for arg in untracked:
@@ -416,14 +416,37 @@ class _Analysis:
         multiplied into queries or keys only (rotary position embeddings), is read per merged
         token (``RestageTables``). A merged token stands for several positions; no rule gives
         it exactly the rotation of each."""
-        if node.target != aten.mul.Tensor or node not in self.rotary or depends_on_inputs(table):
+        if node.target != aten.mul.Tensor or depends_on_inputs(table) or not self.feeds_queries_keys(node):
             return False
         offset = len(layout.roles) - _ndim(table)
         dims = [d for d in range(_ndim(table)) if shape_of(table)[d] != 1]
         if (layout.batch_dim() is None or len(layout.dims(TOKEN)) != 1 or layout.batch_dim() - offset in dims
+                or any(layout.roles[offset + d] == GRID_INNER for d in dims)
                 or [offset + d for d in dims if holds(layout.roles[offset + d], TOKEN)] != layout.dims(TOKEN)):
             return False
         self.flow.tables.append((node, table, layout))
+        return True
+
+    def feeds_queries_keys(self, node: Node) -> bool:
+        """Everything computed from ``node`` goes into attentions as queries or keys, and nowhere
+        else (not into values, the residual stream or the outputs): every node on the way is
+        upstream of an attention's queries or keys and not of its values, and each operand it
+        reaches is used by that attention alone."""
+        stack, seen = [node], {node}
+        while stack:
+            current = stack.pop()
+            if current not in self.rotary_paths:
+                return False
+            users = [u for u in current.users if not is_assertion(u)]
+            if current in self.attention_inputs:  # it enters an attention as queries or keys
+                consumer = self.attention_inputs[current]
+                if all(u is consumer or getattr(u.target, "__module__", "").startswith("tome_fx") for u in users):
+                    continue
+                return False
+            for user in users:
+                if user not in seen:
+                    seen.add(user)
+                    stack.append(user)
         return True
 
     def _scales_weights(self, node: Node) -> None:
@@ -503,6 +526,9 @@ class _Analysis:
         layout = self.matmul(node, (a, b))
         if self.flow.weightings and self.flow.weightings[-1].node is node:
             raise _Refuse("a baddbmm that contracts the token axis")
+        offset = len(layout.roles) - _ndim(mask)
+        if any(holds(layout.roles[offset + d], TOKEN) and n != 1 for d, n in enumerate(shape_of(mask)[:-1])):
+            raise _Refuse("it adds a tensor of a fixed token count along the queries")
         if holds(layout.roles[-1], TOKEN) and shape_of(mask)[-1] != 1:
             self.key_mask(node, mask, layout, shape_of(node)[-1])
         return layout
@@ -534,7 +560,7 @@ class _Analysis:
         if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
             raise _Refuse("causal attention depends on token order")
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        if isinstance(mask, Node) and self.masks.get(node) is mask and lk is not None:
+        if isinstance(mask, Node) and mask in self.masks.values() and lk is not None:
             self.flow.masked.append((node, lk))
         elif isinstance(mask, Node) and lk is not None and not self.layout(mask) and tensor_meta(mask).shape[-1] != 1:
             self.key_mask(node, mask, lk, shape_of(k)[-2])
@@ -640,9 +666,11 @@ class _Analysis:
         dim_index = 1 if node.target == aten.unbind.int else 2
         dim = _norm_dim(node.args[dim_index] if len(node.args) > dim_index else 0, len(src.roles))
         if src.roles[dim] == TOKEN and node.target == aten.split_with_sizes.default and len(node.args[1]) == 2:
+            if len(src.dims(TOKEN)) > 1:
+                raise _Refuse("it splits one of several token axes")
             lead = node.args[1][0]
             self.read_prefix(src.start + lead)
-            self.flow.open_splits.append(node)
+            self.flow.open_splits.append((node, dim))
             return [replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim + 1:]),
                     replace(src, start=src.start + lead)]
         if src.roles[dim] is not None:
@@ -805,8 +833,10 @@ _GRID_RULES = {_Analysis.pointwise, _Analysis.norm, _Analysis.linear, _Analysis.
 
 
 def analyze_token_flow(
-    graph: Graph, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node] | None = None
+    graph: Graph, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node] | None = None,
+    key_masks: frozenset[Node] | None = None,
 ) -> TokenFlow:
     """Carry token roles from ``seeds`` through ``graph``; raise UnsupportedModelError where unsafe.
-    ``masks``: nodes that apply the shared attention mask, to the mask."""
-    return _Analysis(seeds, protected, masks or {}, query_key_paths(graph)).run(graph)
+    ``masks``: nodes that apply the shared attention mask, to the mask. ``key_masks``: the
+    masks over keys (of pooling heads) that the merges respect; None before any merge."""
+    return _Analysis(seeds, protected, masks or {}, query_key_paths(graph), key_masks).run(graph)
