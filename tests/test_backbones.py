@@ -110,11 +110,14 @@ def test_scope_must_name_a_submodule():
         tome_fx.transform(model, 2, example_inputs=inputs, scope="")
 
 
-def test_scope_and_rope_are_kept_by_compile_and_shown():
+def test_scoped_model_compiles_and_matches_eager():
     model, inputs = _clip()
-    compiled = tome_fx.compile(model, 2, example_inputs=inputs, scope=["vision_model"], rope="representative")
+    compiled = tome_fx.compile(model, 2, example_inputs=inputs, scope=["vision_model"], rope="representative",
+                               fullgraph=True)
     assert (compiled.model.scope, compiled.model.rope) == (("vision_model",), "representative")
     assert "scope=['vision_model']" in repr(compiled.model)
+    with torch.no_grad():
+        assert_same(compiled(**inputs), compiled.model(**inputs), 1e-4)
 
 
 class _Block(torch.nn.Module):
