@@ -27,3 +27,14 @@ def test_shipped_checkpoint_is_accurate_and_tome_keeps_it(test_split):
     accuracy = evaluate.top1(models, evaluate.chunks(images, labels, 500), len(images), progress=False)
     assert accuracy["original"] >= 0.88
     assert accuracy["r=8"] >= accuracy["original"] - 0.01
+
+
+def test_shipped_rope_checkpoint_is_accurate_and_tome_keeps_it(test_split):
+    """The RoPE twin: >= 88% on the first 2000 test images; r=8 with the default rotary
+    rule (``mean``) costs under 1 point."""
+    model = fashion_mnist.create_model(fashion_mnist.ROPE_CHECKPOINT, arch="rope")
+    images, labels = test_split
+    models = {"original": model, "r=8": tome_fx.transform(model, 8)}
+    accuracy = evaluate.top1(models, evaluate.chunks(images, labels, 500), len(images), progress=False)
+    assert accuracy["original"] >= 0.88
+    assert accuracy["r=8"] >= accuracy["original"] - 0.01
