@@ -96,7 +96,7 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
     return rows
 
 
-def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None):
+def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None, key_masks=()):
     """``merge.tome_merge``'s stand-in: the same output shapes, no matching or merging."""
     tokens = x.shape[1] - r
     return x[:, :tokens], size[:, :tokens], positions.clamp_max(tokens - 1)
