@@ -122,7 +122,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     schedule = clamp_schedule(requested, tokens, protected)
     # masks over keys outside the blocks (a pooling head's): the merges must respect them too
     key_masks = {mask: layout.batch_axis()[1] for _, mask, layout in dry.key_masks}
-    hoist_before(gm, list(key_masks), blocks[0].residual)
+    _hoist_before(gm, list(key_masks), blocks[0].residual)
 
     insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()))
     insert(gm)
@@ -171,7 +171,7 @@ def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> s
     return "; no part can be merged on its own either: " + "; ".join(fails) if fails else ""
 
 
-def hoist_before(gm: GraphModule, masks: list, anchor) -> None:
+def _hoist_before(gm: GraphModule, masks: list, anchor) -> None:
     """Move the computation of ``masks`` (from the inputs alone) in front of ``anchor``, where
     the merges can read them."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}

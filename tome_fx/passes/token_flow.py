@@ -272,7 +272,7 @@ def _grid_as_tokens(role: Role) -> Role:
 
 class _Analysis:
     def __init__(self, seeds: dict[Node, Layout], protected: int, masks: dict[Node, Node],
-                 rotary: tuple[set[Node], set[Node]], respected: frozenset[Node] | None):
+                 rotary: tuple[set[Node], dict[Node, Node]], respected: frozenset[Node] | None):
         self.flow = TokenFlow(layouts=dict(seeds))
         self.rotary_paths, self.attention_inputs = rotary  # see find_blocks.query_key_paths
         self.respected = respected  # masks over keys the merges respect; None in the dry run (any, recorded)
@@ -768,19 +768,23 @@ class _Analysis:
     def cat(self, node: Node) -> Layout:
         """Exact along an axis that is neither batch nor tokens, for parts of one token layout;
         along the tokens, see ``rejoin``."""
-        parts = node.args[0]
-        layouts = [self.layout(p) for p in parts]
+        layouts = [self.layout(p) for p in node.args[0]]
         if layouts[-1] is not None:
             dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(layouts[-1].roles))
             if (joined := self.rejoin(node, layouts, dim)) is not None:
                 return joined
-        if None in layouts or len({(lay, tuple(map(is_weights, lay.roles))) for lay in layouts}) != 1:
-            raise _Refuse("it concatenates merged tokens with other tensors (or weights over tokens with values)")
-        src = layouts[0]
+        src = self.one_layout(layouts, "concatenates")
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         if src.roles[dim] is not None:
             raise _Refuse("it concatenates along the token or batch axis")
         return src
+
+    @staticmethod
+    def one_layout(layouts: list[Layout | None], verb: str) -> Layout:
+        """The one token layout every part of a cat or stack shares."""
+        if None in layouts or len({(lay, tuple(map(is_weights, lay.roles))) for lay in layouts}) != 1:
+            raise _Refuse(f"it {verb} merged tokens with other tensors (or weights over tokens with values)")
+        return layouts[0]
 
     def rejoin(self, node: Node, layouts: list[Layout], dim: int) -> Layout | None:
         """Exact: leading protected tokens (read at fixed positions) put back in front of the
@@ -806,10 +810,7 @@ class _Analysis:
     @_rule(aten.stack.default)
     def stack(self, node: Node) -> Layout:
         """Exact: parts of one token layout side by side on a new axis (rotate-half's pairs)."""
-        layouts = [self.layout(p) for p in node.args[0]]
-        if None in layouts or len({(lay, tuple(map(is_weights, lay.roles))) for lay in layouts}) != 1:
-            raise _Refuse("it stacks merged tokens with other tensors (or weights over tokens with values)")
-        src = layouts[0]
+        src = self.one_layout([self.layout(p) for p in node.args[0]], "stacks")
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles) + 1)
         return replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim:])
 
