@@ -257,6 +257,20 @@ def test_refusals_of_the_new_rules():
             tome_fx.transform(model.eval(), 2, example_inputs=args)
 
 
+def test_timm_siglip_names_transform_with_their_map_head():
+    """timm's own SigLIP config (no class token, ``global_pool="map"``) at a small size."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, patch_size=4,
+                              embed_dim=64, depth=2, num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tome_fx.transform(model, 0)(x), model(x), rtol=1e-5, atol=1e-5)
+        fast = tome_fx.transform(model, 8)
+        assert fast(x).shape == (2, 5) and fast.plan.protected == 0 and fast.token_counts == [64, 56, 48]
+
+
 # -- rotary position embeddings ------------------------------------------------------------------
 def _timm_rope(name, **kwargs):
     import timm
