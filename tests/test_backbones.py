@@ -108,6 +108,9 @@ def test_scope_must_name_a_submodule():
         tome_fx.transform(model, 2, example_inputs=inputs, scope="vision")
     with pytest.raises(ValueError, match="whole model"):
         tome_fx.transform(model, 2, example_inputs=inputs, scope="")
+    for wrong in ([], 5):
+        with pytest.raises(TypeError, match="non-empty list"):
+            tome_fx.transform(model, 2, example_inputs=inputs, scope=wrong)
 
 
 def test_scoped_model_compiles_and_matches_eager():

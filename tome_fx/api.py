@@ -344,6 +344,8 @@ def transform(
 
 def _scope(model: torch.nn.Module, scope: str | list[str] | None) -> tuple[str, ...]:
     """``scope`` as a tuple of module paths, each checked to name a submodule of ``model``."""
+    if not (scope is None or isinstance(scope, str) or isinstance(scope, (list, tuple)) and scope):
+        raise TypeError(f"scope is a module path (str) or a non-empty list of them, got {scope!r}")
     paths = () if scope is None else (scope,) if isinstance(scope, str) else tuple(scope)
     for path in paths:
         if not isinstance(path, str):

@@ -60,9 +60,10 @@ def _same(captured, given) -> bool:
 
 def _describe(value) -> str:
     if value is _MISSING:
-        return "not given"
+        return "left out"
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
     return repr(value)
 
 
@@ -143,7 +144,7 @@ class CallSpec:
         if not _same(captured, given):
             raise ValueError(
                 f"argument `{name}` was {_describe(captured)} when the model was transformed, and "
-                f"such values are fixed in the captured graph; this call gives {_describe(given)}. "
+                f"such values are fixed in the captured graph; in this call it is {_describe(given)}. "
                 "Call tome_fx.transform again with example_inputs that pass it"
             )
 

@@ -167,7 +167,7 @@ def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> s
         except UnsupportedModelError as why:
             fails.append(f"{scope!r} ({why})")
     if works:
-        return f"; to merge one part of the model, pass {' or '.join(works)}"
+        return f"; a scope holds one stream of blocks: to merge one part of the model, pass {' or '.join(works)}"
     return "; no part can be merged on its own either: " + "; ".join(fails) if fails else ""
 
 
