@@ -256,6 +256,21 @@ def test_to_dtype_keeps_buffers_shared_and_what_is_saved_loads():
         torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), fast(x), rtol=0, atol=0)
 
 
+def test_a_dtype_change_made_through_another_tome_model_is_followed():
+    """Two ToMe models of one original (an r sweep): converting one converts the shared
+    weights and buffers, and the other captures again for them on its next call."""
+    model = _deit()
+    model.register_buffer("scale", torch.ones(1))
+    first, second = tome_fx.transform(model, 0), tome_fx.transform(model, 4)
+    first.to(torch.float64)
+    x = torch.randn(2, *IMAGES, dtype=torch.float64)
+    with torch.no_grad():
+        got = second(x)
+        want = tome_fx.transform(copy.deepcopy(model), 4)(x)
+    assert got.dtype == torch.float64 and second.get_buffer("scale") is model.scale
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_compiled_model_has_the_original_keys_and_keeps_its_mode_when_copied():
     model = _deit()
     compiled = tome_fx.compile(model, 4)

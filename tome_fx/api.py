@@ -126,6 +126,7 @@ class ToMeModel(torch.nn.Module):
             object.__setattr__(self, attr, getattr(graph_module, attr))
         self._modules.update((name, m) for name, m in graph_module._modules.items() if name != _GUARDS)
         self._attach(mode, graph_module)
+        self.__dict__["_captured_for"] = self._weights_kind()
         torch.nn.Module.train(self, source.training)
 
     # -- graphs, one per mode, sharing this module's tree ------------------------------------------
@@ -164,31 +165,41 @@ class ToMeModel(torch.nn.Module):
             )
         return graph_module
 
-    def _weights(self) -> torch.Tensor | None:
-        return next((p for p in self.parameters() if p.is_floating_point()), None)
+    def _weights_kind(self) -> tuple[torch.dtype, torch.device] | None:
+        weights = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return None if weights is None else (weights.dtype, weights.device)
 
     def _apply(self, fn, recurse=True):
         """``.to()`` and friends: parameters change in place (the original sees them), buffers are
-        replaced (the original gets the new ones too, so the two stay one model). Where the
-        weights' dtype or device changed, the graph is captured again for them: captured code
-        may depend on the dtype (an upcast softmax, say)."""
-        weights = self._weights()
-        before = None if weights is None else (weights.dtype, weights.device)
+        replaced (the original gets the new ones too, so the two stay one model)."""
         result = super()._apply(fn, recurse)
         source = dict(self._source.named_buffers())
         for name, buffer in self.named_buffers():
             if name in source and source[name] is not buffer:
                 owner, _, attr = name.rpartition(".")
                 self._source.get_submodule(owner)._buffers[attr] = buffer
-        weights = self._weights()
-        if weights is not None and (weights.dtype, weights.device) != before:
-            def like(t: torch.Tensor) -> torch.Tensor:
-                return t.to(weights.device, weights.dtype if t.is_floating_point() else t.dtype)
-
-            self.__dict__["_call"] = self._call.with_tensors(like)
-            self._graphs.clear()
-            self._attach(self._mode, self._capture(self._mode))
+        self._follow_weights()
         return result
+
+    def _follow_weights(self) -> None:
+        """Where the weights' dtype or device changed since the graph was captured (through this
+        model, or through another one sharing the original), take the original's buffers and
+        capture the graph again for them: captured code may depend on the dtype (an upcast
+        softmax, say)."""
+        kind = self._weights_kind()
+        if kind is None or kind == self._captured_for:
+            return
+        ours = dict(self.named_buffers())
+        for name, buffer in self._source.named_buffers():
+            if name in ours and ours[name] is not buffer:
+                owner, _, attr = name.rpartition(".")
+                self.get_submodule(owner)._buffers[attr] = buffer
+        dtype, device = kind
+        self.__dict__["_call"] = self._call.with_tensors(
+            lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype))
+        self.__dict__["_captured_for"] = kind
+        self._graphs.clear()
+        self._attach(self._mode, self._capture(self._mode))
 
     # -- copies ------------------------------------------------------------------------------------
     def __deepcopy__(self, memo):
@@ -250,6 +261,7 @@ class ToMeModel(torch.nn.Module):
     # -- calls ---------------------------------------------------------------------------------------
     def _graph_inputs(self, args, kwargs) -> tuple[tuple, dict]:
         """The call laid out as the graph takes it, checked against what it was captured for."""
+        self._follow_weights()
         args, kwargs = self._call.bind(args, kwargs)
         shapes = [tuple(t.shape[1:]) for t in batched_tensors((args, kwargs))]
         if shapes != self.input_shapes:
