@@ -63,3 +63,57 @@ def test_a_compiled_training_step_matches_eager():
     assert any(not torch.equal(states[0][k], v) for k, v in model.state_dict().items())
     for key in states[0]:
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-5)
+
+
+def _small_deit(depth=2):
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=depth,
+                             embed_dim=64, num_heads=2, num_classes=10).train()
+
+
+def test_bf16_autocast_training_runs_and_reaches_every_weight():
+    model = _small_deit()
+    images, target = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    fast = tome_fx.transform(model, 4, example_inputs=images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = fast(images)
+    assert logits.dtype == torch.bfloat16
+    torch.nn.functional.cross_entropy(logits.float(), target).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def _saved_bytes(run, images) -> int:
+    """Bytes autograd saves for backward during one forward (deterministic, unlike RSS)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(images)
+    return total
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, images = _small_deit(), torch.randn(4, 3, 32, 32)
+    plain = tome_fx.transform(model, 4, example_inputs=images)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    wrapped = tome_fx.transform(checkpointed, 4, example_inputs=images)
+    plain(images).sum().backward()
+    wrapped(images).sum().backward()
+    for a, b in zip(model.parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="torch.export traces through torch.utils.checkpoint: the captured "
+                                       "graph saves every activation (issue 13, open)")
+def test_gradient_checkpointing_still_saves_memory():
+    model, images = _small_deit(depth=4), torch.randn(8, 3, 32, 32)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    assert _saved_bytes(checkpointed, images) < _saved_bytes(model, images) / 4  # what timm's checkpointing saves
+    wrapped = tome_fx.transform(checkpointed, 4, example_inputs=images)
+    assert _saved_bytes(wrapped, images) < _saved_bytes(tome_fx.transform(model, 4, example_inputs=images), images) / 4
