@@ -4,10 +4,10 @@ implementation of the paper's algorithm (tests/reference.py) in float64."""
 import copy
 
 import pytest
-import timm
 import torch
 
-import tome_fx
+import tome_fx  # before timm: the DDP test's worker processes import this module afresh
+import timm  # noqa: I001
 from reference import reference_vit
 
 
@@ -117,3 +117,34 @@ def test_gradient_checkpointing_still_saves_memory():
     assert _saved_bytes(checkpointed, images) < _saved_bytes(model, images) / 4  # what timm's checkpointing saves
     wrapped = tome_fx.transform(checkpointed, 4, example_inputs=images)
     assert _saved_bytes(wrapped, images) < _saved_bytes(tome_fx.transform(model, 4, example_inputs=images), images) / 4
+
+
+def _ddp_worker(rank, world, init_file, images, target, out):
+    """One process of a DDP run: its share of the batch, gradients averaged over processes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _small_deit().double()
+    fast = tome_fx.transform(model, 4, example_inputs=images[:2])
+    ddp = torch.nn.parallel.DistributedDataParallel(fast)
+    share = images.shape[0] // world
+    part = slice(rank * share, (rank + 1) * share)
+    torch.nn.functional.cross_entropy(ddp(images[part]), target[part]).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out)
+    dist.destroy_process_group()
+
+
+def test_ddp_on_two_processes_gives_the_single_process_gradients(tmp_path):
+    """A ToMe model wrapped in DistributedDataParallel (gloo, 2 CPU processes) computes the
+    gradients of one process on the whole batch, in float64."""
+    import torch.multiprocessing as mp
+
+    images, target = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), images, target, str(out)), nprocs=2)
+    model = _small_deit().double()
+    torch.nn.functional.cross_entropy(tome_fx.transform(model, 4, example_inputs=images[:2])(images), target).backward()
+    for got, p in zip(torch.load(out), model.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-9, atol=1e-12)
