@@ -26,20 +26,6 @@ from tome_fx import bench, fashion_mnist
 SCHEDULES = [0, 8, 16, 24, (16, -1)]
 
 
-def saved_bytes(model, images) -> int:
-    """Bytes autograd saves for backward during one forward."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(images)
-    return total
-
-
 def step_of(model, images, target):
     """One training step of ``model`` as a call on the images (for ``bench.time_interleaved``)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
@@ -65,7 +51,7 @@ def rows(name, model, images, repeats):
         out.append({"model": name, "batch": images.shape[0], "schedule": label, "tokens_out": fast.token_counts[-1],
                     "step_s": median, "speedup": base / median,
                     "bound": fast.predicted_flops(merging=False) / fast.predicted_flops(),
-                    "saved_mb": saved_bytes(fast, images) / 2**20})
+                    "saved_mb": bench.saved_for_backward(fast, images) / 2**20})
     return out
 
 

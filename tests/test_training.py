@@ -9,6 +9,7 @@ import torch
 import tome_fx  # before timm: the DDP test's worker processes import this module afresh
 import timm  # noqa: I001
 from reference import reference_vit
+from tome_fx.bench import saved_for_backward
 
 
 @pytest.mark.parametrize("schedule", [4, (4, -1)], ids=["constant", "decreasing"])
@@ -82,20 +83,6 @@ def test_bf16_autocast_training_runs_and_reaches_every_weight():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def _saved_bytes(run, images) -> int:
-    """Bytes autograd saves for backward during one forward (deterministic, unlike RSS)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(images)
-    return total
-
-
 def test_gradient_checkpointing_gives_the_same_gradients():
     model, images = _small_deit(), torch.randn(4, 3, 32, 32)
     plain = tome_fx.transform(model, 4, example_inputs=images)
@@ -114,9 +101,10 @@ def test_gradient_checkpointing_still_saves_memory():
     model, images = _small_deit(depth=4), torch.randn(8, 3, 32, 32)
     checkpointed = copy.deepcopy(model)
     checkpointed.set_grad_checkpointing(True)
-    assert _saved_bytes(checkpointed, images) < _saved_bytes(model, images) / 4  # what timm's checkpointing saves
+    assert saved_for_backward(checkpointed, images) < saved_for_backward(model, images) / 4  # timm's saving
     wrapped = tome_fx.transform(checkpointed, 4, example_inputs=images)
-    assert _saved_bytes(wrapped, images) < _saved_bytes(tome_fx.transform(model, 4, example_inputs=images), images) / 4
+    plain = tome_fx.transform(model, 4, example_inputs=images)
+    assert saved_for_backward(wrapped, images) < saved_for_backward(plain, images) / 4
 
 
 def _ddp_worker(rank, world, init_file, images, target, out):

@@ -73,6 +73,16 @@ def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool
     return graph_module, plan
 
 
+def _adopt_buffers(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Point ``target``'s buffers at ``source``'s of the same name where ``.to()`` replaced one
+    side's: a ToMe model and its original keep one set of buffers."""
+    theirs = dict(source.named_buffers())
+    for name, buffer in target.named_buffers():
+        if name in theirs and theirs[name] is not buffer:
+            owner, _, attr = name.rpartition(".")
+            target.get_submodule(owner)._buffers[attr] = theirs[name]
+
+
 class _InstanceSignature:
     """``inspect.signature(instance)`` reads ``__signature__``: the forward's, without ``self``.
     On the class it is None, so the class's own signature is left alone."""
@@ -173,11 +183,7 @@ class ToMeModel(torch.nn.Module):
         """``.to()`` and friends: parameters change in place (the original sees them), buffers are
         replaced (the original gets the new ones too, so the two stay one model)."""
         result = super()._apply(fn, recurse)
-        source = dict(self._source.named_buffers())
-        for name, buffer in self.named_buffers():
-            if name in source and source[name] is not buffer:
-                owner, _, attr = name.rpartition(".")
-                self._source.get_submodule(owner)._buffers[attr] = buffer
+        _adopt_buffers(self._source, self)
         self._follow_weights()
         return result
 
@@ -189,11 +195,7 @@ class ToMeModel(torch.nn.Module):
         kind = self._weights_kind()
         if kind is None or kind == self._captured_for:
             return
-        ours = dict(self.named_buffers())
-        for name, buffer in self._source.named_buffers():
-            if name in ours and ours[name] is not buffer:
-                owner, _, attr = name.rpartition(".")
-                self.get_submodule(owner)._buffers[attr] = buffer
+        _adopt_buffers(self, self._source)
         dtype, device = kind
         self.__dict__["_call"] = self._call.with_tensors(
             lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype))
@@ -330,8 +332,8 @@ def transform(
     positions, so outputs keep the original shapes; ``unmerge_outputs=False`` returns the
     merged tokens instead (their sizes come from ``forward_with_tokens``).
     ``scope``: a submodule path (``"vision_model"``), or a list of them: only the attention
-    blocks under it merge, and the rest of the model runs as captured (CLIP's text tower,
-    a VLM's language model).
+    blocks under it merge. Other parts (CLIP's text tower, a VLM's language model) run as
+    captured; blocks after the scope in the same stream run on its merged tokens.
     ``rope``: the rotary terms of a merged token in RoPE models (EVA-02, DINOv3), which no
     rule makes exact: ``"mean"``, the size-weighted mean of its patches' cos/sin rows (the
     better on the Fashion-MNIST RoPE model), or ``"representative"``, its first patch's.

@@ -96,6 +96,21 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
     return rows
 
 
+def saved_for_backward(run, *args) -> int:
+    """Bytes autograd saves for backward during ``run(*args)`` (activation memory:
+    deterministic, unlike RSS)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(*args)
+    return total
+
+
 def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None, key_masks=()):
     """``merge.tome_merge``'s stand-in: the same output shapes, no matching or merging."""
     tokens = x.shape[1] - r

@@ -11,7 +11,8 @@ A real mask (BERT padding) must be one node shared by every block. Merges then o
 join tokens whose mask rows and columns are equal (``merge.mask_pairs``), so each
 merged token is masked exactly like every original token it holds, and ``RestageMasks``
 reads the mask at one original token per merged token before each attention. A pooling
-head's own mask over the keys (SigLIP2's), built from the same inputs, is read likewise.
+head's own mask over the keys (SigLIP2's) is computed before the first merge, the merges
+respect it too (``merge.tome_merge``'s ``key_masks``), and it is read likewise.
 """
 
 from __future__ import annotations
