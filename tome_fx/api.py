@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +37,7 @@ class _Options:
     unmerge_outputs: bool
     scope: tuple[str, ...] = ()
     rope: str = "mean"
+    checkpoint: bool = False  # each block under torch.utils.checkpoint
 
 
 # what a module's parameters, buffers and submodules live in: the ToMeModel owns one tree,
@@ -69,8 +70,16 @@ def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool
     with _in_mode(model, mode):
         graph_module = capture(model, call)
     plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs,
-                      scope=options.scope, rope=options.rope)
+                      scope=options.scope, rope=options.rope, checkpoint=options.checkpoint)
     return graph_module, plan
+
+
+def _checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether the model has gradient checkpointing turned on: timm's ``grad_checkpointing``,
+    HF's ``gradient_checkpointing`` flags (set by ``set_grad_checkpointing()`` and
+    ``gradient_checkpointing_enable()``)."""
+    return any(getattr(module, flag, False) is True for module in model.modules()
+               for flag in ("grad_checkpointing", "gradient_checkpointing"))
 
 
 def _adopt_buffers(target: torch.nn.Module, source: torch.nn.Module) -> None:
@@ -174,6 +183,19 @@ class ToMeModel(torch.nn.Module):
                 f"{self.plan.protected} in the mode it was transformed in (e.g. tokens dropped only in training)"
             )
         return graph_module
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Run each attention block under ``torch.utils.checkpoint`` (timm's method name):
+        backward keeps only what enters each block and recomputes the rest, merges
+        included. On by default where the original had checkpointing on when transformed."""
+        if enable != self._options.checkpoint:
+            self.__dict__["_options"] = replace(self._options, checkpoint=bool(enable))
+            self._graphs.clear()
+            self._attach(self._mode, self._capture(self._mode))
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self._options.checkpoint
 
     def _weights_kind(self) -> tuple[torch.dtype, torch.device] | None:
         weights = next((p for p in self.parameters() if p.is_floating_point()), None)
@@ -291,7 +313,8 @@ class ToMeModel(torch.nn.Module):
         return (
             f"ToMeModel(schedule={self.schedule}, tokens={self.token_counts}, protected={self.plan.protected}, "
             f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs}, "
-            f"rope={self.rope!r}" + (f", scope={list(self.scope)})" if self.scope else ")")
+            f"rope={self.rope!r}" + (f", scope={list(self.scope)}" if self.scope else "")
+            + (", grad_checkpointing=True)" if self.grad_checkpointing else ")")
         )
 
 
@@ -337,6 +360,9 @@ def transform(
     ``rope``: the rotary terms of a merged token in RoPE models (EVA-02, DINOv3), which no
     rule makes exact: ``"mean"``, the size-weighted mean of its patches' cos/sin rows (the
     better on the Fashion-MNIST RoPE model), or ``"representative"``, its first patch's.
+    Gradient checkpointing turned on in ``model`` (timm ``set_grad_checkpointing``, HF
+    ``gradient_checkpointing_enable``) carries over: each block runs under
+    ``torch.utils.checkpoint`` (``set_grad_checkpointing`` on the result switches it).
     Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
     proven safe.
     """
@@ -353,7 +379,8 @@ def transform(
         raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
     args, kwargs = normalize_example_inputs(model, example_inputs)
     batch_size((args, kwargs))
-    return _transform(model, args, kwargs, _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope))
+    options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model))
+    return _transform(model, args, kwargs, options)
 
 
 def _scope(model: torch.nn.Module, scope: str | list[str] | None) -> tuple[str, ...]:
@@ -408,6 +435,13 @@ class CompiledToMe(torch.nn.Module):
         self.model.train(mode)
         self.training = mode
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.model.grad_checkpointing
 
     def _apply(self, fn, recurse=True):
         """``.to()`` goes through the model's own: it keeps buffers shared and captures again."""

@@ -5,7 +5,8 @@ at fixed positions) -> resolve schedule -> insert merges ->
 token-flow analysis (refuses what it cannot prove) -> repair shapes -> rotary tables read
 per merged token -> restage the attention mask -> proportional attention -> weighted reductions -> un-merge tokens (before
 reshapes back to a grid, and returned ones) ->
-expose size/positions as extra outputs.
+expose size/positions as extra outputs -> (with ``checkpoint``) each block under
+torch.utils.checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .. import cost
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
+from .checkpoint_blocks import CheckpointBlocks
 from .find_blocks import AttentionBlock, SeparateChains, find_attention_blocks
 from .graph_utils import ancestors, aten, describe, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
@@ -87,10 +89,11 @@ class TomePlan:
 
 
 def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool,
-               scope: tuple[str, ...] = (), rope: str = "mean") -> TomePlan:
+               scope: tuple[str, ...] = (), rope: str = "mean", checkpoint: bool = False) -> TomePlan:
     """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
     With ``scope`` (module paths), only the blocks under it merge; ``rope``: how a merged
-    token's rotary terms are chosen (``rotary_tables.RULES``)."""
+    token's rotary terms are chosen (``rotary_tables.RULES``); ``checkpoint``: each block
+    runs under ``torch.utils.checkpoint``."""
     try:
         blocks = find_attention_blocks(gm.graph, scope)
     except SeparateChains as error:
@@ -144,13 +147,20 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     _append_outputs(gm, insert.result.size, insert.result.positions)
     gm.graph.lint()
     gm.recompile()
+    plans = _plans(gm, blocks, schedule, tokens, stream_shape[-1])
+    if checkpoint:
+        CheckpointBlocks(blocks)(gm)
+    return TomePlan(tuple(plans), protected, tuple(requested), stream_shape[-1], unmerged_at)
 
-    plans, count, width = [], tokens, stream_shape[-1]
+
+def _plans(gm: GraphModule, blocks: list[AttentionBlock], schedule: list[int], tokens: int, width: int):
+    """Each block's tokens, r and cost-model shape (read before checkpointing moves its nodes)."""
+    plans, count = [], tokens
     for block, block_r in zip(blocks, schedule):
         key_width = shape_of(block.keys)[-1 if block.key_token_dim == -2 else -2]
         plans.append(BlockPlan(block.name, count, block_r, _mlp_ratio(gm, block, width), key_width))
         count -= block_r
-    return TomePlan(tuple(plans), protected, tuple(requested), width, unmerged_at)
+    return plans
 
 
 def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> str:
