@@ -1,18 +1,23 @@
-"""Training step time and activation memory with ToMe (issue 13; eager so far).
+"""Training step time and activation memory with ToMe, eager and compiled (issue 13).
 
     python benchmarks/training.py [--out benchmarks/results] [--repeats 5]
 
 For the Fashion-MNIST reference architecture (batch 64) and DeiT-S (batch 8, 224 px), both
 at random init (speed does not depend on the weights): one training step (forward,
-backward, SGD step) per schedule, timed interleaved in one run, beside the bytes autograd
-saves for backward (``saved_tensors_hooks``: deterministic, unlike RSS) and the cost
-model's FLOP bound (forward FLOPs without / with merging; backward's matmuls scale alike).
-Writes training.json and training.md.
+backward, SGD step) of the original (r=0) and of a ToMe model per schedule, eager and
+compiled (``torch.compile`` of the original, ``tome_fx.CompiledToMe`` of the ToMe models:
+forward and backward compiled, the optimizer step eager), plus gradient checkpointing
+(timm's own for r=0, ``set_grad_checkpointing`` for ToMe) in eager. All timed interleaved
+in one run, beside the bytes autograd saves for backward (``saved_tensors_hooks``:
+deterministic), the peak resident memory a step adds (sampled: approximate) and the cost
+model's FLOP bound (forward FLOPs without / with merging; backward's matmuls scale alike,
+so forward + backward has the same ratio). Writes training.json and training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import pathlib
 import statistics
@@ -24,6 +29,7 @@ import tome_fx
 from tome_fx import bench, fashion_mnist
 
 SCHEDULES = [0, 8, 16, 24, (16, -1)]
+CHECKPOINTED = [0, (16, -1)]
 
 
 def step_of(model, images, target):
@@ -39,27 +45,54 @@ def step_of(model, images, target):
     return step
 
 
+def _checkpointed(model, schedule, images):
+    if schedule == 0:
+        copied = copy.deepcopy(model)
+        copied.set_grad_checkpointing(True)
+        return copied
+    fast = tome_fx.transform(model, schedule, example_inputs=images)
+    fast.set_grad_checkpointing(True)
+    return fast
+
+
 def rows(name, model, images, repeats):
     model.train()
     target = torch.randint(0, 10 if name == "fashion-vit" else 1000, (images.shape[0],))
-    variants = {bench.schedule_label(s): tome_fx.transform(model, s, example_inputs=images) for s in SCHEDULES}
-    times = bench.time_interleaved({k: step_of(v, images, target) for k, v in variants.items()}, images, repeats)
-    base = statistics.median(times["0"])
+    fast = {bench.schedule_label(s): tome_fx.transform(model, s, example_inputs=images) for s in SCHEDULES if s}
+    eager = {"0": model, **fast}
+    variants = {
+        **{("eager", label): m for label, m in eager.items()},
+        **{("compiled", label): tome_fx.CompiledToMe(m) if label != "0" else torch.compile(model)
+           for label, m in eager.items()},
+        **{("checkpointed", bench.schedule_label(s)): _checkpointed(model, s, images) for s in CHECKPOINTED},
+    }
+    steps = {key: step_of(m, images, target) for key, m in variants.items()}
+    times = bench.time_interleaved(steps, images, repeats)  # warm-up compiles
+    medians = {key: statistics.median(t) for key, t in times.items()}
     out = []
-    for label, fast in variants.items():
-        median = statistics.median(times[label])
-        out.append({"model": name, "batch": images.shape[0], "schedule": label, "tokens_out": fast.token_counts[-1],
-                    "step_s": median, "speedup": base / median,
-                    "bound": fast.predicted_flops(merging=False) / fast.predicted_flops(),
-                    "saved_mb": bench.saved_for_backward(fast, images) / 2**20})
+    for (mode, label), m in variants.items():
+        plan = fast.get(label, fast["8"]).plan  # r=0: the original: any ToMe plan, merging left out
+        merging = label != "0"
+        base = medians["compiled" if mode == "compiled" else "eager", "0"]
+        out.append({
+            "model": name, "batch": images.shape[0], "mode": mode, "schedule": label,
+            "tokens_out": plan.token_counts[-1] if merging else plan.token_counts[0],
+            "step_s": medians[mode, label], "speedup": base / medians[mode, label],
+            "bound": plan.predicted_flops(merging=False) / plan.predicted_flops(merging=merging),
+            "saved_mb": bench.saved_for_backward(m, images) / 2**20,
+            "peak_rss_mb": bench.peak_rss(steps[mode, label], images) / 2**20,
+        })
     return out
 
 
 def markdown(table) -> str:
-    lines = ["| model | batch | r | tokens out | step (s) | speedup | bound | saved for backward (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['batch']} | {r['schedule']} | {r['tokens_out']} | {r['step_s']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['bound']:.2f}x | {r['saved_mb']:.1f} |" for r in table]
+    lines = ["| model | batch | r | tokens out | mode | step (s) | speedup | bound | saved for backward (MiB) | "
+             "peak RSS added (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {"eager": 0, "compiled": 1, "checkpointed": 2}
+    for r in sorted(table, key=lambda r: (r["model"] != "fashion-vit", order[r["mode"]])):
+        lines.append(f"| {r['model']} | {r['batch']} | {r['schedule']} | {r['tokens_out']} | {r['mode']} | "
+                     f"{r['step_s']:.3f} | {r['speedup']:.2f}x | {r['bound']:.2f}x | {r['saved_mb']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -67,13 +100,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a small DeiT (smoke run)")
     args = parser.parse_args(argv)
     import timm
 
     torch.manual_seed(0)
-    table = rows("fashion-vit", fashion_mnist.create_model(None), torch.randn(64, 1, 28, 28), args.repeats)
-    table += rows("deit_small_patch16_224", timm.create_model("deit_small_patch16_224", pretrained=False),
-                  torch.randn(8, 3, 224, 224), args.repeats)
+    table = rows("fashion-vit", fashion_mnist.create_model(None), torch.randn(8 if args.quick else 64, 1, 28, 28),
+                 args.repeats)
+    if args.quick:
+        deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=4)
+        table += rows("deit_tiny (64 px, depth 4)", deit, torch.randn(4, 3, 64, 64), args.repeats)
+    else:
+        table += rows("deit_small_patch16_224", timm.create_model("deit_small_patch16_224", pretrained=False),
+                      torch.randn(8, 3, 224, 224), args.repeats)
     text = markdown(table)
     print(text)
     out = pathlib.Path(args.out)

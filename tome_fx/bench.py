@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -97,18 +99,50 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
 
 
 def saved_for_backward(run, *args) -> int:
-    """Bytes autograd saves for backward during ``run(*args)`` (activation memory:
-    deterministic, unlike RSS)."""
-    total = 0
+    """Bytes autograd keeps for backward during ``run(*args)``: activation memory,
+    deterministic, unlike RSS. Each storage counts once (q, k and v views of one qkv
+    buffer are one buffer), and parameters count not at all (the model holds them anyway;
+    ``torch.utils.checkpoint`` saves the weights it is passed)."""
+    storages = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        base = t if t._base is None else t._base  # a weight's transpose is still the weight
+        if not (base.is_leaf and base.requires_grad):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run(*args)
-    return total
+    return sum(storages.values())
+
+
+def peak_rss(run, *args, every_s: float = 5e-4) -> int:
+    """Bytes of resident memory above the level at the start, at the peak of ``run(*args)``,
+    sampled every ``every_s`` by a thread (torch ops release the GIL). Approximate and
+    process-wide (allocator caching, other threads), so reported beside
+    ``saved_for_backward``, not instead of it. Linux (``/proc``)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    start, peak, done = resident(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(every_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run(*args)
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], resident()) - start
 
 
 def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None, key_masks=()):
