@@ -25,8 +25,10 @@ OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 # RoPE: how a merged token rotates, top-1 of the Fashion-MNIST RoPE model per rule against r
 # (train it first, about 70 minutes: python benchmarks/train_fashion_mnist.py --arch rope)
 OMP_NUM_THREADS=2 python benchmarks/rope.py --out $out
-# training step time and activation memory (eager)
+# training step time and activation memory (eager, compiled, checkpointed)
 OMP_NUM_THREADS=2 python benchmarks/training.py --out $out
+# accuracy of training with ToMe on (train first, about 30 minutes each; commands in the script's docstring)
+OMP_NUM_THREADS=2 python benchmarks/training_accuracy.py --out $out
 # merge visualisation: the first Fashion-MNIST test image (an ankle boot) at r=8 and r=16
 python -c "
 from PIL import Image

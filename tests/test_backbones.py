@@ -102,6 +102,14 @@ def test_vision_scope_merges_images_and_leaves_text_bitwise_equal(family):
     assert not torch.allclose(got.image_embeds, want.image_embeds)
 
 
+def test_checkpointing_with_a_scope_warns_that_the_rest_runs_without_it():
+    model, inputs = _clip()
+    model.activation_checkpointing_enable()
+    with pytest.warns(UserWarning, match=r"only the blocks under scope \['vision_model'\] run checkpointed"):
+        fast = tome_fx.transform(model.train(), 2, example_inputs=inputs, scope="vision_model")
+    assert fast.grad_checkpointing
+
+
 def test_scope_must_name_a_submodule():
     model, inputs = _clip()
     with pytest.raises(ValueError, match="'vision' names no submodule.*'vision_model'"):

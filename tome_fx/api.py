@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -67,6 +68,9 @@ def _in_mode(model: torch.nn.Module, mode: bool | None):
 
 
 def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool | None):
+    if options.checkpoint and options.scope:
+        warnings.warn(f"gradient checkpointing: only the blocks under scope {list(options.scope)} run "
+                      "checkpointed; the rest of the model keeps every activation for backward", stacklevel=3)
     with _in_mode(model, mode):
         graph_module = capture(model, call)
     plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs,
