@@ -9,7 +9,8 @@ compiled (``torch.compile`` of the original, ``tome_fx.CompiledToMe`` of the ToM
 forward and backward compiled, the optimizer step eager), plus gradient checkpointing
 (timm's own for r=0, ``set_grad_checkpointing`` for ToMe) in eager. All timed interleaved
 in one run, beside the bytes autograd saves for backward (``saved_tensors_hooks``:
-deterministic), the peak resident memory a step adds (sampled: approximate) and the cost
+deterministic), the peak resident memory the first step adds in a fresh process (eager
+and checkpointed; sampled, so approximate) and the cost
 model's FLOP bound (forward FLOPs without / with merging; backward's matmuls scale alike,
 so forward + backward has the same ratio). Writes training.json and training.md.
 """
@@ -21,6 +22,7 @@ import copy
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 
 import torch
@@ -80,9 +82,40 @@ def rows(name, model, images, repeats):
             "step_s": medians[mode, label], "speedup": base / medians[mode, label],
             "bound": plan.predicted_flops(merging=False) / plan.predicted_flops(merging=merging),
             "saved_mb": bench.saved_for_backward(m, images) / 2**20,
-            "peak_rss_mb": bench.peak_rss(steps[mode, label], images) / 2**20,
+            "peak_rss_mb": None if mode == "compiled" else _fresh_peak_rss(name, mode, label, images.shape[0]),
         })
     return out
+
+
+def _model(name: str):
+    import timm
+
+    if name == "fashion-vit":
+        return fashion_mnist.create_model(None), (1, 28, 28), 10
+    if name.startswith("deit_tiny"):  # --quick
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=4), (3, 64, 64), 1000
+    return timm.create_model(name, pretrained=False), (3, 224, 224), 1000
+
+
+def _fresh_peak_rss(name: str, mode: str, label: str, batch: int) -> float:
+    """MiB of resident memory the first training step adds, in a fresh process: in this one
+    the allocator already holds memory from every earlier step."""
+    run = subprocess.run([sys.executable, __file__, "--rss", name, mode, label, str(batch)],
+                         capture_output=True, text=True, check=True)
+    return float(run.stdout.split()[-1])
+
+
+def _print_peak_rss(name: str, mode: str, label: str, batch: int) -> None:
+    torch.manual_seed(0)
+    model, shape, classes = _model(name)
+    images = torch.randn(batch, *shape)
+    schedule = {bench.schedule_label(s): s for s in SCHEDULES}[label]
+    if mode == "checkpointed":
+        variant = _checkpointed(model.train(), schedule, images)
+    else:
+        variant = tome_fx.transform(model.train(), schedule, example_inputs=images) if schedule else model.train()
+    step = step_of(variant, images, torch.randint(0, classes, (batch,)))
+    print(bench.peak_rss(step, images) / 2**20)
 
 
 def markdown(table) -> str:
@@ -90,9 +123,9 @@ def markdown(table) -> str:
              "peak RSS added (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = {"eager": 0, "compiled": 1, "checkpointed": 2}
     for r in sorted(table, key=lambda r: (r["model"] != "fashion-vit", order[r["mode"]])):
+        rss = "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         lines.append(f"| {r['model']} | {r['batch']} | {r['schedule']} | {r['tokens_out']} | {r['mode']} | "
-                     f"{r['step_s']:.3f} | {r['speedup']:.2f}x | {r['bound']:.2f}x | {r['saved_mb']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{r['step_s']:.3f} | {r['speedup']:.2f}x | {r['bound']:.2f}x | {r['saved_mb']:.1f} | {rss} |")
     return "\n".join(lines)
 
 
@@ -101,18 +134,16 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a small DeiT (smoke run)")
+    parser.add_argument("--rss", nargs=4, metavar=("MODEL", "MODE", "R", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    import timm
-
-    torch.manual_seed(0)
-    table = rows("fashion-vit", fashion_mnist.create_model(None), torch.randn(8 if args.quick else 64, 1, 28, 28),
-                 args.repeats)
-    if args.quick:
-        deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=4)
-        table += rows("deit_tiny (64 px, depth 4)", deit, torch.randn(4, 3, 64, 64), args.repeats)
-    else:
-        table += rows("deit_small_patch16_224", timm.create_model("deit_small_patch16_224", pretrained=False),
-                      torch.randn(8, 3, 224, 224), args.repeats)
+    if args.rss:
+        return _print_peak_rss(*args.rss[:3], int(args.rss[3]))
+    table = []
+    for name, batch in (("fashion-vit", 8 if args.quick else 64),
+                        ("deit_tiny_quick" if args.quick else "deit_small_patch16_224", 4 if args.quick else 8)):
+        torch.manual_seed(0)
+        model, shape, _ = _model(name)
+        table += rows(name, model, torch.randn(batch, *shape), args.repeats)
     text = markdown(table)
     print(text)
     out = pathlib.Path(args.out)
