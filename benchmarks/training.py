@@ -10,9 +10,9 @@ forward and backward compiled, the optimizer step eager), plus gradient checkpoi
 (timm's own for r=0, ``set_grad_checkpointing`` for ToMe) in eager. All timed interleaved
 in one run, beside the bytes autograd saves for backward (``saved_tensors_hooks``:
 deterministic), the peak resident memory the first step adds in a fresh process (eager
-and checkpointed; sampled, so approximate) and the cost
-model's FLOP bound (forward FLOPs without / with merging; backward's matmuls scale alike,
-so forward + backward has the same ratio). Writes training.json and training.md.
+and checkpointed; sampled, so approximate) and the cost model's FLOP bound (forward FLOPs
+without / with merging; backward's matmuls scale alike, so forward + backward has the
+same ratio). Writes training.json and training.md.
 """
 
 from __future__ import annotations
