@@ -59,7 +59,7 @@ def bipartite_soft_matching(
     if compatible is not None:
         scores = scores.masked_fill(~compatible, -torch.inf)
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    edge_idx = descending_order(node_max)
     src_idx = edge_idx[:, :r]
     if compatible is not None:  # a set-A token with no compatible partner would be merged by force
         torch._assert_async(
@@ -73,6 +73,19 @@ def bipartite_soft_matching(
         dst_idx=node_idx.gather(1, src_idx),
         protected=protected,
     )
+
+
+def descending_order(values: Tensor) -> Tensor:
+    """Indices that sort ``values`` [B, N] in descending order, ties by position:
+    ``argsort(descending=True, stable=True)``. ONNX has no stable sort, so under
+    ``torch.export`` the order is built from comparisons instead: a value's rank is the
+    count of values ahead of it (O(N^2), as the scores are)."""
+    if not torch.compiler.is_exporting():
+        return values.argsort(dim=-1, descending=True, stable=True)
+    index = torch.arange(values.shape[-1], device=values.device)
+    other, this = values[..., None, :], values[..., :, None]
+    rank = ((other > this) | ((other == this) & (index < index[:, None]))).sum(-1)
+    return torch.zeros_like(rank).scatter(-1, rank, index.expand_as(rank))
 
 
 def _take(t: Tensor, idx: Tensor) -> Tensor:

@@ -1,0 +1,45 @@
+"""Deploying a ToMe model (issue 14, in progress): ONNX Runtime. (``torch.export`` with a
+dynamic batch: ``test_module_behaviour``.)"""
+
+from unittest import mock
+
+import torch
+
+import tome_fx
+import timm  # noqa: I001
+from tome_fx import merge
+
+
+def test_the_export_order_is_the_stable_argsort():
+    """Under torch.export the matching's order is built from comparisons (ONNX has no stable
+    sort); it must equal the stable argsort, ties and -inf (protected tokens) included."""
+    torch.manual_seed(0)
+    values = torch.randn(4, 33)
+    values[:, ::3] = values[:, 1::3]  # ties
+    values[:, :2] = -torch.inf
+    want = merge.descending_order(values)
+    assert torch.equal(want, values.argsort(dim=-1, descending=True, stable=True))
+    with mock.patch("torch.compiler.is_exporting", return_value=True):
+        assert torch.equal(merge.descending_order(values), want)
+
+
+def _deit():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
+                              embed_dim=64, num_heads=2, num_classes=10).eval()
+    torch.nn.init.normal_(model.head.weight)  # a head that reads the tokens
+    return model
+
+
+def test_onnx_runtime_runs_the_exported_model_at_another_batch_size(tmp_path):
+    import onnxruntime as ort
+    fast = tome_fx.transform(_deit(), 4, example_inputs=torch.randn(2, 3, 32, 32))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    path = tmp_path / "deit.onnx"
+    torch.onnx.export(fast, (torch.randn(2, 3, 32, 32),), str(path), dynamo=True,
+                      dynamic_shapes={"x": {0: batch}}, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, 32, 32)
+    (got,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), fast(images), rtol=1e-4, atol=1e-4)
