@@ -1,8 +1,9 @@
 """Deploying a ToMe model (issue 14, in progress): ONNX Runtime. (``torch.export`` with a
-dynamic batch: ``test_module_behaviour``.)"""
+dynamic batch: ``test_module_behaviour``.) Each is exported at batch 2 and run at batch 5."""
 
 from unittest import mock
 
+import pytest
 import torch
 
 import tome_fx
@@ -28,18 +29,33 @@ def _deit():
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
                               embed_dim=64, num_heads=2, num_classes=10).eval()
     torch.nn.init.normal_(model.head.weight)  # a head that reads the tokens
-    return model
+    return model, "x", lambda out: out
 
 
-def test_onnx_runtime_runs_the_exported_model_at_another_batch_size(tmp_path):
+def _hf_vit():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.ViTForImageClassification(T.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=4, num_labels=10)).eval()
+    return model, "pixel_values", lambda out: out.logits
+
+
+@pytest.mark.parametrize("build", [_deit, _hf_vit], ids=["timm-deit", "hf-vit"])
+def test_onnx_runtime_runs_the_exported_model_at_another_batch_size(tmp_path, build):
     import onnxruntime as ort
-    fast = tome_fx.transform(_deit(), 4, example_inputs=torch.randn(2, 3, 32, 32))
+
+    model, name, logits = build()
+    fast = tome_fx.transform(model, 4, example_inputs=torch.randn(2, 3, 32, 32))
     batch = torch.export.Dim("batch", min=1, max=64)
-    path = tmp_path / "deit.onnx"
+    path = tmp_path / "model.onnx"
     torch.onnx.export(fast, (torch.randn(2, 3, 32, 32),), str(path), dynamo=True,
-                      dynamic_shapes={"x": {0: batch}}, verbose=False)
+                      dynamic_shapes={name: {0: batch}}, verbose=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(5, 3, 32, 32)
-    (got,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    (got, *_) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), fast(images), rtol=1e-4, atol=1e-4)
+        want = logits(fast(images))
+    assert not torch.allclose(want, logits(model(images)))  # it merged
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
