@@ -1,4 +1,4 @@
-"""Deploying a ToMe model (issue 14, in progress): ONNX Runtime. (``torch.export`` with a
+"""Deploying a ToMe model (issue 14, in progress): ONNX Runtime and AOTInductor. (``torch.export`` with a
 dynamic batch: ``test_module_behaviour``.) Each is exported at batch 2 and run at batch 5."""
 
 from unittest import mock
@@ -59,3 +59,15 @@ def test_onnx_runtime_runs_the_exported_model_at_another_batch_size(tmp_path, bu
         want = logits(fast(images))
     assert not torch.allclose(want, logits(model(images)))  # it merged
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_aot_inductor_package_runs_and_matches(tmp_path):
+    model, name, logits = _deit()
+    fast = tome_fx.transform(model, 4, example_inputs=torch.randn(2, 3, 32, 32))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(fast, (torch.randn(2, 3, 32, 32),), dynamic_shapes={name: {0: batch}})
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "deit.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(images), logits(fast(images)), rtol=1e-4, atol=1e-4)
