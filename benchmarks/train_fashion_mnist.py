@@ -9,8 +9,9 @@ epoch then reports test accuracy with that schedule and with r=0 (the plain mode
 
 AdamW with warm-up and cosine decay, label smoothing, random shifts and flips, fp32
 (bf16 autocast measured no faster on this 2-core machine).
-Test accuracy is printed after every epoch (its "seconds" are the training steps alone); the checkpoint is written after every epoch
-too, so an interrupted run still leaves the best weights so far.
+Test accuracy is printed after every epoch (its "seconds" are the training steps alone);
+the checkpoint is written after every epoch too, so an interrupted run still leaves the
+best weights so far.
 """
 
 from __future__ import annotations
