@@ -38,6 +38,12 @@ class Row:
     speedup: float  # original median / this median
     bound: float  # FLOP bound from the cost model (attention blocks)
     merge_share: float | None = None  # fraction of this variant's time spent matching + merging
+    impl: str = "tome_fx"  # or the name of a peer implementation timed in the same run
+
+    @property
+    def label(self) -> str:
+        """The schedule, and the implementation where it is a peer's."""
+        return self.schedule if self.impl == "tome_fx" else f"{self.schedule} ({self.impl})"
 
     @property
     def reached(self) -> float:
@@ -73,28 +79,36 @@ def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 2) -> dic
 
 
 def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule], *, batch: int, mode: str,
-        repeats: int, merge_share: bool = False) -> list[Row]:
+        repeats: int, merge_share: bool = False, peers: dict | None = None) -> list[Row]:
     """Time the original and one ToMe variant per schedule (r=0 is the original itself).
-    With ``merge_share``, each variant's stand-in (``without_merge_cost``) is timed too."""
+    With ``merge_share``, each variant's stand-in (``without_merge_cost``) is timed too;
+    ``peers`` maps a name to ``make(model, schedule)``, another ToMe implementation timed
+    beside tome_fx on every schedule."""
     variants = {schedule_label(s): tome_fx.transform(model, s) for s in schedules if s != 0}
     plain = tome_fx.transform(model, 0)
     models = {"0": model, **variants}
     if merge_share:
         models |= {f"{label} stand-in": without_merge_cost(fast) for label, fast in variants.items()}
+    peer_models = {(peer, label): make(model, s) for peer, make in (peers or {}).items()
+                   for s, label in ((s, schedule_label(s)) for s in schedules if s != 0)}
+    models |= {f"{label} {peer}": m for (peer, label), m in peer_models.items()}
     if mode == "compiled":
         models = {label: tome_fx.CompiledToMe(m) if isinstance(m, tome_fx.ToMeModel) else torch.compile(m)
                   for label, m in models.items()}
     inputs = torch.randn(batch, *input_size)
     times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
     base = statistics.median(times["0"])
-    rows = []
-    for label in ["0", *variants]:
-        fast, samples = variants.get(label, plain), times[label]
+
+    def row(label: str, key: str, impl: str = "tome_fx") -> Row:
+        fast, samples = variants.get(label, plain), times[key]
         median = statistics.median(samples)
-        stand_in = times.get(f"{label} stand-in")
-        rows.append(Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
-                        batch / median, base / median, fast.predicted_flops(merging=False) / fast.predicted_flops(),
-                        None if stand_in is None else 1 - statistics.median(stand_in) / median))
+        stand_in = times.get(f"{key} stand-in")
+        return Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
+                   batch / median, base / median, fast.predicted_flops(merging=False) / fast.predicted_flops(),
+                   None if stand_in is None else 1 - statistics.median(stand_in) / median, impl)
+
+    rows = [row(label, label) for label in ["0", *variants]]
+    rows += [row(label, f"{label} {peer}", peer) for peer, label in peer_models]
     return rows
 
 
@@ -172,7 +186,7 @@ def markdown(rows: list[Row]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row.model} | {row.mode} | {row.batch} | {row.schedule} | {row.tokens_out} | {row.images_per_s:.1f} | "
+            f"| {row.model} | {row.mode} | {row.batch} | {row.label} | {row.tokens_out} | {row.images_per_s:.1f} | "
             f"{row.median_s:.3f} ({row.min_s:.3f}-{row.max_s:.3f}) | {row.speedup:.2f}x | {row.bound:.2f}x | "
             f"{row.reached:.0%} | {'' if row.merge_share is None else f'{row.merge_share:.1%}'} |"
         )
@@ -203,12 +217,13 @@ def plot_speedup(rows: list[Row], path) -> None:
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         if row.schedule.isdigit():
-            groups.setdefault((row.model, row.mode, row.batch), []).append(row)
+            groups.setdefault((row.model, row.mode, row.batch, row.impl), []).append(row)
     with figure(path) as ax:
-        for (model, mode, batch), group in groups.items():
+        for (model, mode, batch, impl), group in groups.items():
             group.sort(key=lambda row: int(row.schedule))
             rs = [int(row.schedule) for row in group]
-            line, = ax.plot(rs, [row.speedup for row in group], marker="o", label=f"{model} {mode} b{batch}")
+            name = f"{model} {mode} b{batch}" + ("" if impl == "tome_fx" else f" {impl}")
+            line, = ax.plot(rs, [row.speedup for row in group], marker="o", label=name)
             ax.plot(rs, [row.bound for row in group], linestyle="--", color=line.get_color(), alpha=0.6)
         ax.set_xlabel("r (tokens merged per block)")
         ax.set_ylabel("speedup over the original")
