@@ -15,13 +15,19 @@ import torch
 from torch import Tensor
 
 
+EVEN, ODD = slice(0, None, 2), slice(1, None, 2)
+
+
 class Matching(NamedTuple):
-    """Result of bipartite soft matching for one batch of token sequences."""
+    """Result of a bipartite matching between token sets A and B (``a``, ``b``: slices or
+    index tensors over the tokens; ToMe's are the even and odd positions)."""
 
     unm_idx: Tensor  # [B, Na - r] set-A tokens that stay, ascending
     src_idx: Tensor  # [B, r] set-A tokens merged away
     dst_idx: Tensor  # [B, r] set-B token each of them merges into
     protected: int
+    a: slice | Tensor = EVEN
+    b: slice | Tensor = ODD
 
 
 def max_merges(tokens: int, protected: int) -> int:
@@ -48,12 +54,15 @@ def bipartite_soft_matching(
         none = torch.zeros(metric.shape[0], 0, dtype=torch.long, device=metric.device)
         keep = torch.arange(tokens, device=metric.device).expand(metric.shape[0], tokens)
         return Matching(keep, none, none, protected)
-    metric = metric.detach()
+    if metric.requires_grad:
+        metric = metric.detach()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
     # protected set-A tokens never leave; protected set-B tokens never receive
-    scores[:, : (protected + 1) // 2] = -torch.inf
-    scores[:, :, : protected // 2] = -torch.inf
+    if protected > 0:
+        scores[:, : (protected + 1) // 2] = -torch.inf
+    if protected > 1:
+        scores[:, :, : protected // 2] = -torch.inf
     if first is not None:
         scores = scores.masked_fill(first, 2.0)  # cosine similarities are at most 1
     if compatible is not None:
@@ -67,12 +76,7 @@ def bipartite_soft_matching(
             f"ToMe: r={r} merges of {tokens} tokens need {r} pairs the attention mask treats alike, and this "
             "batch's mask leaves fewer (few real tokens beside padding); use a smaller r or pad to a longer length",
         )
-    return Matching(
-        unm_idx=edge_idx[:, r:].sort(dim=-1).values,
-        src_idx=src_idx,
-        dst_idx=node_idx.gather(1, src_idx),
-        protected=protected,
-    )
+    return Matching(edge_idx[:, r:].sort(dim=-1).values, src_idx, node_idx.gather(1, src_idx), protected)
 
 
 def descending_order(values: Tensor) -> Tensor:
@@ -94,53 +98,53 @@ def _take(t: Tensor, idx: Tensor) -> Tensor:
     return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
 
 
-class NewOrder(NamedTuple):
-    """Where tokens go in a merge: ``[protected, unmerged set-A, set-B]``."""
-
-    kept: Tensor  # [B, N - r] old index of each new token
-    new_index: Tensor  # [B, N] new index of each old token (a merged-away token: its partner's)
-    src: Tensor  # [B, r] old index of each merged-away token
-    dst: Tensor  # [B, r] old index of the token it merges into
+def _rows(idx: Tensor, x: Tensor) -> Tensor:
+    """``idx`` [B, M] expanded over the channels of ``x`` [B, N, C], for ``gather``/``scatter_add``."""
+    return idx[..., None].expand(-1, -1, x.shape[2])
 
 
-def new_order(matching: Matching, tokens: int) -> NewOrder:
-    """The index bookkeeping of one merge, computed once and shared by values, sizes and positions."""
-    p, device = matching.protected, matching.src_idx.device
-    batch = matching.src_idx.shape[0]
-    # protected set-A tokens are the first (p + 1) // 2 of the ascending unmerged ones
-    kept = torch.cat([
-        torch.arange(p, device=device).expand(batch, p),
-        2 * matching.unm_idx[:, (p + 1) // 2 :],
-        torch.arange(1, tokens, 2, device=device)[p // 2 :].expand(batch, -1),
-    ], dim=1)
-    src, dst = 2 * matching.src_idx, 2 * matching.dst_idx + 1
-    new_index = torch.zeros(batch, tokens, dtype=kept.dtype, device=device).scatter(
-        1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept)
-    )
-    return NewOrder(kept, new_index.scatter(1, src, new_index.gather(1, dst)), src, dst)
+def _protected_first(a: Tensor, b: Tensor, protected: int) -> Tensor:
+    """Sets A and B joined as ``[protected tokens in original order, rest of A, rest of B]``
+    (protected token i is A's i // 2 for even i, B's for odd i)."""
+    if protected < 2:  # at most one protected token, A's first: A is already in front
+        return torch.cat([a, b], 1)
+    front = [(a, b)[i % 2][:, i // 2 : i // 2 + 1] for i in range(protected)]
+    return torch.cat([*front, a[:, (protected + 1) // 2 :], b[:, protected // 2 :]], 1)
 
 
-def merge_wavg(order: NewOrder, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of merged tokens; ``size`` [B, N] counts patches per token.
-    A receiving token b moves toward each token i merged into it by i's share of the new
-    size: b + sum_i s_i (x_i - b) / (s_b + sum_i s_i), which is their weighted mean. Only
-    the r merged rows are computed; every other token is copied bit for bit."""
-    acc = accumulation_dtype(x.dtype)
-    size = size.to(acc)
-    src_size = size.gather(1, order.src)
-    new_size = size.scatter_add(1, order.dst, src_size)
-    share = (src_size / new_size.gather(1, order.dst))[..., None]
-    step = (_take(x, order.src).to(acc) - _take(x, order.dst).to(acc)) * share
-    merged = _take(x.to(acc), order.kept)
-    batch, tokens = merged.shape[:2]
-    rows = order.new_index.gather(1, order.dst) + tokens * torch.arange(batch, device=x.device)[:, None]
-    merged = merged.flatten(0, 1).index_add_(0, rows.flatten(), step.flatten(0, 1)).unflatten(0, (batch, tokens))
-    return merged.to(x.dtype), new_size.gather(1, order.kept)
+def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge ``x`` [B, N, C] as ``m`` says, each merged token the size-weighted average of
+    its tokens (``size`` [B, N] counts patches per token): ``(merged x, new sizes, new index
+    of every old token)``, the tokens ordered ``[protected, unmerged set A, set B]``.
 
-
-def merge_positions(order: NewOrder, positions: Tensor) -> Tensor:
-    """Follow a merge in ``positions`` [B, N0] (where each original token now sits)."""
-    return order.new_index.gather(1, positions)
+    Computed in the sets' own layout (views for ToMe's even/odd sets), so a merge costs few
+    ops: eager latency at small batch is set by their count. A receiving token b moves
+    toward each token i merged into it by i's share of the new size, b + sum_i s_i (x_i - b)
+    / (s_b + sum_i s_i), which is their weighted mean; every other token is copied bit for bit."""
+    acc, p = accumulation_dtype(x.dtype), m.protected
+    xa, xb = x[:, m.a], x[:, m.b]
+    sa, sb = size[:, m.a].to(acc), size[:, m.b].to(acc)
+    src_size = sa.gather(1, m.src_idx)
+    sb = sb.scatter_add(1, m.dst_idx, src_size)
+    share = (src_size / sb.gather(1, m.dst_idx))[..., None]
+    dst = _rows(m.dst_idx, x)
+    step = (xa.gather(1, _rows(m.src_idx, x)).to(acc) - xb.gather(1, dst).to(acc)) * share
+    xb = xb.to(acc).scatter_add(1, dst, step).to(x.dtype)
+    merged = _protected_first(xa.gather(1, _rows(m.unm_idx, x)), xb, p)
+    new_size = _protected_first(sa.gather(1, m.unm_idx), sb, p)
+    # new index of each old token: set A by rank among the unmerged (or its partner's), set B after them
+    batch, kept_a = m.unm_idx.shape
+    rank = torch.arange(kept_a, device=x.device)
+    b_index = torch.arange(kept_a, kept_a + xb.shape[1], device=x.device)
+    if p > 1:  # the first p // 2 set-B tokens sit among the protected ones in front
+        rank = rank + rank.clamp_max(p // 2)
+        b_index = torch.where(b_index < kept_a + p // 2, 2 * (b_index - kept_a) + 1, b_index)
+    a_index = torch.empty(batch, xa.shape[1], dtype=torch.long, device=x.device)
+    a_index = a_index.scatter_(1, m.unm_idx, rank.expand(batch, -1)).scatter_(1, m.src_idx, b_index[m.dst_idx])
+    new_index = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
+    new_index[:, m.a] = a_index
+    new_index[:, m.b] = b_index
+    return merged, new_size, new_index
 
 
 def initial_size(x: Tensor) -> Tensor:
@@ -174,7 +178,9 @@ def unmerge(
 def key_metric(keys: Tensor, token_dim: int) -> Tensor:
     """Matching metric from attention keys [B, heads, ..] with tokens on ``token_dim``:
     the keys averaged over heads, as [B, N, C]."""
-    return keys.movedim(token_dim, 2).mean(dim=1)
+    if token_dim % keys.dim() != 2:
+        keys = keys.movedim(token_dim, 2)
+    return keys.mean(dim=1)
 
 
 def representatives(positions: Tensor, tokens: int) -> Tensor:
@@ -271,9 +277,8 @@ def tome_merge(
         alike = (cols[:, ::2, None] == cols[:, None, 1::2]).all(-1)
         compatible = alike if compatible is None else compatible & alike
     matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected, compatible, inert)
-    order = new_order(matching, tokens)
-    x, new_size = merge_wavg(order, x, size)
-    return x, new_size, merge_positions(order, positions)
+    x, size, new_index = merge_matched(matching, x, size)
+    return x, size, new_index.gather(1, positions)
 
 
 def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1) -> Tensor:
@@ -320,7 +325,7 @@ def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start
     return (x.to(accumulation_dtype(x.dtype)) * weight).to(x.dtype)
 
 
-def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: bool) -> NewOrder:
+def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: bool) -> Matching:
     """tomesd's matching on an ``h`` x ``w`` grid of tokens ``metric`` [B, N, C]: one receiving
     (dst) token in each ``sy`` x ``sx`` cell -- its top-left one, or with ``rand`` a random one
     (global RNG) -- every other token a source; each source pairs with its most similar dst
@@ -343,23 +348,18 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     r = min(r, src_set.shape[0])
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
-    src, unmerged = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
-    kept = torch.cat([src_set[unmerged], dst_set.expand(batch, -1)], dim=1)
-    src_old, dst_old = src_set[src], dst_set[node_idx.gather(1, src)]
-    new_index = torch.zeros(batch, metric.shape[1], dtype=torch.long, device=device).scatter(
-        1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept)
-    )
-    return NewOrder(kept, new_index.scatter(1, src_old, new_index.gather(1, dst_old)), src_old, dst_old)
+    src = edge_idx[:, :r]
+    return Matching(edge_idx[:, r:].sort(dim=-1).values, src, node_idx.gather(1, src), 0, src_set, dst_set)
 
 
-def branch_merge(x: Tensor, order: NewOrder) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge a branch's input ``x`` [B, N, C] (every token one patch) as ``order`` says:
+def branch_merge(x: Tensor, matching: Matching) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge a branch's input ``x`` [B, N, C] (every token one patch) as ``matching`` says:
     ``(merged tokens, their sizes, positions)``; ``branch_unmerge`` brings the branch's output
     back to all N tokens, each merged source taking its dst's value. A grid [B, h, w, C]
     merges as its h * w tokens and stays 4-d: [B, N', 1, C]."""
     tokens = x.flatten(1, -2)
-    merged, size = merge_wavg(order, tokens, initial_size(tokens))
-    return (merged if x.dim() == 3 else merged.unsqueeze(2)), size, order.new_index
+    merged, size, positions = merge_matched(matching, tokens, initial_size(tokens))
+    return (merged if x.dim() == 3 else merged.unsqueeze(2)), size, positions
 
 
 def branch_unmerge(y: Tensor, positions: Tensor, like: Tensor) -> Tensor:
