@@ -37,7 +37,7 @@ def max_merges(tokens: int, protected: int) -> int:
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sizes and weighted sums are kept in at least float32 (bf16 cannot count past 256)."""
-    return torch.promote_types(dtype, torch.float32)
+    return dtype if dtype in (torch.float32, torch.float64) else torch.promote_types(dtype, torch.float32)
 
 
 def bipartite_soft_matching(
@@ -57,12 +57,12 @@ def bipartite_soft_matching(
     if metric.requires_grad:
         metric = metric.detach()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    scores = torch.bmm(metric[:, ::2], metric[:, 1::2].transpose(1, 2))  # not matmul: 3 fewer ops
     # protected set-A tokens never leave; protected set-B tokens never receive
     if protected > 0:
-        scores[:, : (protected + 1) // 2] = -torch.inf
+        scores[:, : (protected + 1) // 2].fill_(-torch.inf)
     if protected > 1:
-        scores[:, :, : protected // 2] = -torch.inf
+        scores[:, :, : protected // 2].fill_(-torch.inf)
     if first is not None:
         scores = scores.masked_fill(first, 2.0)  # cosine similarities are at most 1
     if compatible is not None:
@@ -139,11 +139,16 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor,
     if p > 1:  # the first p // 2 set-B tokens sit among the protected ones in front
         rank = rank + rank.clamp_max(p // 2)
         b_index = torch.where(b_index < kept_a + p // 2, 2 * (b_index - kept_a) + 1, b_index)
-    a_index = torch.empty(batch, xa.shape[1], dtype=torch.long, device=x.device)
-    a_index = a_index.scatter_(1, m.unm_idx, rank.expand(batch, -1)).scatter_(1, m.src_idx, b_index[m.dst_idx])
     new_index = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
-    new_index[:, m.a] = a_index
-    new_index[:, m.b] = b_index
+    if isinstance(m.a, slice):  # ToMe's sets: each set's entries are a view of new_index, filled in place
+        new_index[:, m.b].copy_(b_index)
+        a_index = new_index[:, m.a]
+    else:
+        new_index[:, m.b] = b_index
+        a_index = torch.empty(batch, xa.shape[1], dtype=torch.long, device=x.device)
+    a_index.scatter_(1, m.unm_idx, rank.expand(batch, -1)).scatter_(1, m.src_idx, b_index[m.dst_idx])
+    if not isinstance(m.a, slice):
+        new_index[:, m.a] = a_index
     return merged, new_size, new_index
 
 
@@ -285,7 +290,10 @@ def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: in
     """``size`` [B, N] (tokens from ``start`` on) laid out to broadcast against an ``ndim``-dim
     tensor whose batch is on ``batch_dim`` and tokens on ``token_dim``; ``inner`` > 1: that
     dim folds the batch with ``inner`` entries inside it (heads in nn.MultiheadAttention's B*H)."""
-    size = size[:, start:].repeat_interleave(inner, 0) if inner > 1 else size[:, start:]
+    if start:
+        size = size[:, start:]
+    if inner > 1:
+        size = size.repeat_interleave(inner, 0)
     shape = [1] * ndim
     shape[batch_dim], shape[token_dim] = size.shape
     if batch_dim > token_dim:
