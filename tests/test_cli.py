@@ -37,12 +37,28 @@ def test_eval_reports_original_and_tome_top1_on_an_image_folder(tmp_path, fashio
     data = _image_folder(tmp_path / "data")
     out = tmp_path / "acc.json"
     cli.main(["eval", "--checkpoint", str(fashion_checkpoint), "--data", str(data), "--r", "8", "13,-1",
-              "--batch", "7", "--out", str(out), "--quiet"])
+              "--batch", "7", "--workers", "2", "--out", str(out), "--quiet"])
     printed = capsys.readouterr().out
-    assert "on 30 images" in printed and "r=13,-1" in printed
+    assert "on 30 images" in printed and "r=13,-1" in printed and "model alone" in printed
+    assert "end-to-end" in printed and "waiting on the loader (2 workers)" in printed
     report = json.loads(out.read_text())
     # every image is predicted class 3 and 3 of the 30 images are in folder 03
     assert report["top1"] == pytest.approx({"original": 0.1, "r=8": 0.1, "r=13,-1": 0.1})
+    # each model's own throughput is at least the end-to-end one, which also waits on the loader
+    assert min(report["model_images_per_s"].values()) > report["end_to_end_images_per_s"] > 0
+
+
+def test_eval_preprocesses_as_timm_and_torchvision_say_for_the_weights():
+    """timm models get ``resolve_data_config``'s transform (resize, centre crop, normalise), torchvision
+    models their weights' preset: not a plain resize of the whole image."""
+    from timm.data import create_transform, resolve_data_config
+
+    image = Image.fromarray(torch.randint(0, 256, (200, 300, 3), dtype=torch.uint8).numpy())
+    loaded = zoo.load("deit_tiny_patch16_224")
+    want = create_transform(**resolve_data_config({}, model=loaded.model))(image)
+    assert want.shape == (3, 224, 224) and torch.equal(loaded.eval_transform()(image), want)
+    assert not torch.allclose(loaded.preprocess(image), want)  # the crop matters
+    assert zoo.load("tv:vit_b_16").eval_transform()(image).shape == (3, 224, 224)
 
 
 def test_eval_without_images_says_what_layout_it_expects(tmp_path, fashion_checkpoint):
@@ -100,6 +116,33 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert rows["0"]["speedup"] == 1.0 and rows["16"]["bound"] > rows["8"]["bound"] > 1
     assert rows["0"]["merge_share"] is None and all(-1 < rows[r]["merge_share"] < 1 for r in ("8", "16"))
     assert (tmp_path / "speedup.png").stat().st_size > 0 and (tmp_path / "bench.md").read_text().startswith("| model")
+
+
+def test_bench_in_bfloat16_reports_the_fused_attention_kernel(tmp_path, capsys):
+    """``--dtype`` moves model and inputs; each row names the attention kernels that ran, and the
+    ToMe model's (a float bias for proportional attention) are fused ones, not the math fallback."""
+    cli.main(["bench", "--models", "fashion-vit", "--r", "8", "--batch", "2", "--repeats", "1", "--dtype",
+              "bfloat16", "--out", str(tmp_path)])
+    assert "bfloat16" in capsys.readouterr().out
+    rows = {row["schedule"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows["8"]["dtype"] == "bfloat16" and rows["8"]["device"] == "cpu"
+    assert rows["8"]["sdpa"] == "_scaled_dot_product_flash_attention_for_cpu x6", rows["8"]["sdpa"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_on_a_missing_gpu_says_so():
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        cli.main(["bench", "--models", "fashion-vit", "--device", "cuda", "--dtype", "float16"])
+
+
+def test_bench_times_a_peer_beside_tome_fx():
+    from tome_fx import bench
+
+    model = fashion_mnist.create_model(checkpoint=None)
+    rows = bench.run("fashion-vit", model, (1, 28, 28), [0, 8], batch=2, mode="eager", repeats=1,
+                     peers={"same": tome_fx.transform})
+    assert [(row.label, row.impl) for row in rows] == [("0", "tome_fx"), ("8", "tome_fx"), ("8 (same)", "same")]
+    assert rows[2].bound == rows[1].bound and rows[2].tokens_out == rows[1].tokens_out
 
 
 def test_schedules_parse_as_the_help_says():

@@ -39,6 +39,9 @@ class Row:
     bound: float  # FLOP bound from the cost model (attention blocks)
     merge_share: float | None = None  # fraction of this variant's time spent matching + merging
     impl: str = "tome_fx"  # or the name of a peer implementation timed in the same run
+    device: str = "cpu"
+    dtype: str = "float32"
+    sdpa: str = ""  # the attention kernels one call ran (``sdpa_kernels``)
 
     @property
     def label(self) -> str:
@@ -64,26 +67,49 @@ def schedule_label(schedule: Schedule) -> str:
 
 def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per call of every model, calls round-robin after ``warmup`` calls each (two: a
-    ``torch.compile``d original compiles again on its second call)."""
+    ``torch.compile``d original compiles again on its second call). On CUDA each call is
+    timed to the end of its kernels."""
     times = {name: [] for name in models}
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     with torch.no_grad():
         for model in models.values():
             for _ in range(warmup):
                 model(inputs)
         for _ in range(repeats):
             for name, model in models.items():
+                sync()
                 start = time.perf_counter()
                 model(inputs)
+                sync()
                 times[name].append(time.perf_counter() - start)
     return times
 
 
+def sdpa_kernels(model, inputs) -> str:
+    """The ``scaled_dot_product_attention`` kernels one call of ``model`` runs, with counts:
+    the backend torch picked for each call (CPU fused, flash, memory-efficient, cuDNN), or
+    ``_scaled_dot_product_attention_math``, the unfused fallback. Proportional attention
+    passes a float bias, which flash attention cannot take: this shows what runs instead."""
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        model(inputs)
+    kernels = Counter(event.name.removeprefix("aten::") for event in prof.events()
+                      if "scaled_dot_product" in event.name and event.name != "aten::scaled_dot_product_attention")
+    return ", ".join(f"{name} x{count}" for name, count in sorted(kernels.items()))
+
+
 def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule], *, batch: int, mode: str,
-        repeats: int, merge_share: bool = False, peers: dict | None = None) -> list[Row]:
+        repeats: int, merge_share: bool = False, peers: dict | None = None, device: str = "cpu",
+        dtype: torch.dtype = torch.float32, compile_kwargs: dict | None = None) -> list[Row]:
     """Time the original and one ToMe variant per schedule (r=0 is the original itself).
     With ``merge_share``, each variant's stand-in (``without_merge_cost``) is timed too;
     ``peers`` maps a name to ``make(model, schedule)``, another ToMe implementation timed
-    beside tome_fx on every schedule."""
+    beside tome_fx on every schedule. The model is moved to ``device`` and ``dtype`` first;
+    ``compile_kwargs`` go to every ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs)."""
+    model = model.to(device=device, dtype=dtype)
     variants = {schedule_label(s): tome_fx.transform(model, s) for s in schedules if s != 0}
     plain = tome_fx.transform(model, 0)
     models = {"0": model, **variants}
@@ -93,10 +119,12 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
                    for s, label in ((s, schedule_label(s)) for s in schedules if s != 0)}
     models |= {f"{label} {peer}": m for (peer, label), m in peer_models.items()}
     if mode == "compiled":
-        models = {label: tome_fx.CompiledToMe(m) if isinstance(m, tome_fx.ToMeModel) else torch.compile(m)
-                  for label, m in models.items()}
-    inputs = torch.randn(batch, *input_size)
+        kwargs = compile_kwargs or {}
+        models = {label: tome_fx.CompiledToMe(m, **kwargs) if isinstance(m, tome_fx.ToMeModel)
+                  else torch.compile(m, **kwargs) for label, m in models.items()}
+    inputs = torch.randn(batch, *input_size, device=device, dtype=dtype)
     times = time_interleaved(models, inputs, repeats, warmup=2 if mode == "compiled" else 1)
+    kernels = {label: sdpa_kernels(models[label], inputs) for label in ["0", *variants]}
     base = statistics.median(times["0"])
 
     def row(label: str, key: str, impl: str = "tome_fx") -> Row:
@@ -105,7 +133,8 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
         stand_in = times.get(f"{key} stand-in")
         return Row(name, mode, batch, label, fast.token_counts[-1], median, min(samples), max(samples),
                    batch / median, base / median, fast.predicted_flops(merging=False) / fast.predicted_flops(),
-                   None if stand_in is None else 1 - statistics.median(stand_in) / median, impl)
+                   None if stand_in is None else 1 - statistics.median(stand_in) / median, impl,
+                   str(torch.device(device)), str(dtype).removeprefix("torch."), kernels.get(key, ""))
 
     rows = [row(label, label) for label in ["0", *variants]]
     rows += [row(label, f"{label} {peer}", peer) for peer, label in peer_models]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -57,16 +58,23 @@ def _load(args) -> zoo.LoadedModel:
 def _bench(args) -> None:
     from tqdm import tqdm
 
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"tome-fx bench: --device {args.device} asked for, but this torch sees no CUDA GPU")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rows = []
     configs = [(m, b, mode) for m in args.models for b in args.batch for mode in args.modes]
     for name, batch, mode in tqdm(configs, desc="bench", unit="config"):
         loaded = zoo.load(name, checkpoint=None)
         rows += bench.run(name, loaded.model, loaded.input_size, [0, *args.r], batch=batch, mode=mode,
-                          repeats=args.repeats, merge_share=args.merge_share)
+                          repeats=args.repeats, merge_share=args.merge_share, device=args.device,
+                          dtype=getattr(torch, args.dtype),
+                          compile_kwargs={"mode": args.compile_mode} if args.compile_mode else None)
     table = bench.markdown(rows)
-    print(f"{torch.get_num_threads()} threads, fp32, medians of {args.repeats} interleaved calls after warm-up")
+    where = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"{where}, {args.dtype}, medians of {args.repeats} interleaved calls after warm-up")
     print(table)
+    print("attention kernels:\n" + "\n".join(sorted({f"  {r.model} {r.mode} r={r.schedule}: {r.sdpa or 'none'}"
+                                                    for r in rows})))
     if args.merge_share:
         print("merge share: 1 - time(stand-in whose merges just drop r tokens) / time(ToMe model)")
     if args.out:
@@ -75,6 +83,7 @@ def _bench(args) -> None:
         report = {
             "command": "tome-fx " + " ".join(args.argv),
             "threads": torch.get_num_threads(),
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "rows": [row.as_dict() for row in rows],
         }
@@ -103,15 +112,22 @@ def _eval(args) -> None:
     loaded = _load(args)
     models = {"original": loaded.model}
     models.update({f"r={bench.schedule_label(s)}": tome_fx.transform(loaded.model, s) for s in args.r})
-    data, total = batches(args.data, loaded, args.batch, args.limit)
+    data, total = batches(args.data, loaded, args.batch, args.limit, args.workers)
     print(f"{args.model} ({loaded.weights}) on {total} images of {args.data}")
-    accuracy = top1(models, data, total, progress=not args.quiet)
+    seconds = {}
+    accuracy = top1(models, data, total, progress=not args.quiet, seconds=seconds)
     base = accuracy["original"]
     for name, value in accuracy.items():
-        print(f"{name:>12}: top-1 {value:.2%}" + ("" if name == "original" else f"  ({value - base:+.2%})"))
+        print(f"{name:>12}: top-1 {value:.2%}" + ("" if name == "original" else f"  ({value - base:+.2%})")
+              + f"   model alone {total / seconds[name]:.1f} img/s")
+    print(f"{'end-to-end':>12}: {total / seconds['total']:.1f} img/s through all {len(models)} models, "
+          f"{seconds['loader']:.1f} s of {seconds['total']:.1f} s waiting on the loader ({args.workers} workers)")
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps({"model": args.model, "weights": loaded.weights,
-                                                      "images": total, "top1": accuracy}, indent=1))
+        pathlib.Path(args.out).write_text(json.dumps({
+            "model": args.model, "weights": loaded.weights, "images": total, "top1": accuracy,
+            "model_images_per_s": {name: total / seconds[name] for name in models},
+            "end_to_end_images_per_s": total / seconds["total"], "loader_wait_s": seconds["loader"],
+            "workers": args.workers}, indent=1))
 
 
 def _visualize(args) -> None:
@@ -148,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant (after warm-up)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weights and inputs (float16: GPU)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode for --modes compiled (reduce-overhead: CUDA graphs, for batch 1)")
     p.add_argument("--merge-share", action="store_true",
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
@@ -171,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", nargs="+", type=parse_schedule, default=[4, 8, 13, 16], help="schedules to evaluate")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes decoding images (default: up to 8)")
     p.add_argument("--out", help="write the accuracies as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -36,6 +36,12 @@ class LoadedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     weights: str  # where the weights came from, for reports
+    transform: Callable | None = None  # the weights' own eval preprocessing (PIL image -> tensor), if known
+
+    def eval_transform(self) -> Callable:
+        """PIL image -> input tensor, as the weights were evaluated: timm's data config
+        (resize, centre crop, normalise), torchvision's weights preset; else ``preprocess``."""
+        return self.transform or self.preprocess
 
     def preprocess(self, image) -> torch.Tensor:
         """A PIL image as a normalised [C, H, W] tensor of the model's input size."""
@@ -96,8 +102,12 @@ def _timm(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
 
 
 def _timm_loaded(model: torch.nn.Module, weights: str) -> LoadedModel:
+    from timm.data import create_transform, resolve_data_config
+
     cfg = model.pretrained_cfg
-    return LoadedModel(model.eval(), tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]), weights)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    return LoadedModel(model.eval(), tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]), weights,
+                       transform)
 
 
 def _torchvision(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
@@ -118,7 +128,8 @@ def _torchvision(name: str, pretrained: bool, checkpoint: str | None) -> LoadedM
             raise _unavailable(name, error, how) from error
         weights = "pretrained"
     side = model.image_size
-    return LoadedModel(model.eval(), (3, side, side), IMAGENET_MEAN, IMAGENET_STD, weights)
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()  # resize, crop, normalise
+    return LoadedModel(model.eval(), (3, side, side), IMAGENET_MEAN, IMAGENET_STD, weights, preset)
 
 
 def _hf(name: str, pretrained: bool, checkpoint: str | None) -> LoadedModel:
