@@ -70,7 +70,8 @@ def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 2) -> dic
     ``torch.compile``d original compiles again on its second call). On CUDA each call is
     timed to the end of its kernels."""
     times = {name: [] for name in models}
-    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    on_gpu = any(t.is_cuda for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     with torch.no_grad():
         for model in models.values():
             for _ in range(warmup):

@@ -48,6 +48,27 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--checkpoint", help="local weights: a timm/torchvision file, or an HF model folder")
 
 
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="weights and inputs (float16: GPU)")
+
+
+def _set_device(args) -> str:
+    """Checks --device and sets --threads; returns where the run happens, for its report."""
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"tome-fx: --device {args.device} asked for, but this torch sees no CUDA GPU")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    where = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    return f"{where}, {args.dtype}"
+
+
+def _compile_kwargs(args) -> dict:
+    kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+    return kwargs | ({"options": {"cpp_wrapper": True}} if args.cpp_wrapper else {})
+
+
 def _load(args) -> zoo.LoadedModel:
     try:
         return zoo.load(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
@@ -58,20 +79,16 @@ def _load(args) -> zoo.LoadedModel:
 def _bench(args) -> None:
     from tqdm import tqdm
 
-    if args.device != "cpu" and not torch.cuda.is_available():
-        raise SystemExit(f"tome-fx bench: --device {args.device} asked for, but this torch sees no CUDA GPU")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    where = _set_device(args)
     rows = []
     configs = [(m, b, mode) for m in args.models for b in args.batch for mode in args.modes]
     for name, batch, mode in tqdm(configs, desc="bench", unit="config"):
         loaded = zoo.load(name, checkpoint=None)
         rows += bench.run(name, loaded.model, loaded.input_size, [0, *args.r], batch=batch, mode=mode,
                           repeats=args.repeats, merge_share=args.merge_share, device=args.device,
-                          dtype=getattr(torch, args.dtype),
-                          compile_kwargs={"mode": args.compile_mode} if args.compile_mode else None)
+                          dtype=getattr(torch, args.dtype), compile_kwargs=_compile_kwargs(args))
     table = bench.markdown(rows)
-    where = f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
-    print(f"{where}, {args.dtype}, medians of {args.repeats} interleaved calls after warm-up")
+    print(f"{where}, medians of {args.repeats} interleaved calls after warm-up")
     print(table)
     print("attention kernels:\n" + "\n".join(sorted({f"  {r.model} {r.mode} r={r.schedule}: {r.sdpa or 'none'}"
                                                     for r in rows})))
@@ -83,7 +100,7 @@ def _bench(args) -> None:
         report = {
             "command": "tome-fx " + " ".join(args.argv),
             "threads": torch.get_num_threads(),
-            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "where": where,
             "torch": torch.__version__,
             "rows": [row.as_dict() for row in rows],
         }
@@ -96,13 +113,13 @@ def _bench(args) -> None:
 def _bench_grid(args) -> None:
     from . import grid_bench
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    where = _set_device(args)
     rows, ratios = [], args.ratios or ([0.3, 0.5, 0.6] if args.model == "sd" else [0.5, 0.75])
     for mode in args.modes:
         run = grid_bench.run_sd if args.model == "sd" else grid_bench.run_sam
-        rows += run(ratios, mode, args.repeats)
+        rows += run(ratios, mode, args.repeats, device=args.device, dtype=getattr(torch, args.dtype))
         grid_bench.write(rows, args.out, args.model)  # after each mode: a long run keeps what it has
-    print(f"{torch.get_num_threads()} threads, fp32, medians of {args.repeats} interleaved calls after warm-up")
+    print(f"{where}, medians of {args.repeats} interleaved calls after warm-up")
     print((pathlib.Path(args.out) / f"{args.model}.md").read_text())
 
 
@@ -163,12 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", nargs="+", type=int, default=[8])
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant (after warm-up)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="weights and inputs (float16: GPU)")
-    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+    _add_device_arguments(p)
+    how = p.add_mutually_exclusive_group()  # torch.compile takes a mode or options, not both
+    how.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode for --modes compiled (reduce-overhead: CUDA graphs, for batch 1)")
+    how.add_argument("--cpp-wrapper", action="store_true",
+                   help="compile with inductor's C++ wrapper: less Python per call, for CPU at small batch")
     p.add_argument("--merge-share", action="store_true",
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
@@ -181,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratios to time (default: sd 0.3 0.5 0.6, sam 0.5 0.75)")
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (after warm-up)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    _add_device_arguments(p)
     p.add_argument("--out", default="benchmarks/results/grid", help="folder for MODEL.json and MODEL.md")
 
     p = commands.add_parser("eval", help="top-1, original vs ToMe, on an image folder",

@@ -61,13 +61,20 @@ def _timed(times: dict, model: str, mode: str, bounds: dict, diffs: dict) -> lis
     ]
 
 
-def run_sd(ratios: list[float], mode: str, repeats: int, all_branches: float | None = 0.5) -> list[GridRow]:
+def _to(model: torch.nn.Module, inputs, device: str, dtype: torch.dtype):
+    """Model and inputs on ``device``, floating-point ones in ``dtype``."""
+    move = (lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype))
+    return model.to(device=device, dtype=dtype), torch.utils._pytree.tree_map_only(torch.Tensor, move, inputs)
+
+
+def run_sd(ratios: list[float], mode: str, repeats: int, all_branches: float | None = 0.5, device: str = "cpu",
+           dtype: torch.dtype = torch.float32) -> list[GridRow]:
     """Original, tomesd and ``tome_fx.sd`` at each ratio (self-attention only, tomesd's
     default), plus ``tome_fx.sd`` merging every branch at ``all_branches``; ``use_rand=False``
     so outputs compare."""
     import tomesd
 
-    unet, inputs = sd15_unet()
+    unet, inputs = _to(*sd15_unet(), device, dtype)
     patched = copy.deepcopy(unet)
     variants: dict = {"original": unet}
     for ratio in ratios:
@@ -106,13 +113,14 @@ def run_sd(ratios: list[float], mode: str, repeats: int, all_branches: float | N
     return _timed(times, "SD-1.5 UNet 512px b2", mode, bounds, diffs)
 
 
-def run_sam(ratios: list[float], mode: str, repeats: int) -> list[GridRow]:
+def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> list[GridRow]:
     """segment_anything's ViT-B image encoder at 1024 x 1024, batch 1."""
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
-    encoder = sam_model_registry["vit_b"](checkpoint=None).image_encoder.eval()
-    inputs = torch.randn(1, 3, 1024, 1024)
+    encoder, inputs = _to(sam_model_registry["vit_b"](checkpoint=None).image_encoder.eval(),
+                          torch.randn(1, 3, 1024, 1024), device, dtype)
     calls = {"original": encoder, **{f"tome_fx r={r}": sam.apply(encoder, r) for r in ratios}}
     if mode == "compiled":
         for name, m in calls.items():
