@@ -39,6 +39,8 @@ CONFIGS = [
     ("deit_tiny_patch16_224", 1, "compiled+cpp", 60),
     ("deit_small_patch16_224", 1, "compiled+cpp", 40),
 ]
+# the official patch as it is, and with the original's fused attention kept (to tell the two costs apart)
+PEERS = {"paper": paper_patch, "paper+sdpa": lambda model, r: paper_patch(model, r, sdpa=True)}
 COMPILE_KWARGS = {"compiled": None, "compiled+cpp": {"options": {"cpp_wrapper": True}}}
 FASHION = ("fashion-vit", 64, "compiled", 20, [4, 8, 16, 24])
 
@@ -80,7 +82,7 @@ def main() -> None:
     for name, batch, mode, repeats in CONFIGS:
         loaded = zoo.load(name, checkpoint=None)
         new = bench.run(name, loaded.model, loaded.input_size, [0, R], batch=batch, mode=mode.split("+")[0],
-                        repeats=repeats, merge_share=True, peers={"paper": paper_patch},
+                        repeats=repeats, merge_share=True, peers=PEERS,
                         compile_kwargs=COMPILE_KWARGS.get(mode))
         for row in new:
             row.mode = mode

@@ -55,11 +55,15 @@ class _PaperAttention(Attention):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        if size is not None:
-            attn = attn + size.log()[:, None, None, :, 0]
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+        bias = None if size is None else size.log()[:, None, None, :, 0]
+        if self.sdpa:  # not in the official code: isolates what its written-out attention is worth
+            x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            if bias is not None:
+                attn = attn + bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
         return x, k.mean(1)
 
 
@@ -83,9 +87,10 @@ def _paper_forward(self, x):
     return super(type(self), self).forward(x)
 
 
-def paper_patch(model: VisionTransformer, r: int) -> VisionTransformer:
+def paper_patch(model: VisionTransformer, r: int, sdpa: bool = False) -> VisionTransformer:
     """A copy of a timm ViT (no layer scale, no norms inside attention) patched the way the
-    official code patches it, merging ``r`` tokens per block with proportional attention."""
+    official code patches it, merging ``r`` tokens per block with proportional attention.
+    ``sdpa``: its attention through ``scaled_dot_product_attention``, as the original's."""
     model = copy.deepcopy(model)
     model.__class__ = type(f"Paper{type(model).__name__}", (type(model),), {"forward": _paper_forward})
     model.r = r
@@ -94,4 +99,5 @@ def paper_patch(model: VisionTransformer, r: int) -> VisionTransformer:
         block.__class__ = _PaperBlock
         block._tome_info = model._tome_info
         block.attn.__class__ = _PaperAttention
+        block.attn.sdpa = sdpa
     return model

