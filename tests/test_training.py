@@ -2,7 +2,10 @@
 implementation of the paper's algorithm (tests/reference.py) in float64."""
 
 import copy
+import datetime
+import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -171,7 +174,9 @@ def _ddp_worker(rank, world, init_file, images, target, out):
     """One process of a DDP run: its share of the batch, gradients averaged over processes."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective that cannot complete raises after a minute instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     model = _small_deit().double()
     fast = tome_fx.transform(model, 4, example_inputs=images[:2])
@@ -182,12 +187,18 @@ def _ddp_worker(rank, world, init_file, images, target, out):
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out)
     dist.destroy_process_group()
+    # the work is done and saved; a worker's interpreter shutdown can hang after gloo (2 runs in 6
+    # here, every step finished first), which would stall mp.spawn: leave at once, exit code 0
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
-def test_ddp_on_two_processes_gives_the_single_process_gradients(tmp_path):
+def test_ddp_on_two_processes_gives_the_single_process_gradients(tmp_path, monkeypatch):
     """A ToMe model wrapped in DistributedDataParallel (gloo, 2 CPU processes) computes the
     gradients of one process on the whole batch, in float64."""
     import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: not whatever the hostname resolves to
 
     images, target = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
     out = tmp_path / "grads.pt"
