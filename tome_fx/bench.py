@@ -108,7 +108,7 @@ def run(name: str, model: torch.nn.Module, input_size, schedules: list[Schedule]
     """Time the original and one ToMe variant per schedule (r=0 is the original itself).
     With ``merge_share``, each variant's stand-in (``without_merge_cost``) is timed too;
     ``peers`` maps a name to ``make(model, schedule)``, another ToMe implementation timed
-    beside tome_fx on every schedule. The model is moved to ``device`` and ``dtype`` first;
+    beside tome_fx on every schedule. The model is moved to ``device`` and ``dtype`` first (in place);
     ``compile_kwargs`` go to every ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs)."""
     model = model.to(device=device, dtype=dtype)
     variants = {schedule_label(s): tome_fx.transform(model, s) for s in schedules if s != 0}

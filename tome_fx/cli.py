@@ -183,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arguments(p)
     how = p.add_mutually_exclusive_group()  # torch.compile takes a mode or options, not both
     how.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode for --modes compiled (reduce-overhead: CUDA graphs, for batch 1)")
+                     help="torch.compile mode for --modes compiled (reduce-overhead: CUDA graphs, for batch 1)")
     how.add_argument("--cpp-wrapper", action="store_true",
-                   help="compile with inductor's C++ wrapper: less Python per call, for CPU at small batch")
+                     help="compile with inductor's C++ wrapper: less Python per call, for CPU at small batch")
     p.add_argument("--merge-share", action="store_true",
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")

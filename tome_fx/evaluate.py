@@ -50,9 +50,7 @@ def batches(data: str | pathlib.Path, loaded: LoadedModel, batch: int, limit: in
     dataset = image_folder(data, loaded.eval_transform())
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
-                                         persistent_workers=False, pin_memory=False)
-    return loader, len(dataset)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers), len(dataset)
 
 
 def logits_of(output) -> torch.Tensor:

@@ -140,12 +140,12 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor,
         rank = rank + rank.clamp_max(p // 2)
         b_index = torch.where(b_index < kept_a + p // 2, 2 * (b_index - kept_a) + 1, b_index)
     new_index = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
-    if isinstance(m.a, slice):  # ToMe's sets: each set's entries are a view of new_index, filled in place
+    if isinstance(m.a, slice):  # ToMe's sets are strided views of new_index: filled in place
         new_index[:, m.b].copy_(b_index)
         a_index = new_index[:, m.a]
-    else:
+    else:  # index sets: filled apart, then written
         new_index[:, m.b] = b_index
-        a_index = torch.empty(batch, xa.shape[1], dtype=torch.long, device=x.device)
+        a_index = new_index.new_empty(batch, xa.shape[1])
     a_index.scatter_(1, m.unm_idx, rank.expand(batch, -1)).scatter_(1, m.src_idx, b_index[m.dst_idx])
     if not isinstance(m.a, slice):
         new_index[:, m.a] = a_index
@@ -340,7 +340,7 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     by cosine similarity, and the ``r`` best pairs merge. Kept tokens are ordered
     ``[unmerged sources by position, dst tokens]``."""
     metric = metric.flatten(1, -2)  # a grid [B, h, w, C] as its h * w tokens
-    batch, device = metric.shape[0], metric.device
+    device = metric.device
     hsy, wsx = h // sy, w // sx
     cells = torch.zeros(hsy, wsx, sy * sx, dtype=torch.long, device=device)
     choice = (torch.randint(sy * sx, (hsy, wsx, 1), device=device) if rand
