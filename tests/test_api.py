@@ -254,3 +254,59 @@ def test_each_compiled_model_compiles_a_graph_of_its_own():
         for r in (1, 2, 3):
             compiled = tome_fx.compile(model, r, example_inputs=images, fullgraph=True)
             torch.testing.assert_close(compiled(images), compiled.model(images), rtol=1e-4, atol=1e-4)
+
+
+class _Positioned(torch.nn.Module):
+    """Positions passed in as an input of their own, without a batch (as FLUX's ids are), and a
+    residual added back through dtype casts (as Wan's is)."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed, self.qkv, self.proj = torch.nn.Linear(4, dim), torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, table):
+        h = self.embed(x) + table
+        for _ in range(2):
+            b, n, c = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+            attended = self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+            h = (h.double() + attended.double()).type_as(h)
+        return h.mean(1)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_an_input_without_a_batch_is_taken_as_it_is(batch):
+    model = _Positioned().eval()
+    table = torch.zeros(16, 8)  # equal positions: merging duplicates stays exact
+    fast = tome_fx.transform(model, 2, example_inputs=(torch.randn(batch, 16, 4), table))
+    assert fast.schedule == [2, 2] and fast.input_shapes == [(16, 4)]
+    x = torch.randn(3, 16, 4)
+    x[:, ::2] = x[:, 1::2]  # every patch has a twin
+    torch.testing.assert_close(fast(x, table), model(x, table), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(8, 8\)"):
+        fast(x, torch.zeros(8, 8))
+
+
+def test_a_transform_that_merges_nothing_says_so():
+    inputs = (torch.randn(2, 16, 4), torch.zeros(16, 8))
+    with pytest.warns(UserWarning, match=r"merges no token: r=0.01 comes to 0 in every block \(16 tokens"):
+        tome_fx.transform(_Positioned().eval(), 0.01, example_inputs=inputs)
+
+
+class ToyCache:
+    """A key/value cache object that is no pytree, as HF's ``DynamicCache`` is to torch.export."""
+
+
+class _ReturnsACache(_Positioned):
+    def forward(self, x, table, **kwargs):  # use_cache arrives in **kwargs, as in HF's Llava
+        out = super().forward(x, table)
+        return (out, ToyCache()) if kwargs.get("use_cache", True) else out
+
+
+def test_a_cache_in_the_outputs_is_left_out_and_said():
+    model, inputs = _ReturnsACache().eval(), (torch.randn(2, 16, 4), torch.zeros(16, 8))
+    with pytest.warns(UserWarning, match="captured with use_cache=False"):
+        fast = tome_fx.transform(model, 0, example_inputs=inputs)
+    torch.testing.assert_close(fast(*inputs), model(*inputs, use_cache=False))  # called as before, no cache
+    with pytest.raises(ValueError, match="use_cache"):
+        fast(*inputs, use_cache=True)

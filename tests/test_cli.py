@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import tome_fx
-from tome_fx import cli, fashion_mnist, visualize, zoo
+from tome_fx.tools import cli, fashion_mnist, visualize, zoo
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_bench_on_a_missing_gpu_says_so():
 
 
 def test_bench_times_a_peer_beside_tome_fx():
-    from tome_fx import bench
+    from tome_fx.tools import bench
 
     model = fashion_mnist.create_model(checkpoint=None)
     rows = bench.run("fashion-vit", model, (1, 28, 28), [0, 8], batch=2, mode="eager", repeats=1,
@@ -152,7 +152,8 @@ def test_schedules_parse_as_the_help_says():
 
 
 def test_merge_stand_in_keeps_the_shapes_and_leaves_the_model_as_it_was():
-    from tome_fx import bench, merge
+    from tome_fx import merge
+    from tome_fx.tools import bench
 
     fast = tome_fx.transform(fashion_mnist.create_model(checkpoint=None), 8)
     targets = [node.target for node in fast.graph_module.graph.nodes]

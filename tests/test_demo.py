@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tome_fx import demo, zoo
+from tome_fx.tools import demo, zoo
 
 
 def test_demo_loads_local_weights_and_reports(tmp_path, capsys):

@@ -71,3 +71,43 @@ def test_compiled_matches_eager(name):
     x = inputs(name, batch=3)
     with torch.no_grad():
         torch.testing.assert_close(compiled(**x).sample, compiled.model(**x).sample, rtol=1e-4, atol=1e-4)
+
+
+# -- refusals that named the wrong cause (each now names the true one) ---------------------------------
+
+def test_sana_linear_attention_is_named():
+    model = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8, patch_size=1).eval()
+    x = dict(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, 4, 16),
+             timestep=torch.ones(2), return_dict=False)
+    with pytest.raises(tome_fx.UnsupportedModelError, match=r"linear attention, e\.g\. Sana's ReLU kernels"):
+        tome_fx.transform(model, 2, example_inputs=x)
+
+
+def test_wan_residual_through_dtype_casts_is_found():
+    """Wan adds its residual as ``(h.float() + attn * gate).type_as(h)``: the block is found, and
+    the refusal is its rotary table (read per merged token: the diffusion-transformer issue)."""
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32).eval()
+    x = dict(hidden_states=torch.randn(2, 4, 2, 8, 8), timestep=torch.ones(2),
+             encoder_hidden_states=torch.randn(2, 4, 16), return_dict=False)
+    with pytest.raises(tome_fx.UnsupportedModelError, match="a tensor of a fixed token count") as error:
+        tome_fx.transform(model, 2, example_inputs=x)
+    assert "residual" not in str(error.value)
+
+
+def test_flux_with_unbatched_ids_is_not_blamed_on_the_call():
+    """diffusers documents 2-d ``img_ids``/``txt_ids`` (no batch): they are taken as they are, and
+    the refusal is the joint text + image attention (the diffusion-transformer issue)."""
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    x = dict(hidden_states=torch.randn(2, 16, 8), encoder_hidden_states=torch.randn(2, 4, 16),
+             pooled_projections=torch.randn(2, 8), timestep=torch.ones(2), img_ids=torch.zeros(16, 3),
+             txt_ids=torch.zeros(4, 3), return_dict=False)
+    with pytest.raises(tome_fx.UnsupportedModelError, match="concatenates merged tokens") as error:
+        tome_fx.transform(model, 2, example_inputs=x)
+    assert "batch" not in str(error.value)

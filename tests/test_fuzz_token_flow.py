@@ -68,6 +68,26 @@ OPS = {
     "count_positive": lambda t, k, p: (t > 0).sum(_dim(t, k)),
     "patch_attention_pool": lambda t, k, p: (t[:, 1:, :1].softmax(1) * t[:, 1:]).sum(1),
     "patches_against_all": lambda t, k, p: t[:, 1:] @ t.transpose(-1, -2),
+    # einsum: attention, a learned-query pooling head, Gram matrices, per-token maps and sums
+    "einsum_attend": lambda t, k, p: t + torch.einsum(  # one head: [batch, 1, tokens, channels]
+        "bhqk,bhkc->bqc", torch.einsum("bqc,bhkc->bhqk", t, t.unsqueeze(1)).softmax(-1), t.unsqueeze(1)),
+    "einsum_pool": lambda t, k, p: torch.einsum(
+        "bqn,bnc->bqc", torch.einsum("bnc,qc->bqn", t, p.weight[:2, : t.shape[-1]]).softmax(-1), t),
+    "einsum_gram": lambda t, k, p: torch.einsum("...nc,...nd->...cd", t, t),
+    "einsum_channels": lambda t, k, p: torch.einsum("...c,dc->...d", t, p.weight[: t.shape[-1], : t.shape[-1]]),
+    "einsum_sum_axis": lambda t, k, p: torch.einsum("bnc->" + "bnc".replace("bnc"[k % 3], ""), t),
+    "einsum_outer": lambda t, k, p: torch.einsum("...i,...j->...ij", t, t),
+    # reductions, scans and sorts along one axis (per token, unless the axis holds the tokens)
+    "normalize": lambda t, k, p: F.normalize(t, dim=_dim(t, k)),
+    "std": lambda t, k, p: t.std(_dim(t, k), keepdim=k % 2 == 0),
+    "var": lambda t, k, p: t.var(_dim(t, k), keepdim=k % 2 == 0),
+    "logsumexp": lambda t, k, p: torch.logsumexp(t, _dim(t, k)),
+    "argmax": lambda t, k, p: t.argmax(_dim(t, k)),
+    "topk": lambda t, k, p: t.topk(1, dim=_dim(t, k)).values,
+    "max_values": lambda t, k, p: t.max(_dim(t, k)).values,
+    "max_indices": lambda t, k, p: t.max(_dim(t, k)).indices,
+    "cumsum": lambda t, k, p: t.cumsum(_dim(t, k)),
+    "sort": lambda t, k, p: t.sort(_dim(t, k)).values,
 }
 
 
@@ -113,29 +133,47 @@ def _duplicated_patches(batch=2):
 programs = st.lists(st.tuples(st.sampled_from(sorted(OPS)), st.integers(0, 5)), min_size=1, max_size=4)
 
 
+PER_AXIS_OPS = [name for name in OPS if name.startswith("einsum") or name in (
+    "normalize", "std", "var", "logsumexp", "argmax", "topk", "max_values", "max_indices", "cumsum", "sort")]
+
+
+def _exact_or_refused(ops, x=None):
+    """The oracle: the transformed program gives the original's outputs, or is refused."""
+    torch.manual_seed(0)
+    model = _Program(ops).double().eval()
+    x = _duplicated_patches() if x is None else x
+    try:
+        with torch.no_grad():
+            want = model(x)
+    except (RuntimeError, IndexError, ZeroDivisionError):
+        return "does not fit"
+    try:
+        fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
+    except UnsupportedModelError:
+        return "refused"
+    assert fast.schedule[0] == len(DUPLICATES)
+    if fast.plan.protected > DUPLICATES[0]:  # it reads token 2 or later: a pair that is no copy merges instead
+        return "protects a duplicate"
+    with torch.no_grad():
+        got = fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+    return "exact"
+
+
+@pytest.mark.parametrize("op", PER_AXIS_OPS)
+def test_einsums_and_axis_ops_along_every_axis(op):
+    """Each einsum form and each reduction, scan or sort, along every axis of the tokens
+    [batch, tokens, channels] (the random programs below draw them too, in combinations)."""
+    outcomes = {k: _exact_or_refused([(op, k)]) for k in range(3)}
+    assert "exact" in outcomes.values(), outcomes  # each is accepted along some axis
+
+
 # 120 examples find both known silent errors when their fix is reverted; hunt longer with
 # TOME_FX_FUZZ_EXAMPLES=2000 HYPOTHESIS_PROFILE=dev
 @settings(max_examples=int(os.environ.get("TOME_FX_FUZZ_EXAMPLES", 120)), suppress_health_check=[HealthCheck.too_slow])
 @given(programs)
 def test_exact_duplicates_merge_exactly_or_the_program_is_refused(ops):
-    torch.manual_seed(0)
-    model = _Program(ops).double().eval()
-    x = _duplicated_patches()
-    try:
-        with torch.no_grad():
-            want = model(x)
-    except (RuntimeError, IndexError, ZeroDivisionError):
-        assume(False)  # the program itself does not fit these shapes
-    try:
-        fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
-    except UnsupportedModelError:
-        return
-    assert fast.schedule[0] == len(DUPLICATES)
-    # a program reading token 2 or later protects it, and a pair that is no copy merges instead
-    assume(fast.plan.protected <= DUPLICATES[0])
-    with torch.no_grad():
-        got = fast(x)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+    assume(_exact_or_refused(ops) in ("exact", "refused"))  # else the program does not fit these shapes
 
 
 def test_the_fuzzed_patterns_of_known_silent_errors_are_now_exact():

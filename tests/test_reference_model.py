@@ -5,7 +5,7 @@ import os
 import pytest
 
 import tome_fx
-from tome_fx import evaluate, fashion_mnist
+from tome_fx.tools import evaluate, fashion_mnist
 
 
 @pytest.fixture(scope="module")

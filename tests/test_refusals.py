@@ -22,7 +22,7 @@ CASES = {
             T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
         ),
         (3, 32, 32),
-        r"block encoder\.layers\.0\.blocks\.0\.attention .*learned parameters",
+        r"block encoder\.layers\.0\.blocks\.0\.attention .*read from a learned table by token position",
     ),
     "timm BEiT (relative position bias table)": (
         lambda: timm.create_model(
@@ -44,7 +44,7 @@ CASES = {
             )
         ),
         (3, 16, 16),
-        r"block layers\.0\.attention .*learned parameters",
+        r"block layers\.0\.attention .*read from a learned table by token position",
     ),
 }
 
@@ -105,3 +105,59 @@ class _PositionMasked(torch.nn.Module):
 def test_masks_built_from_token_positions_are_refused_at_transform_time(kind):
     with pytest.raises(UnsupportedModelError, match="built from token positions"):
         tome_fx.transform(_PositionMasked(kind).eval(), 2, example_inputs=torch.randn(2, 16, 4))
+
+
+class _Biased(torch.nn.Module):
+    """A block whose sdpa gets a bias built from ``kind``."""
+
+    def __init__(self, kind, dim=8, tokens=16):
+        super().__init__()
+        self.kind = kind
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.bias = torch.nn.Parameter(torch.zeros(1, 2, tokens, tokens))  # zero at init, learned later
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        bias = {"tokens": (x @ x.transpose(1, 2)).unsqueeze(1) * 0.01, "parameter": self.bias}.get(self.kind)
+        return x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                             .transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("tokens", "computed from the tokens themselves"),
+    ("parameter", r"a learned parameter over token pairs \(shape \(1, 2, 16, 16\)\)"),
+])
+def test_a_bias_is_refused_for_what_it_is_built_from(kind, reason):
+    """An input-dependent bias was blamed on a relative-position table; a learned [1, H, N, N]
+    bias that starts at zero was taken for no mask and dropped (trained weights ignored)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), _Biased(kind), _Biased(kind)).eval()
+    with pytest.raises(UnsupportedModelError, match=reason):
+        tome_fx.transform(model, 2, example_inputs=torch.randn(2, 16, 4))
+
+
+def test_transforming_a_tome_model_again_points_to_the_original():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), _Biased("none"), _Biased("none")).eval()
+    x = torch.randn(2, 16, 4)
+    fast = tome_fx.transform(model, 2, example_inputs=x)
+    assert fast.original is model and tome_fx.compile(model, 2, example_inputs=x).original is model
+    with pytest.raises(UnsupportedModelError, match=r"already a tome_fx model \(ToMeModel\).*`model.original`"):
+        tome_fx.transform(fast, 4, example_inputs=x)
+    with pytest.raises(UnsupportedModelError, match=r"submodule `1` is already a tome_fx model.*`model.1.original`"):
+        tome_fx.transform(torch.nn.Sequential(torch.nn.Identity(), fast), 4, example_inputs=x)
+
+
+def test_hf_gpt2_with_its_defaults_is_refused_for_its_causal_mask():
+    """GPT-2 returns a DynamicCache by default, which torch.export cannot capture: it is captured
+    with use_cache=False (said in a warning), and the true reason is reported."""
+    model = T.GPT2Model(T.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)).eval()
+    with pytest.warns(UserWarning, match="use_cache=False"), pytest.raises(UnsupportedModelError, match="a causal mask"):
+        tome_fx.transform(model, 2, example_inputs=dict(input_ids=torch.randint(0, 50, (2, 12))))
+
+
+def test_timm_hiera_is_refused_for_windows_and_pooling():
+    model = timm.create_model("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1),
+                              num_classes=3).eval()
+    with pytest.raises(UnsupportedModelError, match=r"attention within windows.*between the stages of a hierarchical"):
+        tome_fx.transform(model, 2, example_inputs=torch.randn(2, 3, 64, 64))

@@ -11,7 +11,7 @@ import torch
 
 import tome_fx
 from tome_fx import sam
-from tome_fx.per_branch import PerBranchToMe
+from tome_fx.integrations.per_branch import PerBranchToMe
 
 pytest.importorskip("segment_anything")
 

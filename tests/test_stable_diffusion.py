@@ -150,3 +150,19 @@ def test_compiled_equals_eager_and_summary():
     assert "merged away in attn, mlp" in fast.summary()
     again = sd.apply(fast, 0.3)  # applying again starts from the UNet, with the new settings
     assert again.unet is unet and again.settings.ratio == 0.3 and "unet" not in again._modules
+
+
+def test_an_apply_that_merges_nothing_says_so_and_names_what_would_merge():
+    """SDXL's first level has no attention: at tomesd's default max_downsample=1 no block
+    merges (in tomesd too). The first call warns and names max_downsample=2."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        **SMALL, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval().double()
+    x = _inputs("sd15")
+    with pytest.warns(UserWarning, match=r"merges no token .*max_downsample=2 would merge"):
+        _run(sd.apply(unet, 0.5, use_rand=False), x)
+    fast = sd.apply(unet, 0.5, max_downsample=2, use_rand=False)
+    _run(fast, x)
+    assert fast.plans and isinstance(fast.summary(), str) and "merged away in attn" in fast.summary()

@@ -9,7 +9,7 @@ import transformers as T
 from torch.utils import _pytree as pytree
 
 import tome_fx
-from tome_fx import text_agreement
+from tome_fx.tools import text_agreement
 
 
 def tiny_bert(impl):
@@ -82,7 +82,7 @@ def minilm_path():
 
 
 def test_minilm_sentence_embeddings_agree_with_the_original():
-    """Real weights, real sentences padded to 32 tokens (README figures)."""
+    """Real weights, real sentences padded to 32 tokens (docs/figures.md)."""
     rows = text_agreement.sentence_agreement(minilm_path(), [1, 2, 3], length=32)
     for r, (mean, low, counts) in rows.items():
         print(f"r={r}: tokens {counts[0]}->{counts[-1]}, cosine mean {mean:.4f} min {low:.4f}")

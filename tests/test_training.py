@@ -13,7 +13,7 @@ import torch
 import tome_fx  # before timm: the DDP test's worker processes import this module afresh
 import timm  # noqa: I001
 from reference import reference_vit
-from tome_fx.bench import saved_for_backward
+from tome_fx.tools.bench import saved_for_backward
 
 
 @pytest.mark.parametrize("schedule", [4, (4, -1)], ids=["constant", "decreasing"])

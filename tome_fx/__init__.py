@@ -1,4 +1,12 @@
-"""tome_fx: Token Merging (Bolya et al., ICLR 2023) as a torch.fx graph pass."""
+"""tome_fx: Token Merging (Bolya et al., ICLR 2023) as a torch.fx graph pass.
+
+Layout: the core (``api``, ``merge``, ``schedule``, ``capture``, ``cost``, ``passes/``) imports
+nothing from ``integrations/`` (per-model entry points) or ``tools/`` (CLI, demo, benchmarks,
+reference models). This file is the package's front door: ``tome_fx.sd`` and ``tome_fx.sam``
+are the integrations under their public names.
+"""
+
+import sys
 
 from ._compat import ensure_torchvision_importable
 
@@ -6,7 +14,11 @@ ensure_torchvision_importable()
 
 from .api import CompiledToMe, ToMeModel, TokenState, compile, transform  # noqa: E402
 from .errors import UnsupportedModelError  # noqa: E402
+from .integrations import sam, sd  # noqa: E402
 from .schedule import resolve_schedule  # noqa: E402
+
+# `import tome_fx.sd` and `from tome_fx.sd import apply` find the integration under its public name
+sys.modules.update({f"{__name__}.sd": sd, f"{__name__}.sam": sam})
 
 __all__ = [
     "CompiledToMe",
@@ -15,6 +27,8 @@ __all__ = [
     "UnsupportedModelError",
     "compile",
     "resolve_schedule",
+    "sam",
+    "sd",
     "transform",
 ]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import re
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -13,7 +14,7 @@ import torch
 
 from . import merge
 from .call_spec import CallSpec
-from .capture import batch_size, batched_tensors, capture, normalize_example_inputs
+from .capture import batch_mask, batched_tensors, capture, normalize_example_inputs, tensors_of
 from .errors import UnsupportedModelError
 from .passes import TomePlan, apply_tome
 from .passes.rotary_tables import RULES
@@ -45,6 +46,7 @@ class _Options:
 # and every graph it captured (one per train/eval mode) reads its weights from it
 _TREE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
 _GUARDS = "_guards_fn"  # export's input-guard module: each graph keeps its own
+_CACHE_OUTPUT = re.compile(r"Found <class '[\w.]*Cache'> in output")  # torch.export's words for an HF cache
 
 
 def _mode_of(model: torch.nn.Module) -> bool | None:
@@ -161,6 +163,11 @@ class ToMeModel(torch.nn.Module):
         self._graphs[mode] = graph_module
 
     @property
+    def original(self) -> torch.nn.Module:
+        """The model this one was transformed from (it shares its parameters)."""
+        return self._source
+
+    @property
     def graph_module(self) -> torch.fx.GraphModule:
         """The rewritten graph the current mode runs."""
         return self._graphs[self._mode]
@@ -247,8 +254,19 @@ class ToMeModel(torch.nn.Module):
     # -- facts ---------------------------------------------------------------------------------------
     @property
     def input_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes (batch dim left out) of the tensor inputs this model was built for."""
-        return [tuple(t.shape[1:]) for t in batched_tensors(self._call.arguments)]
+        """Shapes (batch dim left out) of the tensor inputs that hold the batch, as this model
+        was built for them."""
+        return [tuple(t.shape[1:]) for t in batched_tensors(self._call.arguments, self._batched)]
+
+    @property
+    def _batched(self) -> tuple[bool, ...]:
+        """Which tensor inputs hold the batch (on dim 0): read from the capture's example."""
+        return batch_mask(self._call.arguments)
+
+    def _shapes(self, inputs) -> list[tuple]:
+        """Each tensor input's shape, its batch dim as 'batch'."""
+        return [("batch", *t.shape[1:]) if batched else tuple(t.shape)
+                for t, batched in zip(tensors_of(inputs), self._batched)]
 
     @property
     def prop_attn(self) -> bool:
@@ -291,11 +309,11 @@ class ToMeModel(torch.nn.Module):
         """The call laid out as the graph takes it, checked against what it was captured for."""
         self._follow_weights()
         args, kwargs = self._call.bind(args, kwargs)
-        shapes = [tuple(t.shape[1:]) for t in batched_tensors((args, kwargs))]
-        if shapes != self.input_shapes:
+        shapes, captured = self._shapes((args, kwargs)), self._shapes(self._call.arguments)
+        if shapes != captured:
             raise ValueError(
-                f"inputs of shape {[('batch',) + s for s in shapes]} differ from the ones this model was "
-                f"transformed for, {[('batch',) + s for s in self.input_shapes]}: token counts are fixed "
+                f"inputs of shape {shapes} differ from the ones this model was "
+                f"transformed for, {captured}: token counts are fixed "
                 "when the graph is built; call tome_fx.transform again with example_inputs of the new size"
             )
         return args, kwargs
@@ -333,7 +351,20 @@ def _restore(source, args, kwargs, options: _Options, state: dict, mode: bool | 
 def _transform(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options) -> ToMeModel:
     call = CallSpec.record(model, args, kwargs)
     mode = _mode_of(model)
-    graph_module, plan = _build(model, call, options, mode)
+    try:
+        graph_module, plan = _build(model, call, options, mode)
+    except UnsupportedModelError as error:
+        if not _CACHE_OUTPUT.search(str(error.__cause__)) or (no_cache := call.choose("use_cache", False)) is call:
+            raise
+        warnings.warn(f"{type(model).__name__} returns a key/value cache, which torch.export cannot capture and "
+                      "merged tokens could not fill: it is captured with use_cache=False (and returns no cache); "
+                      "pass use_cache in example_inputs to choose otherwise", stacklevel=3)
+        call = no_cache
+        graph_module, plan = _build(model, call, options, mode)
+    if not any(plan.schedule) and any(plan.requested):
+        warnings.warn(f"{type(model).__name__} merges no token: r={options.r!r} comes to 0 in every block "
+                      f"({plan.blocks[0].tokens_in} tokens, {plan.protected} protected; a block merges at most "
+                      "half of its unprotected tokens, and a fraction rounds down)", stacklevel=3)
     return _with_signature(ToMeModel, call.signature)(model, call, options, graph_module, plan, mode)
 
 
@@ -377,14 +408,27 @@ def transform(
         )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_tome_models(model)
     resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
     scope = _scope(model, scope)
     if rope not in RULES:
         raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
     args, kwargs = normalize_example_inputs(model, example_inputs)
-    batch_size((args, kwargs))
     options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model))
     return _transform(model, args, kwargs, options)
+
+
+def _refuse_tome_models(model: torch.nn.Module) -> None:
+    """A module tome_fx returned (or one holding it) is not transformed again: its graph
+    already merges, and merging twice is not what anyone means. Its ``original`` is."""
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith("tome_fx.") and hasattr(type(module), "original"):
+            where = "the model is" if not path else f"submodule `{path}` is"
+            name = "model" if not path else f"model.{path}"
+            raise UnsupportedModelError(
+                f"{where} already a tome_fx model ({type(module).__name__}); transform the original it was made "
+                f"from, `{name}.original`, with the new settings"
+            )
 
 
 def _scope(model: torch.nn.Module, scope: str | list[str] | None) -> tuple[str, ...]:
@@ -435,6 +479,11 @@ class CompiledToMe(torch.nn.Module):
             object.__setattr__(self, attr, getattr(model, attr))
         self.training = model.training
 
+    @property
+    def original(self) -> torch.nn.Module:
+        """The model this one was transformed from (it shares its parameters)."""
+        return self.model.original
+
     def train(self, mode: bool = True):
         self.model.train(mode)
         self.training = mode
@@ -460,7 +509,7 @@ class CompiledToMe(torch.nn.Module):
 
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
         args, kwargs = self.model._graph_inputs(args, kwargs)
-        for tensor in batched_tensors((args, kwargs)):
+        for tensor in batched_tensors((args, kwargs), self.model._batched):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self.model._with_tokens(self._graph()(*args, **kwargs))
 

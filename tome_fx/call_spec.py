@@ -79,6 +79,25 @@ class CallSpec:
 
     signature: inspect.Signature
     arguments: dict[str, Any]  # every argument given at capture (others took their defaults)
+    chosen: tuple[str, ...] = ()  # arguments tome_fx set itself where the call left them out
+
+    def choose(self, name: str, value) -> CallSpec:
+        """The call with ``name=value`` where the model takes ``name`` (as a parameter, or in its
+        ``**kwargs``) and the call left it out; later calls that leave it out get the same value."""
+        params = self.signature.parameters
+        var_keyword = next((p.name for p in params.values() if p.kind is _P.VAR_KEYWORD), None)
+        if name in params and params[name].kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY):
+            if name in self.arguments:
+                return self
+            arguments = {**self.arguments, name: value}
+        elif var_keyword is not None and name not in params:
+            extra = self.arguments.get(var_keyword, {})
+            if name in extra:
+                return self
+            arguments = {**self.arguments, var_keyword: {**extra, name: value}}
+        else:
+            return self
+        return CallSpec(self.signature, arguments, self.chosen + (name,))
 
     @classmethod
     def record(cls, model: torch.nn.Module, args: tuple, kwargs: dict) -> CallSpec:
@@ -114,13 +133,16 @@ class CallSpec:
 
     def original_call(self) -> tuple[tuple, dict]:
         """The capture's own call, as ``(args, kwargs)`` for the original's forward."""
-        bound = inspect.BoundArguments(self.signature, dict(self.arguments))
+        arguments = {name: {k: v for k, v in value.items() if k not in self.chosen}
+                     if self.signature.parameters[name].kind is _P.VAR_KEYWORD else value
+                     for name, value in self.arguments.items() if name not in self.chosen}
+        bound = inspect.BoundArguments(self.signature, arguments)
         return bound.args, bound.kwargs
 
     def with_tensors(self, convert) -> CallSpec:
         """The same call with every tensor argument passed through ``convert``."""
         return CallSpec(self.signature, pytree.tree_map(lambda v: convert(v) if isinstance(v, torch.Tensor) else v,
-                                                        self.arguments))
+                                                        self.arguments), self.chosen)
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Lay out a call made the way the original accepts it (positional or keyword) as the
@@ -129,12 +151,14 @@ class CallSpec:
         values = self._bind_names(args, kwargs)
         for name, param in self.signature.parameters.items():
             default = _default(param)
-            captured, given = self.arguments.get(name, default), values.get(name, default)
+            captured = self.arguments.get(name, default)
+            given = values.get(name, captured if name in self.chosen else default)
             if given is _MISSING:
                 raise TypeError(f"forward() missing a required argument: '{name}'")
             if param.kind is _P.VAR_KEYWORD:  # each extra keyword on its own
                 for key in captured.keys() | given.keys():
-                    self._check(key, captured.get(key, _MISSING), given.get(key, _MISSING))
+                    left_out = captured.get(key, _MISSING) if key in self.chosen else _MISSING
+                    self._check(key, captured.get(key, _MISSING), given.get(key, left_out))
             else:
                 self._check(name, captured, given)
         return self.graph_call({name: values.get(name, self.arguments[name]) for name in self.arguments})

@@ -65,7 +65,7 @@ def normalize_example_inputs(model: torch.nn.Module, example_inputs) -> ExampleI
         inputs = tuple(example_inputs), {}
     else:
         inputs = (example_inputs,), {}
-    if not batched_tensors(inputs):
+    if not any(batch_mask(inputs)):
         leaves = pytree.tree_leaves(inputs)
         hint = " (convert arrays with torch.from_numpy)" if any(hasattr(v, "__array__") for v in leaves) else ""
         raise TypeError(
@@ -76,31 +76,39 @@ def normalize_example_inputs(model: torch.nn.Module, example_inputs) -> ExampleI
     return inputs
 
 
-def is_batched(value) -> bool:
-    """A tensor input with a batch dimension (dim 0); scalars and non-tensors are not."""
-    return isinstance(value, torch.Tensor) and value.dim() > 0
+def tensors_of(inputs) -> list[torch.Tensor]:
+    """The tensors among ``inputs`` (any nesting of args/kwargs), in order."""
+    return [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
 
 
-def batched_tensors(inputs) -> list[torch.Tensor]:
-    """The batched tensors among ``inputs`` (any nesting of args/kwargs), in order."""
-    return [t for t in pytree.tree_leaves(inputs) if is_batched(t)]
+def batch_mask(inputs) -> tuple[bool, ...]:
+    """Which of ``tensors_of(inputs)`` hold the batch on dim 0: those whose dim 0 is the first
+    such tensor's. Others (FLUX's 2-d ``img_ids``/``txt_ids``, a table passed in) and 0-d
+    tensors keep their shape whatever the batch."""
+    tensors = tensors_of(inputs)
+    batch = next((t.shape[0] for t in tensors if t.dim() > 0), None)
+    return tuple(t.dim() > 0 and t.shape[0] == batch for t in tensors)
 
 
-def batch_size(inputs: ExampleInputs) -> int:
-    sizes = {t.shape[0] for t in batched_tensors(inputs)}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"example inputs must share one batch size, got {sorted(sizes)}: every tensor argument with "
-            "dimensions is taken to hold the batch on dim 0"
-        )
-    return sizes.pop()
+def batched_tensors(inputs, mask: tuple[bool, ...] | None = None) -> list[torch.Tensor]:
+    """The tensors among ``inputs`` that hold the batch (by ``mask``, else ``batch_mask``)."""
+    tensors = tensors_of(inputs)
+    return [t for t, batched in zip(tensors, batch_mask(inputs) if mask is None else mask) if batched]
 
 
-def _with_batch_of_two(arguments: dict[str, Any]) -> dict[str, Any]:
+def _map_batched(fn, inputs, mask: tuple[bool, ...]):
+    """``inputs`` with ``fn`` applied to the tensors that hold the batch."""
+    leaves, spec = pytree.tree_flatten(inputs)
+    flags = iter(mask)
+    return pytree.tree_unflatten(
+        [fn(v) if isinstance(v, torch.Tensor) and next(flags) else v for v in leaves], spec)
+
+
+def _with_batch_of_two(arguments: dict[str, Any], mask: tuple[bool, ...]) -> dict[str, Any]:
     """torch.export specializes a batch of 1 to a constant; trace with 2 to keep it dynamic."""
-    if batch_size(arguments) != 1:
+    if any(t.shape[0] != 1 for t in batched_tensors(arguments, mask)):
         return arguments
-    return pytree.tree_map(lambda t: torch.cat([t, t]) if is_batched(t) else t, arguments)
+    return _map_batched(lambda t: torch.cat([t, t]), arguments, mask)
 
 
 @contextlib.contextmanager
@@ -127,12 +135,15 @@ def capture(model: torch.nn.Module, call: CallSpec, dynamic_batch: bool = True) 
 
     Parameters and buffers of the result are the model's own tensors (shared, not copied).
     """
-    args, kwargs = call.graph_call(_with_batch_of_two(call.arguments) if dynamic_batch else call.arguments)
+    mask = batch_mask(call.arguments)
+    arguments = _with_batch_of_two(call.arguments, mask) if dynamic_batch else call.arguments
+    args, kwargs = call.graph_call(arguments)
     batch = torch.export.Dim("batch", min=1)
+    marked = {id(t) for t in batched_tensors(arguments, mask)}
     try:
         with _constants_bound(model, call.constants()):
             named = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-            dynamic = {name: pytree.tree_map(lambda v: {0: batch} if is_batched(v) else None, value)
+            dynamic = {name: pytree.tree_map(lambda v: {0: batch} if id(v) in marked else None, value)
                        for name, value in named.items()} if dynamic_batch else None
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as error:  # export raises many types; all mean "not capturable"

@@ -29,8 +29,27 @@ from .token_flow import FlowPass, TokenFlow
 
 
 def reads_parameters(mask: Node) -> bool:
-    """Masks built from parameters or buffers may change after ``transform``: never dropped."""
-    return any(node.op == "get_attr" for node in ancestors(mask))
+    """Masks built from parameters or buffers (or that are one) may change after ``transform``:
+    never dropped."""
+    return any(node.op == "get_attr" for node in ancestors(mask) | {mask})
+
+
+_INDEXING = {aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.embedding.default}
+
+
+def _unmergeable_bias(mask: Node, stream: Node) -> str | None:
+    """Why a kept mask or bias cannot follow merged tokens, by what it is built from; None for
+    a mask from the inputs alone (padding), which merges exactly (``merge.mask_pairs``)."""
+    if stream in ancestors(mask):
+        return ("its attention bias is computed from the tokens themselves (e.g. x @ x^T), per pair of tokens; "
+                "tome_fx merges only masks built from the model's inputs alone (padding)")
+    if depends_on_inputs(mask):
+        return None
+    if any(node.op == "call_function" and node.target in _INDEXING for node in ancestors(mask) | {mask}):
+        return ("its attention bias is read from a learned table by token position (a relative-position bias "
+                "table), which no longer lines up with the tokens once they merge")
+    return (f"its attention bias is a learned parameter over token pairs (shape {tuple(tensor_meta(mask).shape)}), "
+            "which no longer lines up with the tokens once they merge")
 
 
 def _passes_everything(mask: torch.Tensor, applied_by: Node) -> bool:
@@ -93,15 +112,12 @@ def _erase_unused(gm: GraphModule, roots: set[Node]) -> None:
             gm.graph.erase_node(node)
 
 
-def shared_mask(kept: list[tuple[Node, Node]], tokens: int) -> Node | None:
-    """The one attention mask the blocks share, checked to be laid out ``[.., Q, tokens]``."""
+def shared_mask(kept: list[tuple[Node, Node]], tokens: int, stream: Node) -> Node | None:
+    """The one attention mask the blocks share, checked to be laid out ``[.., Q, tokens]``
+    and built from the inputs alone (``stream``: the residual stream of the first block)."""
     for applied_by, mask in kept:
-        if reads_parameters(mask):
-            raise UnsupportedModelError(
-                f"{describe(applied_by)}: its attention bias is computed from learned parameters "
-                "(e.g. a relative-position bias table indexed by token position), which no longer "
-                "line up with the tokens once they merge"
-            )
+        if (why := _unmergeable_bias(mask, stream)) is not None:
+            raise UnsupportedModelError(f"{describe(applied_by)}: {why}")
     masks = {mask for _, mask in kept}
     if len(masks) > 1:
         raise UnsupportedModelError(

@@ -120,7 +120,7 @@ def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
         return shape[1], shape[2]
     height, width = settings.grid
     tokens = shape[1]
-    downsample = math.ceil(math.sqrt(height * width // tokens))
+    downsample = _downsample(block, settings)
     if downsample > settings.max_downsample:
         return 0, 0
     h, w = math.ceil(height / downsample), math.ceil(width / downsample)
@@ -129,8 +129,28 @@ def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
     return h, w
 
 
-def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool) -> tuple[BranchPlan, ...]:
-    """Rewrite ``gm`` in place; its outputs keep their shapes (the stream is never merged)."""
+def _downsample(block: AttentionBlock, settings: BranchSettings) -> int:
+    """How many times below full resolution the block's tokens are (1 for a grid stream)."""
+    if settings.grid_stream:
+        return 1
+    return math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // shape_of(block.stream)[1]))
+
+
+def _why_nothing_merges(blocks: list[AttentionBlock], settings: BranchSettings) -> str:
+    """Why no block merged, and what would make one merge."""
+    if not settings.grid_stream and all(_downsample(b, settings) > settings.max_downsample for b in blocks):
+        lowest = min(_downsample(b, settings) for b in blocks)
+        return (f"every attention block is at least {lowest}x below full resolution (SDXL's first level has no "
+                f"attention), beyond max_downsample={settings.max_downsample}; max_downsample={lowest} would merge")
+    if not any(b.kind in settings.kinds for block in blocks for b in find_branches(block, set())):
+        return f"no block has a branch of the kinds chosen ({', '.join(sorted(settings.kinds))})"
+    return f"ratio={settings.ratio} of each block's tokens rounds down to no token"
+
+
+def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool
+                      ) -> tuple[tuple[BranchPlan, ...], str | None]:
+    """Rewrite ``gm`` in place; its outputs keep their shapes (the stream is never merged).
+    Returns the merging blocks' plans and, where no block merges, why not."""
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
@@ -203,4 +223,4 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     Unmerge(flow, outputs=False)(gm)
     graph.lint()
     gm.recompile()
-    return tuple(plan for _, plan in plans)
+    return tuple(plan for _, plan in plans), None if plans else _why_nothing_merges(blocks, settings)

@@ -15,7 +15,7 @@ import copy
 import sys
 from dataclasses import dataclass
 
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .. import cost
@@ -23,8 +23,9 @@ from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .checkpoint_blocks import CheckpointBlocks
-from .find_blocks import AttentionBlock, SeparateChains, find_attention_blocks
-from .graph_utils import ancestors, aten, describe, module_path, shape_of, tensor_meta
+from .find_blocks import (EINSUM, MATMUL, SOFTMAX, AttentionBlock, SeparateChains, find_attention_blocks, in_scope,
+                          manual_attention)
+from .graph_utils import ancestors, aten, depends_on_inputs, describe, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
@@ -100,7 +101,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
         raise UnsupportedModelError(str(error) + _scope_hint(gm, error.scopes, r, rope)) from None
     if not blocks:
         where = f" under scope {list(scope)}" if scope else ""
-        raise UnsupportedModelError(f"no attention block was found{where}: there is no self-attention to merge")
+        raise UnsupportedModelError(f"no attention block was found{where}: " + _why_no_blocks(gm, scope))
     for block in blocks:
         if block.not_one_sequence:
             raise UnsupportedModelError(block.not_one_sequence + _GRID_HINT * (len(shape_of(block.stream)) == 4))
@@ -114,7 +115,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
             "[batch, tokens, channels] (windowed or 2-d token grids are not a single token sequence)" + _GRID_HINT
         )
     tokens = stream_shape[1]
-    mask = shared_mask(masks.kept, tokens)
+    mask = shared_mask(masks.kept, tokens, stream)
     applies_mask = {applied_by: mask for applied_by, _ in masks.kept}
     # a dry run of the analysis, before any merge, finds the leading tokens read at fixed
     # positions (a readout of token 0, say); they are protected like learned ones
@@ -161,6 +162,24 @@ def _plans(gm: GraphModule, blocks: list[AttentionBlock], schedule: list[int], t
         plans.append(BlockPlan(block.name, count, block_r, _mlp_ratio(gm, block, width), key_width))
         count -= block_r
     return plans
+
+
+def _why_no_blocks(gm: GraphModule, scope: tuple[str, ...]) -> str:
+    """What the graph holds instead of softmax self-attention: linear attention (a product of
+    two tensors from the inputs with no softmax around it, Sana's ReLU kernels), or nothing."""
+    in_softmax_attention = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SOFTMAX and (found := manual_attention(node)):
+            in_softmax_attention |= {found.output} | {u for u in found.queries.users if found.keys in u.all_input_nodes}
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target in MATMUL | {EINSUM} and node not in in_softmax_attention
+                and in_scope(module_path(node), scope)):
+            operands = list(node.args[1]) if node.target == EINSUM else list(node.args[:2])
+            if len(operands) == 2 and all(isinstance(o, Node) and depends_on_inputs(o) for o in operands):
+                return (f"{describe(node)} multiplies two tensors computed from the inputs with no softmax between "
+                        "them: attention without a softmax (linear attention, e.g. Sana's ReLU kernels), which "
+                        "tome_fx does not merge; it merges softmax attention (sdpa, or matmul-softmax-matmul)")
+    return "there is no self-attention to merge"
 
 
 def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> str:

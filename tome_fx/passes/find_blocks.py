@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
-from .graph_utils import aten, ancestors, depends_on_inputs, describe, is_assertion, module_path, tensor_meta
+from .graph_utils import (aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
+                          module_path, tensor_meta)
 
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -83,32 +84,60 @@ def _operands(node: Node) -> list:
     return []
 
 
-def _key_token_dim(scores: Node) -> int:
-    """Where the keys operand of the scores holds the tokens: the logits' last axis."""
+def _scores_operands(scores: Node) -> tuple[Node, Node, int] | None:
+    """(queries, keys, the keys' token dim) of the product that gives the logits, whose last
+    axis is the keys' tokens: ``q @ k^T``, or an einsum with either operand order; None where
+    no single operand holds that axis."""
+    operands = _operands(scores)
+    if len(operands) != 2:
+        return None
     if scores.target in MATMUL:
-        return -1  # q @ k^T
-    inputs, output = scores.args[0].replace(" ", "").split("->")
-    keys = inputs.split(",")[1]
-    return keys.index(output[-1]) - len(keys)
+        return operands[0], operands[1], -1
+    letters, output = einsum_letters(scores)
+    holding = [i for i in (0, 1) if output[-1] in letters[i]]
+    if len(holding) != 1:
+        return None
+    keys = holding[0]
+    return operands[1 - keys], operands[keys], letters[keys].index(output[-1]) - len(letters[keys])
 
 
-def manual_attention(softmax: Node) -> tuple[Node, Node, int, Node, list[tuple[Node, Node]]] | None:
-    """(queries, keys operand, its token dim, output, masks) of ``matmul -> softmax -> matmul`` (or
-    einsums), or None. The weights may have other users too (a returned attention map): the
-    token-flow analysis rules on them."""
+def _values_of(product: Node, weights: Node) -> Node | None:
+    """The values in ``weights @ values`` (or an einsum of the two, either order)."""
+    operands = _operands(product)
+    if product.target in MATMUL:
+        return operands[1] if operands[:1] == [weights] else None
+    return operands[1 - operands.index(weights)] if weights in operands and operands[0] is not operands[1] else None
+
+
+@dataclass(frozen=True)
+class ManualAttention:
+    queries: Node
+    keys: Node  # the keys operand as the scores product reads it
+    key_token_dim: int
+    values: Node
+    output: Node  # the product of the weights and the values
+    masks: tuple[tuple[Node, Node], ...]  # (node adding it, mask) between the scores and the softmax
+
+
+def manual_attention(softmax: Node) -> ManualAttention | None:
+    """The parts of ``matmul -> softmax -> matmul`` (or einsums) around ``softmax``, or None.
+    The weights may have other users too (a returned attention map): the token-flow analysis
+    rules on them."""
     scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | _LOGIT_VIEWS)
-    if len(_operands(scores)) != 2:
+    found = _scores_operands(scores)
+    if found is None:
         return None
-    values = [user for user, read in _consumers(softmax, _PASS_THROUGH) if _operands(user)[:1] == [read]]
-    if len(values) != 1:
+    products = [(user, values) for user, read in _consumers(softmax, _PASS_THROUGH)
+                if (values := _values_of(user, read)) is not None]
+    if len(products) != 1:
         return None
-    queries, keys = _operands(scores)
-    return queries, keys, _key_token_dim(scores), values[0], masks
+    (output, values), (queries, keys, key_token_dim) = products[0], found
+    return ManualAttention(queries, keys, key_token_dim, values, output, tuple(masks))
 
 
-def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:
-    """First add downstream of ``output`` whose other operand is an ancestor of the keys."""
-    key_ancestors = ancestors(keys) | {keys}
+def _adds_after(output: Node, graph_order: dict[Node, int]) -> list[tuple[Node, Node]]:
+    """The adds downstream of ``output`` in graph order, each with its operand that does not
+    come from ``output`` (the one a residual connection brings in)."""
     frontier, seen, candidates = [output], {output}, []
     while frontier:
         node = frontier.pop()
@@ -119,11 +148,36 @@ def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tup
             frontier.append(user)
             if user.op == "call_function" and user.target in RESIDUAL_ADD:
                 candidates.append(user)
-    for add in sorted(candidates, key=graph_order.__getitem__):
-        for mine, other in (add.args[:2], add.args[1::-1]):
-            if isinstance(other, Node) and mine in seen | {output} and other in key_ancestors:
-                return add, other
+    return [(add, other) for add in sorted(candidates, key=graph_order.__getitem__)
+            for mine, other in (add.args[:2], add.args[1::-1]) if isinstance(other, Node) and mine in seen]
+
+
+def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[Node, Node] | None:
+    """First add downstream of ``output`` whose other operand is an ancestor of the keys (seen
+    through dtype casts): the add, and that ancestor, the residual stream."""
+    key_ancestors = ancestors(keys) | {keys}
+    for add, other in _adds_after(output, graph_order):
+        stream = next((n for n in (other, _uncast(other)) if n in key_ancestors), None)
+        if stream is not None:
+            return add, stream
     return None
+
+
+def _changed_stream(output: Node, keys: Node, graph_order: dict[Node, int]) -> Node | None:
+    """An add after ``output`` whose other operand is computed from what the keys are computed
+    from, not that itself: the residual is projected or pooled (a stage change, Hiera's)."""
+    key_ancestors = ancestors(keys) | {keys}
+    return next((add for add, other in _adds_after(output, graph_order) if ancestors(other) & key_ancestors), None)
+
+
+_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+
+
+def _uncast(node: Node) -> Node:
+    """``node`` before dtype casts: mixed-precision code adds ``h.float()`` back in, not ``h``."""
+    while node.op == "call_function" and node.target in _CASTS and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
 
 
 def in_scope(path: str, scope: tuple[str, ...]) -> bool:
@@ -137,43 +191,53 @@ def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> list[Att
     order = {node: i for i, node in enumerate(graph.nodes)}
     blocks: list[AttentionBlock] = []
     for node in graph.nodes:
-        if node.op != "call_function" or not in_scope(module_path(node), scope):
-            continue
-        if node.target in SDPA:
-            queries, keys, key_token_dim, output = node.args[0], node.args[1], -2, node
-            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-            masks = [(node, mask)] if isinstance(mask, Node) else []
-        elif node.target in SOFTMAX:
-            found = manual_attention(node)
-            if found is None:
-                continue
-            queries, keys, key_token_dim, output, masks = found
-        else:
-            continue
-        found = _residual_add(output, keys, order)
-        if found is None and _residual_add(output, queries, order) is not None:
-            continue  # cross-attention: keys from another sequence (text); its queries are followed as tokens
-        if found is None and not depends_on_inputs(queries):
-            continue  # attention pooling: learned queries (a MAP head) read the tokens as keys and values
-        if found is None:
-            raise UnsupportedModelError(
-                f"attention at {describe(node)} has no residual connection around it; "
-                "token merging is defined for residual transformer blocks"
-            )
-        residual, stream = found
-        key_meta = tensor_meta(keys)
-        not_one_sequence = None
-        if key_meta is None or key_meta.dim() != 4:
-            not_one_sequence = (
-                f"attention at {describe(node)}: keys must be [batch, heads, tokens, dim] (4-d), got "
-                f"{None if key_meta is None else tuple(key_meta.shape)}: attention within windows, or over "
-                "a grid folded into several axes, is not one sequence of tokens"
-            )
-        name = module_path(residual) or module_path(node) or node.name
-        blocks.append(AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks),
-                                     not_one_sequence))
+        if node.op == "call_function" and node.target in SDPA | SOFTMAX and in_scope(module_path(node), scope):
+            with at_node(node, "looking for an attention block at"):
+                block = _block_at(node, order)
+            if block is not None:
+                blocks.append(block)
     _check_sequential(blocks)
     return blocks
+
+
+def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
+    """The attention block whose attention is ``node`` (an sdpa or a softmax), or None where
+    ``node`` is no self-attention over a residual stream (cross-attention, pooling)."""
+    if node.target in SDPA:
+        queries, keys, key_token_dim, output = node.args[0], node.args[1], -2, node
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        masks = [(node, mask)] if isinstance(mask, Node) else []
+    else:
+        found = manual_attention(node)
+        if found is None:
+            return None
+        queries, keys, key_token_dim, output, masks = (found.queries, found.keys, found.key_token_dim,
+                                                       found.output, found.masks)
+    found = _residual_add(output, keys, order)
+    if found is None and _residual_add(output, queries, order) is not None:
+        return None  # cross-attention: keys from another sequence (text); its queries are followed as tokens
+    if found is None and not depends_on_inputs(queries):
+        return None  # attention pooling: learned queries (a MAP head) read the tokens as keys and values
+    key_meta = tensor_meta(keys)
+    shape = None if key_meta is None else tuple(d if isinstance(d, int) else "batch" for d in key_meta.shape)
+    windowed = (f"keys must be [batch, heads, tokens, dim] (4-d), got {shape}: attention within windows, or over a "
+                "grid folded into several axes, is not one sequence of tokens") if shape is None or len(shape) != 4 else None
+    if found is None:
+        changed = _changed_stream(output, keys, order)
+        if changed is not None:
+            raise UnsupportedModelError(
+                f"attention at {describe(node)}: " + (f"{windowed}; and " if windowed else "")
+                + f"the residual added after it ({describe(changed)}) is computed from the block's input (projected "
+                "or pooled), not the input itself: the token count or width changes here, as between the stages of "
+                "a hierarchical model (Hiera, MViT)")
+        raise UnsupportedModelError(
+            f"attention at {describe(node)} has no residual connection around it; "
+            "token merging is defined for residual transformer blocks"
+        )
+    residual, stream = found
+    name = module_path(residual) or module_path(node) or node.name
+    return AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks),
+                          windowed and f"attention at {describe(node)}: {windowed}")
 
 
 def _check_sequential(blocks: list[AttentionBlock]) -> None:
@@ -228,8 +292,8 @@ def query_key_paths(graph: Graph) -> tuple[set[Node], dict[Node, Node]]:
         if node.target in SDPA:
             (queries, keys, values), consumer = node.args[:3], node
         elif node.target in SOFTMAX and (manual := manual_attention(node)) is not None:
-            queries, keys, _, output, _ = manual
-            values, consumer = _operands(output)[1], next(u for u in queries.users if _operands(u) == [queries, keys])
+            queries, keys, values = manual.queries, manual.keys, manual.values
+            consumer = next(u for u in queries.users if set(_operands(u)) == {queries, keys})
         else:
             continue
         found |= (ancestors(queries) | {queries} | ancestors(keys) | {keys}) - ancestors(values) - {values}

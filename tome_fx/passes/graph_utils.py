@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -45,6 +46,22 @@ def describe(node: Node) -> str:
     """Where a node comes from, for error messages: module path and graph node."""
     path = module_path(node)
     return f"{f'block {path}' if path else 'model top level'} (graph node '{node.name}')"
+
+
+@contextlib.contextmanager
+def at_node(node: Node, doing: str, expected: tuple[type[Exception], ...] = ()):
+    """Any exception but a refusal (or one of ``expected``), raised while ``doing`` something
+    with ``node``, surfaces as an ``UnsupportedModelError`` naming the node: a bug in tome_fx,
+    never a raw crash."""
+    try:
+        yield
+    except (UnsupportedModelError, *expected):
+        raise
+    except Exception as error:
+        raise UnsupportedModelError(
+            f"{describe(node)}: tome_fx failed while {doing} `{node.target}` ({type(error).__name__}: {error}); "
+            "this is a bug in tome_fx, please report it with this message"
+        ) from error
 
 
 def ancestors(node: Node, stop=lambda n: False) -> set[Node]:
@@ -100,3 +117,22 @@ def depends_on_inputs(node: Node) -> bool:
     """True when a node's *values* depend on a user input; reading only an input's
     shape (``sym_size``, e.g. to expand a class token to the batch) does not count."""
     return node.op == "placeholder" or any(n.op == "placeholder" for n in ancestors(node, _reads_shape_only))
+
+
+def einsum_letters(node: Node) -> tuple[list[str], str]:
+    """The letters of each operand of an ``aten.einsum`` node, one per dim, and of its output:
+    an ellipsis becomes letters of its own (right-aligned, as einsum broadcasts it), an
+    implicit output the letters that appear once, in order (with the ellipsis first)."""
+    equation = node.args[0].replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    parts = inputs.split(",")
+    ranks = [len(tensor_meta(t).shape) for t in node.args[1]]
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation]
+    width = max([rank - len(part.replace("...", "")) for part, rank in zip(parts, ranks) if "..." in part] or [0])
+    ellipsis = "".join(spare[:width])
+    operands = [part.replace("...", ellipsis[width - (rank - len(part) + 3):]) if "..." in part else part
+                for part, rank in zip(parts, ranks)]
+    if arrow:
+        return operands, output.replace("...", ellipsis)
+    once = sorted(c for c in set("".join(parts).replace(".", "")) if "".join(parts).count(c) == 1)
+    return operands, ellipsis + "".join(once)

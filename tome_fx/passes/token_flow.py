@@ -37,7 +37,8 @@ from torch.fx.passes.infra.pass_base import PassBase
 
 from ..errors import UnsupportedModelError
 from .find_blocks import query_key_paths
-from .graph_utils import aten, ancestors, depends_on_inputs, describe, is_assertion, shape_of, tensor_meta
+from .graph_utils import (aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
+                          shape_of, tensor_meta)
 
 BATCH, TOKEN = "batch", "token"
 
@@ -120,7 +121,7 @@ class ShapeArg:
 @dataclass(frozen=True)
 class Weighting:
     """A reduction over tokens that must count each merged token ``size`` times: operand
-    ``operand`` of ``node`` is scaled by size along its dim ``token_dim`` (a sum, a matmul
+    ``operand`` of ``node`` (of its tensor list, for an einsum) is scaled by size along its dim ``token_dim`` (a sum, a matmul
     contracting tokens), or, with ``mean``, the mean becomes the size-weighted mean."""
 
     node: Node
@@ -169,7 +170,6 @@ _POINTWISE_EXTRA = {
     aten._to_copy.default,
     aten.to.dtype,
     aten.to.dtype_layout,
-    aten.type_as.default,
     aten.where.ScalarOther,
     aten.where.ScalarSelf,
 }
@@ -197,6 +197,39 @@ def _is_pointwise(target) -> bool:
     return target in _POINTWISE_EXTRA or (
         isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
     )
+
+
+_MAX_LIKE = {aten.amax.default, aten.amin.default, aten.max.dim, aten.min.dim}
+_SUMS = {aten.sum.dim_IntList, aten.mean.dim}
+_LINEAR_IN_WEIGHTS = _MAX_LIKE | _SUMS  # scaling a token's weights by its size commutes with these
+# ops with one tensor and a `dim` whose result at one index of the other axes still reads
+# every index of them (a slice's norm, unique slices): not "along an axis"
+_ACROSS_OTHER_AXES = {aten.renorm.default, aten.unique_dim.default, aten.unique_consecutive.default,
+                      aten.norm_except_dim.default}
+
+
+def _axis_argument(target) -> str | None:
+    """The name of the axis argument (``dim``/``dims``) of an op that reduces, scans or sorts
+    along it and keeps every other axis as it is: one tensor operand, output shapes not data
+    dependent. None for any other op."""
+    if not isinstance(target, torch._ops.OpOverload) or target in _ACROSS_OTHER_AXES:
+        return None
+    if torch.Tag.dynamic_output_shape in target.tags:
+        return None
+    arguments = target._schema.arguments
+    names = [a.name for a in arguments if a.name in ("dim", "dims")]
+    tensors = [a for a in arguments if "Tensor" in str(a.type)]
+    return names[0] if len(names) == 1 and len(tensors) == 1 and arguments[0] is tensors[0] else None
+
+
+def _argument(node: Node, name: str):
+    """The value of ``node``'s argument ``name``, by its op's schema (its default if not given)."""
+    for i, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            if not argument.kwarg_only and i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, argument.default_value)
+    raise KeyError(name)
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
@@ -294,7 +327,8 @@ class _Analysis:
             if getattr(node.target, "__module__", "").startswith("tome_fx") or is_assertion(node):
                 continue  # nodes tome_fx inserted itself; dtype/device checks
             try:
-                result = self.visit(node)
+                with at_node(node, "analysing", expected=(_Refuse,)):
+                    result = self.visit(node)
             except _Refuse as why:
                 raise UnsupportedModelError(
                     f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}"
@@ -352,7 +386,8 @@ class _Analysis:
         target = node.target
         if target is operator.getitem and node.args[0] in self.lists:
             return self.lists[node.args[0]][node.args[1]]
-        rule = _RULES.get(target) or (_Analysis.pointwise if _is_pointwise(target) else None)
+        rule = (_RULES.get(target) or (_Analysis.pointwise if _is_pointwise(target) else None)
+                or (_Analysis.along_axes if _axis_argument(target) else None))
         if rule is None:
             raise _Refuse("no rule describes how this op treats the token axis")
         if rule not in _GRID_RULES and any(
@@ -464,6 +499,24 @@ class _Analysis:
             f"it applies `{node.target}` to weights over tokens (a softmax over them); only scaling "
             "them or adding two of them keeps them exact after merging"
         )
+
+    @_rule(aten.type_as.default)
+    def type_as(self, node: Node) -> Layout | None:
+        """Exact: a dtype cast of the first operand; the second gives only its dtype (mixed-precision
+        code casts a merged sum back to the type of the stream from before the merge)."""
+        return self.layout(node.args[0])
+
+    @_rule(aten.expand_as.default)
+    def expand_as(self, node: Node) -> Layout:
+        """Exact: broadcasts one operand to the other's shape, as a pointwise op's operands are."""
+        return self.pointwise(node)
+
+    @_rule(aten.one_hot.default)
+    def one_hot(self, node: Node) -> Layout:
+        """Exact: each entry becomes a vector of its own on a new last axis (per-token routing)."""
+        self.no_weights(node, "encodes")
+        src = self.layout(node.args[0])
+        return replace(src, roles=src.roles + (None,))
 
     @_rule(aten.layer_norm.default, aten.rms_norm.default)
     def norm(self, node: Node) -> Layout:
@@ -728,41 +781,106 @@ class _Analysis:
             self.flow.open_slices.append(node)
         return replace(src, start=src.start + start)
 
-    @_rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
-    def reduce(self, node: Node) -> Layout | None:
-        """Over channels: per token, exact. Over tokens: a sum or mean counts each merged token
-        ``size`` times; a sum of weights over tokens is exact as it is; a max or min is exact
-        since a group's tokens are alike."""
+    def along_axes(self, node: Node) -> Layout | list[Layout]:
+        """Along axes that hold neither tokens nor batch, exact: the op reduces, scans or sorts
+        each token's own entries. Over tokens: a sum or mean counts each merged token ``size``
+        times; a max or min is exact, since a group's tokens are alike (where it lies is not);
+        a sum of weights over tokens is exact as it is; anything else is refused."""
         src = self.layout(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else None
+        dims = _argument(node, _axis_argument(node.target))
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
         if not dims:
-            raise _Refuse("a reduction over all axes")
-        keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-        dims = sorted(_norm_dim(d, len(src.roles)) for d in dims)
+            raise _Refuse("it reduces over all axes at once")
+        dims = sorted({_norm_dim(d, len(src.roles)) for d in dims})
         reduced = [src.roles[d] for d in dims]
         if any(isinstance(role, Fold) for role in reduced):
-            raise _Refuse("a reduction over an axis that folds the batch or tokens with another")
+            raise _Refuse("it acts along an axis that folds the batch or tokens with another")
         if BATCH in reduced:
-            raise _Refuse("a reduction over the batch axis")
+            raise _Refuse("it acts along the batch axis, mixing samples that merged different tokens")
         if TOKEN in reduced:
-            if reduced.count(TOKEN) != 1:
-                raise _Refuse("a reduction over two token axes at once")
-            token_dim = dims[reduced.index(TOKEN)]
-            weights = is_weights(src.roles[token_dim])
-            if node.target in (aten.amax.default, aten.amin.default):
-                if weights:
-                    raise _Refuse("a max or min of weights over tokens: a merged entry holds its group's sum")
-            elif node.target == aten.mean.dim and weights:
-                raise _Refuse("a mean of weights over tokens: their count changes when tokens merge")
-            elif not weights:
-                if src.batch_dim() is None:
-                    raise _Refuse("a sum or mean over tokens needs a batch axis to weight them by size")
-                if node.target == aten.mean.dim and node.kwargs.get("dtype"):
-                    raise _Refuse("a mean over tokens with a dtype argument")
-                self.flow.weightings.append(Weighting(node, 0, token_dim, mean=node.target == aten.mean.dim))
-        if keepdim:
-            return replace(src, roles=tuple(None if d in dims else r for d, r in enumerate(src.roles)))
-        return replace(src, roles=tuple(r for d, r in enumerate(src.roles) if d not in dims))
+            self.over_tokens(node, src, dims[reduced.index(TOKEN)], reduced.count(TOKEN))
+        elif src.weights and node.target not in _LINEAR_IN_WEIGHTS:
+            raise _Refuse(f"`{node.target}` of weights over tokens (a softmax over them): a merged entry holds "
+                          "its group's whole weight, which only sums, means, max and min carry through")
+        outputs = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
+        layouts = []
+        for value in outputs:
+            if value.dim() == len(src.roles):  # keepdim, a scan or a sort
+                roles = tuple(None if d in dims else r for d, r in enumerate(src.roles))
+            elif value.dim() == len(src.roles) - len(dims):
+                roles = tuple(r for d, r in enumerate(src.roles) if d not in dims)
+            else:
+                raise _Refuse(f"its output of rank {value.dim()} does not keep the axes it does not act along")
+            layouts.append(replace(src, roles=roles))
+        return layouts if isinstance(node.meta["val"], (tuple, list)) else layouts[0]
+
+    def over_tokens(self, node: Node, src: Layout, token_dim: int, token_axes: int) -> None:
+        """What a reduction over the token axis needs (see ``along_axes``), or a refusal."""
+        if token_axes != 1:
+            raise _Refuse("a reduction over two token axes at once")
+        weights = is_weights(src.roles[token_dim])
+        if node.target in _MAX_LIKE:
+            if weights:
+                raise _Refuse("a max or min of weights over tokens: a merged entry holds its group's sum")
+            if isinstance(node.meta["val"], (tuple, list)) and any(
+                    user.args[1] == 1 and user.users for user in node.users):
+                raise _Refuse("it uses where the max or min over tokens lies, a position among merged tokens")
+        elif node.target not in _SUMS:
+            raise _Refuse(f"`{node.target}` over the token axis: only sums, means, max and min over tokens "
+                          "have a rule (a merged token stands for `size` tokens)")
+        elif node.target == aten.mean.dim and weights:
+            raise _Refuse("a mean of weights over tokens: their count changes when tokens merge")
+        elif not weights:
+            if src.batch_dim() is None:
+                raise _Refuse("a sum or mean over tokens needs a batch axis to weight them by size")
+            if node.target == aten.mean.dim and node.kwargs.get("dtype"):
+                raise _Refuse("a mean over tokens with a dtype argument")
+            self.flow.weightings.append(Weighting(node, 0, token_dim, mean=node.target == aten.mean.dim))
+
+    @_rule(aten.einsum.default)
+    def einsum(self, node: Node) -> Layout | None:
+        """Exact as the products and sums it spells: a letter that holds the tokens (or batch)
+        in one operand must hold them in every operand it is in; tokens summed over (a letter
+        not in the output) are a sum, exact where one operand holds weights over them and
+        weighted by size where none does; tokens kept are weights where an operand's are."""
+        operands, (letters, output) = node.args[1], einsum_letters(node)
+        tracked = [self.layout(t) for t in operands if self.layout(t)]
+        if len({(lay.size, lay.start, lay.positions) for lay in tracked}) != 1:
+            raise _Refuse("it combines tokens from before and after a merge, or token axes sliced differently")
+        roles: dict[str, list[tuple[Role, int, int]]] = {}
+        for i, (tensor, part) in enumerate(zip(operands, letters)):
+            layout = self.layout(tensor)
+            if layout and len(set(part)) != len(part):
+                raise _Refuse("an einsum that takes a diagonal (a letter twice in one operand) of tokens")
+            for d, (letter, size) in enumerate(zip(part, shape_of(tensor))):
+                roles.setdefault(letter, []).append((layout.roles[d] if layout else None, size, i))
+        for letter, entries in roles.items():
+            named = {role for role, _, _ in entries if role is not None}
+            if any(isinstance(role, Fold) for role in named):
+                raise _Refuse("an einsum over an axis that folds the batch or tokens with another")
+            if len(named) > 1:
+                raise _Refuse("it lines up the token or batch axis of one operand with another axis of the other")
+            if named and any(role is None and size != 1 for role, size, _ in entries):
+                raise _Refuse("it combines the tokens with a tensor of a fixed token count")
+            holding = [(role, i) for role, _, i in entries if role == TOKEN]
+            weighted = [i for role, i in holding if is_weights(role)]
+            if len(weighted) > 1:
+                raise _Refuse("it multiplies two sets of weights over tokens with each other")
+            if BATCH in named and letter not in output:
+                raise _Refuse("it sums over the batch axis")
+            if holding and letter not in output and not weighted:
+                _, i = holding[0]
+                layout = self.layout(operands[i])
+                if layout.batch_dim() is None:
+                    raise _Refuse("a sum over tokens where the batch axis is folded into another axis")
+                if any(w.node is node and w.operand == i for w in self.flow.weightings):
+                    raise _Refuse("it sums one operand over two token axes at once")
+                self.flow.weightings.append(Weighting(node, i, letters[i].index(letter)))
+        out_roles = []
+        for letter in output:
+            named = [role for role, _, _ in roles[letter] if role is not None]
+            out_roles.append(WEIGHTS if any(map(is_weights, named)) else named[0] if named else None)
+        return replace(tracked[0], roles=tuple(out_roles))
 
     @_rule(aten.cat.default)
     def cat(self, node: Node) -> Layout:
@@ -829,7 +947,7 @@ class _Analysis:
 
 
 # the rules that may see a merged token grid: each acts per token or keeps the axes whole
-_GRID_RULES = {_Analysis.pointwise, _Analysis.norm, _Analysis.linear, _Analysis.reshape, _Analysis.permute,
+_GRID_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.norm, _Analysis.linear, _Analysis.reshape, _Analysis.permute,
                _Analysis.transpose, _Analysis.split, _Analysis.sym_size}
 
 

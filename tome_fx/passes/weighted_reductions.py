@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
+from .graph_utils import aten
 from .token_flow import FlowPass
 
 
@@ -20,7 +21,8 @@ class WeightedReductions(FlowPass):
         graph, modified = gm.graph, False
         for weighting in self.flow.weightings:
             node = weighting.node
-            tokens = node.args[weighting.operand]
+            operands = list(node.args[1]) if node.target == aten.einsum.default else node.args
+            tokens = operands[weighting.operand]
             layout = self.flow.layouts[tokens]
             if not layout.merged:
                 continue
@@ -32,6 +34,11 @@ class WeightedReductions(FlowPass):
                     # rewritten in place: the analysis's records (a returned mean, say) still name it
                     node.target, node.args, node.kwargs = merge.weighted_mean, (tokens, weight, list(node.args[1]), keepdim), {}
                 else:
-                    node.update_arg(weighting.operand, graph.call_function(merge.scale_by_size, (tokens, layout.size, *where)))
+                    scaled = graph.call_function(merge.scale_by_size, (tokens, layout.size, *where))
+                    if node.target == aten.einsum.default:
+                        operands[weighting.operand] = scaled
+                        node.update_arg(1, operands)
+                    else:
+                        node.update_arg(weighting.operand, scaled)
             modified = True
         return PassResult(gm, modified)

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from .passes.branch_merges import BranchSettings
+from ..passes.branch_merges import BranchSettings
 from .per_branch import PerBranchToMe
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import cost, sam, sd
+from .. import cost
+from ..integrations import sam, sd
 from .bench import time_interleaved
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .passes.branch_merges import BranchSettings
+from ..passes.branch_merges import BranchSettings
 from .per_branch import PerBranchToMe
 
 _ENCODER_ATTRIBUTES = ("image_encoder", "vision_encoder")  # segment_anything's Sam; HF SamModel

@@ -10,14 +10,15 @@ and never modifies.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from .call_spec import CallSpec
-from .capture import capture
-from .passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
+from ..call_spec import CallSpec
+from ..capture import capture
+from ..passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
 
 
 class PerBranchToMe(torch.nn.Module):
@@ -28,6 +29,11 @@ class PerBranchToMe(torch.nn.Module):
         super().__init__()
         self.model = model
         self.__dict__.update(settings=settings, prop_attn=prop_attn, _graphs={}, _compile_kwargs=None)
+
+    @property
+    def original(self) -> torch.nn.Module:
+        """The wrapped model (shared, never modified)."""
+        return self.model
 
     def compile(self, **compile_kwargs) -> None:
         """Like ``nn.Module.compile``, in place: every graph, captured and to come, runs under
@@ -90,5 +96,8 @@ class PerBranchToMe(torch.nn.Module):
     def _build(self, call: CallSpec):
         sample = next(v for v in pytree.tree_leaves(call.arguments) if isinstance(v, torch.Tensor))
         graph_module = capture(self.model, call, dynamic_batch=False)
-        plan = apply_branch_tome(graph_module, self._settings_for(sample), prop_attn=self.prop_attn)
+        plan, idle = apply_branch_tome(graph_module, self._settings_for(sample), prop_attn=self.prop_attn)
+        if idle:
+            shapes = [tuple(t.shape) for t in pytree.tree_leaves(call.arguments) if isinstance(t, torch.Tensor)]
+            warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)
         return self._compiled(graph_module), plan

@@ -20,8 +20,8 @@ import torch
 
 import tome_fx
 
-from . import merge
-from .schedule import Schedule
+from .. import merge
+from ..schedule import Schedule
 
 
 @dataclass
