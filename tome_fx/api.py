@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -16,6 +14,7 @@ from . import merge
 from .call_spec import CallSpec
 from .capture import batch_mask, batched_tensors, capture, normalize_example_inputs, tensors_of
 from .errors import UnsupportedModelError
+from .graphs import TREE, GraphsPerMode, InstanceSignature, in_mode, mode_of, with_signature
 from .passes import TomePlan, apply_tome
 from .passes.rotary_tables import RULES
 from .schedule import Schedule, resolve_schedule
@@ -42,38 +41,14 @@ class _Options:
     checkpoint: bool = False  # each block under torch.utils.checkpoint
 
 
-# what a module's parameters, buffers and submodules live in: the ToMeModel owns one tree,
-# and every graph it captured (one per train/eval mode) reads its weights from it
-_TREE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
-_GUARDS = "_guards_fn"  # export's input-guard module: each graph keeps its own
 _CACHE_OUTPUT = re.compile(r"Found <class '[\w.]*Cache'> in output")  # torch.export's words for an HF cache
-
-
-def _mode_of(model: torch.nn.Module) -> bool | None:
-    """The mode every submodule is in, or None where they differ."""
-    modes = {module.training for module in model.modules()}
-    return modes.pop() if len(modes) == 1 else None
-
-
-@contextlib.contextmanager
-def _in_mode(model: torch.nn.Module, mode: bool | None):
-    """``model`` switched to train (True) or eval (False) mode, every submodule's own flag
-    restored afterwards; None leaves it as it is."""
-    saved = [(module, module.training) for module in model.modules()]
-    try:
-        if mode is not None:
-            model.train(mode)
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
 
 
 def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool | None):
     if options.checkpoint and options.scope:
         warnings.warn(f"gradient checkpointing: only the blocks under scope {list(options.scope)} run "
                       "checkpointed; the rest of the model keeps every activation for backward", stacklevel=3)
-    with _in_mode(model, mode):
+    with in_mode(model, mode):
         graph_module = capture(model, call)
     plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs,
                       scope=options.scope, rope=options.rope, checkpoint=options.checkpoint)
@@ -88,39 +63,7 @@ def _checkpointing_on(model: torch.nn.Module) -> bool:
                for flag in ("grad_checkpointing", "gradient_checkpointing"))
 
 
-def _adopt_buffers(target: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Point ``target``'s buffers at ``source``'s of the same name where ``.to()`` replaced one
-    side's: a ToMe model and its original keep one set of buffers."""
-    theirs = dict(source.named_buffers())
-    for name, buffer in target.named_buffers():
-        if name in theirs and theirs[name] is not buffer:
-            owner, _, attr = name.rpartition(".")
-            target.get_submodule(owner)._buffers[attr] = theirs[name]
-
-
-class _InstanceSignature:
-    """``inspect.signature(instance)`` reads ``__signature__``: the forward's, without ``self``.
-    On the class it is None, so the class's own signature is left alone."""
-
-    def __get__(self, instance, owner):
-        return None if instance is None else inspect.signature(instance.forward)
-
-
-def _with_signature(cls: type, signature: inspect.Signature) -> type:
-    """A subclass of ``cls`` whose ``forward`` shows ``signature`` (the original model's), so
-    that ``inspect`` and ``torch.export`` bind arguments to the original's parameter names."""
-
-    def forward(self, *args, **kwargs):
-        return cls.forward(self, *args, **kwargs)
-
-    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-    forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
-    forward.__doc__ = cls.forward.__doc__
-    namespace = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    return type(cls.__name__, (cls,), namespace)
-
-
-class ToMeModel(torch.nn.Module):
+class ToMeModel(GraphsPerMode):
     """A model rewritten to merge tokens; it behaves like the module it replaces.
 
     - Called like the original: its positional and keyword arguments, and
@@ -141,45 +84,10 @@ class ToMeModel(torch.nn.Module):
     must be independent.
     """
 
-    __signature__ = _InstanceSignature()
-
     def __init__(self, source: torch.nn.Module, call: CallSpec, options: _Options, graph_module, plan: TomePlan,
                  mode: bool | None):
-        super().__init__()
-        self.__dict__.update(_source=source, _call=call, _options=options, _graphs={}, _mode=mode, plan=plan)
-        for attr in _TREE:
-            object.__setattr__(self, attr, getattr(graph_module, attr))
-        self._modules.update((name, m) for name, m in graph_module._modules.items() if name != _GUARDS)
-        self._attach(mode, graph_module)
-        self.__dict__["_captured_for"] = self._weights_kind()
-        torch.nn.Module.train(self, source.training)
-
-    # -- graphs, one per mode, sharing this module's tree ------------------------------------------
-    def _attach(self, mode: bool | None, graph_module: torch.fx.GraphModule) -> None:
-        """Make ``graph_module`` read every parameter, buffer and submodule from this model."""
-        for attr in _TREE:
-            object.__setattr__(graph_module, attr, getattr(self, attr))
-        graph_module._modules.update(self._modules)
-        self._graphs[mode] = graph_module
-
-    @property
-    def original(self) -> torch.nn.Module:
-        """The model this one was transformed from (it shares its parameters)."""
-        return self._source
-
-    @property
-    def graph_module(self) -> torch.fx.GraphModule:
-        """The rewritten graph the current mode runs."""
-        return self._graphs[self._mode]
-
-    def train(self, mode: bool = True):
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
-        if mode != self._mode:
-            if mode not in self._graphs:
-                self._attach(mode, self._capture(mode))
-            self.__dict__["_mode"] = mode
-        return super().train(mode)
+        self.__dict__.update(_call=call, _options=options, plan=plan)
+        super().__init__(source, graph_module, mode)
 
     def _capture(self, mode: bool) -> torch.fx.GraphModule:
         name = "train" if mode else "eval"
@@ -195,55 +103,22 @@ class ToMeModel(torch.nn.Module):
             )
         return graph_module
 
+    def _retarget(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Example inputs follow the weights, so the next capture traces at their dtype and device."""
+        self.__dict__["_call"] = self._call.with_tensors(
+            lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype))
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Run each attention block under ``torch.utils.checkpoint`` (timm's method name):
         backward keeps only what enters each block and recomputes the rest, merges
         included. On by default where the original had checkpointing on when transformed."""
         if enable != self._options.checkpoint:
             self.__dict__["_options"] = replace(self._options, checkpoint=bool(enable))
-            self._graphs.clear()
-            self._attach(self._mode, self._capture(self._mode))
+            self._recapture()
 
     @property
     def grad_checkpointing(self) -> bool:
         return self._options.checkpoint
-
-    def _weights_kind(self) -> tuple[torch.dtype, torch.device] | None:
-        weights = next((p for p in self.parameters() if p.is_floating_point()), None)
-        return None if weights is None else (weights.dtype, weights.device)
-
-    def _apply(self, fn, recurse=True):
-        """``.to()`` and friends: parameters change in place (the original sees them), buffers are
-        replaced (the original gets the new ones too, so the two stay one model)."""
-        result = super()._apply(fn, recurse)
-        _adopt_buffers(self._source, self)
-        self._follow_weights()
-        return result
-
-    def _follow_weights(self) -> None:
-        """Where the weights' dtype or device changed since the graph was captured (through this
-        model, or through another one sharing the original), take the original's buffers and
-        capture the graph again for them: captured code may depend on the dtype (an upcast
-        softmax, say)."""
-        kind = self._weights_kind()
-        if kind is None or kind == self._captured_for:
-            return
-        _adopt_buffers(self, self._source)
-        dtype, device = kind
-        self.__dict__["_call"] = self._call.with_tensors(
-            lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype))
-        self.__dict__["_captured_for"] = kind
-        self._graphs.clear()
-        self._attach(self._mode, self._capture(self._mode))
-
-    # -- copies ------------------------------------------------------------------------------------
-    def __deepcopy__(self, memo):
-        copied = type(self).__new__(type(self))
-        memo[id(self)] = copied
-        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        for mode, graph_module in copied._graphs.items():
-            copied._attach(mode, graph_module)
-        return copied
 
     def __reduce_ex__(self, protocol):
         """Pickled as the original module, the capture's inputs and the options: loading
@@ -350,7 +225,7 @@ def _restore(source, args, kwargs, options: _Options, state: dict, mode: bool | 
 
 def _transform(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options) -> ToMeModel:
     call = CallSpec.record(model, args, kwargs)
-    mode = _mode_of(model)
+    mode = mode_of(model)
     try:
         graph_module, plan = _build(model, call, options, mode)
     except UnsupportedModelError as error:
@@ -365,7 +240,7 @@ def _transform(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Opti
         warnings.warn(f"{type(model).__name__} merges no token: r={options.r!r} comes to 0 in every block "
                       f"({plan.blocks[0].tokens_in} tokens, {plan.protected} protected; a block merges at most "
                       "half of its unprotected tokens, and a fraction rounds down)", stacklevel=3)
-    return _with_signature(ToMeModel, call.signature)(model, call, options, graph_module, plan, mode)
+    return with_signature(ToMeModel, call.signature)(model, call, options, graph_module, plan, mode)
 
 
 def transform(
@@ -458,7 +333,7 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope", "rope")
                if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
-    return _with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
+    return with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
 
 
 class CompiledToMe(torch.nn.Module):
@@ -470,12 +345,12 @@ class CompiledToMe(torch.nn.Module):
     compile the graph of that mode the first time it runs. Its ``state_dict`` has the
     original's keys, like the ``ToMeModel``'s."""
 
-    __signature__ = _InstanceSignature()
+    __signature__ = InstanceSignature()
 
     def __init__(self, model: ToMeModel, **compile_kwargs):
         super().__init__()
         self.__dict__.update(model=model, _compile_kwargs=compile_kwargs, _compiled={})
-        for attr in (*_TREE, "_modules"):  # the model's weights and keys (state_dict as the original's)
+        for attr in (*TREE, "_modules"):  # the model's weights and keys (state_dict as the original's)
             object.__setattr__(self, attr, getattr(model, attr))
         self.training = model.training
 
