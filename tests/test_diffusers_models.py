@@ -100,14 +100,15 @@ def test_wan_residual_through_dtype_casts_is_found():
 
 
 def test_flux_with_unbatched_ids_is_not_blamed_on_the_call():
-    """diffusers documents 2-d ``img_ids``/``txt_ids`` (no batch): they are taken as they are, and
-    the refusal is the joint text + image attention (the diffusion-transformer issue)."""
+    """diffusers documents 2-d ``img_ids``/``txt_ids`` (no batch): they are taken as they are; the
+    joint text + image attention is understood, and the refusal is the rotary table computed
+    from the ids (the diffusion-transformer issue)."""
     model = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
     x = dict(hidden_states=torch.randn(2, 16, 8), encoder_hidden_states=torch.randn(2, 4, 16),
              pooled_projections=torch.randn(2, 8), timestep=torch.ones(2), img_ids=torch.zeros(16, 3),
              txt_ids=torch.zeros(4, 3), return_dict=False)
-    with pytest.raises(tome_fx.UnsupportedModelError, match="concatenates merged tokens") as error:
+    with pytest.raises(tome_fx.UnsupportedModelError, match="rotary table .* computed from the inputs") as error:
         tome_fx.transform(model, 2, example_inputs=x)
     assert "batch" not in str(error.value)

@@ -286,12 +286,16 @@ def tome_merge(
     return x, size, new_index.gather(1, positions)
 
 
-def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1) -> Tensor:
+def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1,
+              lead: int = 0, trail: int = 0) -> Tensor:
     """``size`` [B, N] (tokens from ``start`` on) laid out to broadcast against an ``ndim``-dim
     tensor whose batch is on ``batch_dim`` and tokens on ``token_dim``; ``inner`` > 1: that
-    dim folds the batch with ``inner`` entries inside it (heads in nn.MultiheadAttention's B*H)."""
+    dim folds the batch with ``inner`` entries inside it (heads in nn.MultiheadAttention's B*H);
+    ``lead``/``trail``: tokens of another stream joined before/after, each of size 1."""
     if start:
         size = size[:, start:]
+    if lead or trail:
+        size = torch.nn.functional.pad(size, (lead, trail), value=1.0)
     if inner > 1:
         size = size.repeat_interleave(inner, 0)
     shape = [1] * ndim
@@ -301,10 +305,12 @@ def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: in
     return size.reshape(shape)
 
 
-def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1) -> Tensor:
+def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1,
+                  lead: int = 0, trail: int = 0) -> Tensor:
     """Proportional attention: log(size) added to the logits of the keys on ``token_dim`` (tokens
-    from ``start`` on), laid out and typed for ``like`` (the logits, or an sdpa's queries)."""
-    return size_bias(size, like.dim(), batch_dim, token_dim, start, inner).log().to(like.dtype)
+    from ``start`` on, ``lead``/``trail`` joined ones of size 1 around them), laid out and typed
+    for ``like`` (the logits, or an sdpa's queries)."""
+    return size_bias(size, like.dim(), batch_dim, token_dim, start, inner, lead, trail).log().to(like.dtype)
 
 
 def add_attention_bias(mask: Tensor | None, bias: Tensor) -> Tensor:

@@ -20,8 +20,9 @@ from .per_branch import PerBranchToMe
 
 
 class ToMeUNet(PerBranchToMe):
-    """A UNet that merges tokens in its transformer blocks; called, and read (``config``,
-    ``dtype``, ``device``...), like the UNet it wraps, whose parameters it shares."""
+    """A denoiser (a UNet, or a diffusion transformer: DiT, PixArt, SD3) that merges tokens in
+    its transformer blocks; called, and read (``config``, ``dtype``, ``device``...), like the
+    model it wraps, whose parameters it shares."""
 
     def __init__(self, unet: torch.nn.Module, settings: BranchSettings, use_rand: bool, prop_attn: bool):
         super().__init__(unet, settings, prop_attn)
@@ -32,9 +33,20 @@ class ToMeUNet(PerBranchToMe):
         return self.model
 
     def _settings_for(self, sample: torch.Tensor) -> BranchSettings:
-        # full resolution is the latent's; tomesd's rule: an odd batch cannot hold prompted
-        # and unprompted halves, so no randomness
-        return replace(self.settings, grid=tuple(sample.shape[-2:]), rand=self.use_rand and sample.shape[0] % 2 == 0)
+        # full resolution is the latent's, in patches for a transformer; tomesd's rule: an odd
+        # batch cannot hold prompted and unprompted halves, so no randomness
+        patch = getattr(getattr(self.model, "config", None), "patch_size", None) or 1
+        grid = tuple(side // patch for side in sample.shape[-2:])
+        return replace(self.settings, grid=grid, rand=self.use_rand and sample.shape[0] % 2 == 0)
+
+
+def _denoiser(pipe) -> str:
+    """The pipeline attribute that holds its denoiser: ``unet``, or ``transformer`` (DiT,
+    PixArt, SD3 pipelines)."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            return name
+    raise TypeError(f"{type(pipe).__name__} holds no `unet` or `transformer` module to merge tokens in")
 
 
 def apply(
@@ -50,9 +62,11 @@ def apply(
     merge_mlp: bool = False,
     prop_attn: bool = False,
 ):
-    """tomesd's ``apply_patch``, as a graph rewrite. Given a UNet, returns a new module called
-    like it; given a ``DiffusionPipeline``, replaces ``pipe.unet`` with one and returns the
-    pipeline (``remove(pipe)`` restores the original). The UNet is never modified.
+    """tomesd's ``apply_patch``, as a graph rewrite. Given a UNet or a diffusion transformer
+    (DiT, PixArt, SD3: its patch grid is the full resolution), returns a new module called
+    like it; given a ``DiffusionPipeline``, replaces ``pipe.unet`` (or ``pipe.transformer``)
+    with one and returns the pipeline (``remove(pipe)`` restores the original). The model is
+    never modified. In SD3's joint attention only the image tokens merge, never the text.
 
     ``ratio``: the share of each merging block's tokens merged away; ``max_downsample``: merge
     in blocks at most this many times below full resolution (1, 2, 4 or 8); ``sx``, ``sy``: one
@@ -68,15 +82,16 @@ def apply(
     settings = BranchSettings(ratio, (0, 0), max_downsample, sx, sy, False, kinds)
     if isinstance(pipe_or_unet, PerBranchToMe):
         return ToMeUNet(pipe_or_unet.model, settings, use_rand, prop_attn)
-    if isinstance(pipe_or_unet, torch.nn.Module) and not hasattr(pipe_or_unet, "unet"):
+    if isinstance(pipe_or_unet, torch.nn.Module):
         return ToMeUNet(pipe_or_unet, settings, use_rand, prop_attn)
-    pipe = remove(pipe_or_unet)
-    pipe.unet = ToMeUNet(pipe.unet, settings, use_rand, prop_attn)
+    pipe, name = remove(pipe_or_unet), _denoiser(pipe_or_unet)
+    setattr(pipe, name, ToMeUNet(getattr(pipe, name), settings, use_rand, prop_attn))
     return pipe
 
 
 def remove(pipe):
-    """Give a pipeline its original UNet back."""
-    if isinstance(pipe.unet, ToMeUNet):
-        pipe.unet = pipe.unet.unet
+    """Give a pipeline its original denoiser (UNet or transformer) back."""
+    name = _denoiser(pipe)
+    if isinstance(getattr(pipe, name), ToMeUNet):
+        setattr(pipe, name, getattr(pipe, name).model)
     return pipe

@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks
-from .graph_utils import aten, ancestors, describe, shape_of
+from .graph_utils import aten, ancestors, descendants, describe, shape_of
 from .proportional_attention import ProportionalAttention
 from .repair_shapes import RepairShapes
 from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, analyze_token_flow, is_weights
@@ -78,7 +78,9 @@ def find_branches(block: AttentionBlock, others: set[Node]) -> list[Branch]:
     branches, stream, add = [], block.stream, block.residual
     while add is not None:
         output = add.args[0] if add.args[1] is stream else add.args[1]
-        nodes = frozenset(ancestors(output, stop=lambda n: n is stream) | {output})
+        # what lies between the stream and the branch's output (another stream that joins in,
+        # text in joint attention, is not the branch's: it may come from earlier blocks)
+        nodes = frozenset((ancestors(output, stop=lambda n: n is stream) | {output}) & descendants(stream))
         if nodes & others:
             break
         kind = "attn" if block.attention in nodes else "crossattn" if any(map(_is_attention, nodes)) else "mlp"
@@ -203,7 +205,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     for branch, restored in closing:
         layout = flow.layouts.get(branch.output)
         if (layout is None or layout.roles not in ((BATCH, TOKEN, None), (BATCH, TOKEN, GRID_INNER, None))
-                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]
+                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1] or layout.lead or layout.trail
                 or shape_of(branch.output) != shape_of(branch.stream)):
             raise UnsupportedModelError(
                 f"{describe(branch.add)}: the {branch.kind} branch does not return its merged tokens laid out "

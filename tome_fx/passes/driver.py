@@ -128,6 +128,13 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     key_masks = {mask: layout.batch_axis()[1] for _, mask, layout in dry.key_masks}
     _hoist_before(gm, list(key_masks), blocks[0].residual)
 
+    for block, block_r in zip(blocks, schedule):
+        keys = shape_of(block.keys)[block.key_token_dim]
+        if block_r and keys != tokens:
+            raise UnsupportedModelError(
+                f"block {block.name}: its attention's keys hold {keys} tokens and its residual stream {tokens}, and "
+                "they are not the stream's keys joined with another's by a cat along the tokens (joint attention), "
+                "so the merge cannot tell which keys are the stream's")
     insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()))
     insert(gm)
     flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask, frozenset(key_masks))

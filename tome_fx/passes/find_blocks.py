@@ -163,11 +163,38 @@ def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tup
     return None
 
 
-def _changed_stream(output: Node, keys: Node, graph_order: dict[Node, int]) -> Node | None:
-    """An add after ``output`` whose other operand is computed from what the keys are computed
-    from, not that itself: the residual is projected or pooled (a stage change, Hiera's)."""
+def _other_residual(output: Node, keys: Node, graph_order: dict[Node, int]) -> tuple[str, Node] | None:
+    """Why the add after ``output`` is not this attention's residual connection, where its other
+    operand is still computed from what the keys are computed from: ("parallel", add) where that
+    operand is the stream with another branch added (SD3.5's dual attention: two attentions on
+    one normed input, added one after the other); ("changed", add) where it is a projection or
+    pooling of the block's input (a stage change, Hiera's)."""
     key_ancestors = ancestors(keys) | {keys}
-    return next((add for add, other in _adds_after(output, graph_order) if ancestors(other) & key_ancestors), None)
+    for add, other in _adds_after(output, graph_order):
+        if not ancestors(other) & key_ancestors:
+            continue
+        chain, stack = set(), [other]  # back along the stream: through residual adds and casts
+        while stack:
+            node = stack.pop()
+            chain.add(node)
+            if node.op == "call_function" and node.target in RESIDUAL_ADD | _CASTS:
+                stack += [a for a in node.args[:2] if isinstance(a, Node) and a not in chain]
+        return ("parallel" if chain & key_ancestors else "changed"), add
+    return None
+
+
+def _own_keys(keys: Node, token_dim: int, stream: Node) -> Node:
+    """The keys of the stream's own tokens: in joint attention (SD3's), the stream's keys are
+    joined with another stream's by a cat along the tokens; the matching reads the stream's."""
+    stream_shape, key_shape = tensor_meta(stream).shape, tensor_meta(keys).shape
+    if len(stream_shape) != 3 or key_shape[token_dim] == stream_shape[1]:
+        return keys
+    if keys.op == "call_function" and keys.target == aten.cat.default:
+        dim = keys.args[1] if len(keys.args) > 1 else 0
+        own = [part for part in keys.args[0] if stream in ancestors(part)]
+        if dim % len(key_shape) == token_dim % len(key_shape) and len(own) == 1:
+            return own[0]
+    return keys  # the driver refuses it where it would merge (other refusals may come first)
 
 
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
@@ -223,11 +250,16 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
     windowed = (f"keys must be [batch, heads, tokens, dim] (4-d), got {shape}: attention within windows, or over a "
                 "grid folded into several axes, is not one sequence of tokens") if shape is None or len(shape) != 4 else None
     if found is None:
-        changed = _changed_stream(output, keys, order)
-        if changed is not None:
+        other = _other_residual(output, keys, order)
+        if other is not None and other[0] == "parallel":
+            raise UnsupportedModelError(
+                f"attention at {describe(node)}: its output is added ({describe(other[1])}) onto the stream after "
+                "another branch's, while its keys read the stream from before that branch: parallel attention "
+                "branches on one input (SD3.5's dual attention) leave no single point between them to merge at")
+        if other is not None:
             raise UnsupportedModelError(
                 f"attention at {describe(node)}: " + (f"{windowed}; and " if windowed else "")
-                + f"the residual added after it ({describe(changed)}) is computed from the block's input (projected "
+                + f"the residual added after it ({describe(other[1])}) is computed from the block's input (projected "
                 "or pooled), not the input itself: the token count or width changes here, as between the stages of "
                 "a hierarchical model (Hiera, MViT)")
         raise UnsupportedModelError(
@@ -235,6 +267,8 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
             "token merging is defined for residual transformer blocks"
         )
     residual, stream = found
+    if not windowed:
+        keys = _own_keys(keys, key_token_dim, stream)
     name = module_path(residual) or module_path(node) or node.name
     return AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks),
                           windowed and f"attention at {describe(node)}: {windowed}")

@@ -79,6 +79,18 @@ def ancestors(node: Node, stop=lambda n: False) -> set[Node]:
     return seen
 
 
+def descendants(node: Node) -> set[Node]:
+    """Every node that depends on ``node``."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
 _ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 
 

@@ -25,7 +25,8 @@ class ProportionalAttention(FlowPass):
             with graph.inserting_before(softmax):
                 batch_dim, inner = layout.batch_axis()
                 bias = graph.call_function(
-                    merge.log_size_bias, (layout.size, logits, batch_dim, dim, layout.start, inner)
+                    merge.log_size_bias,
+                    (layout.size, logits, batch_dim, dim, layout.start, inner, layout.lead, layout.trail),
                 )
                 softmax.update_arg(0, graph.call_function(aten.add.Tensor, (logits, bias)))
             modified = True
@@ -38,7 +39,8 @@ class ProportionalAttention(FlowPass):
             with graph.inserting_before(sdpa):
                 bias = graph.call_function(
                     merge.log_size_bias,
-                    (layout.size, query, layout.batch_dim(), tensor_meta(query).dim() - 1, layout.start),
+                    (layout.size, query, layout.batch_dim(), tensor_meta(query).dim() - 1, layout.start, 1,
+                     layout.lead, layout.trail),
                 )
                 mask = graph.call_function(merge.add_attention_bias, (mask, bias))
             if len(sdpa.args) > 3:

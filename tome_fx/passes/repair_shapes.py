@@ -45,9 +45,29 @@ class RepairShapes(FlowPass):
                     tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
                     node.update_arg(1, [lead, gm.graph.call_function(operator.sub, (tokens, lead))])
                 modified = True
+        for node, index, dim, after in self.flow.joint_bounds:  # a joint sequence cut past its merged tokens
+            with gm.graph.inserting_before(node):
+                tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
+                bound = gm.graph.call_function(operator.sub, (tokens, after)) if after else tokens
+                if node.target == aten.narrow.default and index == 3:  # narrow's length, not its end
+                    bound = gm.graph.call_function(operator.sub, (bound, node.args[2]))
+            node.update_arg(index, bound)
+            modified = True
+        for node, dim, merged in self.flow.joint_splits:  # the merged piece takes what the others leave
+            sizes = list(node.args[1])
+            with gm.graph.inserting_before(node):
+                tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
+                sizes[merged] = gm.graph.call_function(operator.sub, (tokens, sum(sizes) - sizes[merged]))
+            node.update_arg(1, sizes)
+            modified = True
         for node in self.flow.open_slices:
             if self.flow.layouts[node.args[0]].merged:
-                node.update_arg(3, sys.maxsize)
+                if node.target == aten.narrow.default:  # its length runs to the end
+                    with gm.graph.inserting_before(node):
+                        tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], node.args[1]))
+                        node.update_arg(3, gm.graph.call_function(operator.sub, (tokens, node.args[2])))
+                else:
+                    node.update_arg(3, sys.maxsize)
                 modified = True
         return PassResult(gm, modified)
 

@@ -80,6 +80,10 @@ class Layout:
     size: Node | None  # [B, N] sizes; None while every token is still one patch
     start: int = 0  # the tensor holds the tokens from this position of the sequence on
     positions: Node | None = None  # [B, N0] where each original token sits; None before any merge
+    # a joint sequence: tokens of another stream (text in joint attention, each of size 1) joined
+    # before and after the merged tokens along the token axis
+    lead: int = 0
+    trail: int = 0
 
     def dims(self, role: str) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r == role]
@@ -102,6 +106,11 @@ class Layout:
     @property
     def merged(self) -> bool:
         return self.size is not None
+
+    @property
+    def tokens(self) -> tuple:
+        """What makes two token axes the same sequence: sizes, positions, slice and joined tokens."""
+        return self.size, self.start, self.positions, self.lead, self.trail
 
     @property
     def weights(self) -> bool:
@@ -147,6 +156,10 @@ class TokenFlow:
     # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
+    # (slice, argument index, dim, entries after it): a bound past the merged tokens of a joint
+    # sequence, counted from the end at run time
+    joint_bounds: list[tuple[Node, int, int, int]] = field(default_factory=list)
+    joint_splits: list[tuple[Node, int, int]] = field(default_factory=list)  # (split, dim, the merged part)
 
 
 class FlowPass(PassBase):
@@ -352,6 +365,12 @@ class _Analysis:
                 "tokens keep their positions when tokens merge"
             )
 
+    def no_joined(self, layout: Layout, what: str) -> None:
+        """Refuse ``what`` on a joint sequence: it would need each joined token's size (1)."""
+        if layout.lead or layout.trail:
+            raise _Refuse(f"{what} a joint sequence (merged tokens beside {layout.lead + layout.trail} tokens of "
+                          "another stream, as in joint attention), which has no rule here")
+
     def no_weights(self, node: Node, what: str) -> None:
         if any(self.layout(n) and self.layout(n).weights for n in node.all_input_nodes):
             raise _Refuse(
@@ -374,7 +393,8 @@ class _Analysis:
         token takes its group's value (and a weight its share of the group's weight)."""
         for node in tracked:
             layout = self.layout(node)
-            if layout is None or layout.batch_dim() is None or any(isinstance(r, Fold) for r in layout.roles):
+            if (layout is None or layout.batch_dim() is None or any(isinstance(r, Fold) for r in layout.roles)
+                    or layout.lead or layout.trail):
                 raise UnsupportedModelError(
                     f"{describe(node)}: the model returns `{node.name}`, which is not laid out with a batch "
                     "axis and whole token axes, so it cannot be un-merged"
@@ -394,6 +414,10 @@ class _Analysis:
             GRID_INNER in self.layout(n).roles for n in node.all_input_nodes if self.layout(n)
         ):
             raise _Refuse("it reads a merged token grid as a grid (its merged tokens lie along one axis)")
+        if rule not in _JOINT_RULES:
+            for n in node.all_input_nodes:
+                if self.layout(n):
+                    self.no_joined(self.layout(n), "it reads")
         return rule(self, node)
 
     @_rule(aten.sym_size.int)
@@ -405,8 +429,8 @@ class _Analysis:
         """Exact: acts on each token on its own. Operands broadcast against each other; a
         tensor of a fixed token count, or tokens of another merge, may not join in."""
         tracked = [n for n in node.all_input_nodes if self.layout(n)]
-        if len({(lay.size, lay.start, lay.positions) for lay in map(self.layout, tracked)}) != 1:
-            raise _Refuse("it combines tokens from before and after a merge")
+        if len({lay.tokens for lay in map(self.layout, tracked)}) != 1:
+            raise _Refuse("it combines tokens from before and after a merge (or a joint sequence with its parts)")
         out_ndim = _ndim(node)
         aligned: list[list[tuple[Role, int]]] = [[] for _ in range(out_ndim)]
         for arg in tracked:
@@ -426,6 +450,7 @@ class _Analysis:
         untracked = [n for n in node.all_input_nodes if n not in tracked]
         shared = [n for n in untracked if n in self.masks.values()]  # also where blocks outside a scope apply it
         if shared:
+            self.no_joined(self.layout(tracked[0]), "an attention mask applied to")
             untracked.remove(shared[0])
             self.flow.masked.append((node, self.layout(tracked[0])))
         layout = replace(self.layout(tracked[0]), roles=tuple(roles))
@@ -440,6 +465,10 @@ class _Analysis:
                 if (holds(roles[offset + d], TOKEN) or roles[offset + d] == GRID_INNER) and meta.shape[d] != 1:
                     if self.rotary_table(node, arg, layout):
                         break
+                    if node.target == aten.mul.Tensor and depends_on_inputs(arg) and self.feeds_queries_keys(node):
+                        raise _Refuse(f"it rotates queries or keys by `{arg.name}`, a rotary table of {tuple(meta.shape)} "
+                                      "computed from the inputs (position ids, a latent grid), which the rope rule does "
+                                      "not read per merged token yet")
                     raise _Refuse(
                         f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
                         f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
@@ -451,7 +480,8 @@ class _Analysis:
         multiplied into queries or keys only (rotary position embeddings), is read per merged
         token (``RestageTables``). A merged token stands for several positions; no rule gives
         it exactly the rotation of each."""
-        if node.target != aten.mul.Tensor or depends_on_inputs(table) or not self.feeds_queries_keys(node):
+        if (node.target != aten.mul.Tensor or depends_on_inputs(table) or not self.feeds_queries_keys(node)
+                or layout.lead or layout.trail):
             return False
         offset = len(layout.roles) - _ndim(table)
         dims = [d for d in range(_ndim(table)) if shape_of(table)[d] != 1]
@@ -546,7 +576,7 @@ class _Analysis:
         la, lb = self.layout(a), self.layout(b)
         if la and lb and la.size is not lb.size:
             raise _Refuse("it multiplies tokens from before and after a merge")
-        if la and lb and la.start != lb.start:
+        if la and lb and (la.start, la.lead, la.trail) != (lb.start, lb.lead, lb.trail):
             raise _Refuse("it multiplies token axes that start at different positions (one of them sliced)")
         if _ndim(a) < 2 or _ndim(b) < 2:
             raise _Refuse("matrix-vector products over tokens are not understood")
@@ -560,6 +590,7 @@ class _Analysis:
             if not is_weights(ra[-1]) and not is_weights(rb[-2]):
                 if lb.batch_dim() is None:
                     raise _Refuse("a sum over tokens where the batch axis is folded into another axis")
+                self.no_joined(lb, "it sums over")
                 self.flow.weightings.append(Weighting(node, 1, _ndim(b) - 2))
         out_ndim = _ndim(node)
         roles = [None] * out_ndim
@@ -613,6 +644,8 @@ class _Analysis:
         if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
             raise _Refuse("causal attention depends on token order")
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        if isinstance(mask, Node) and lk is not None:
+            self.no_joined(lk, "an attention mask over the keys of")
         if isinstance(mask, Node) and mask in self.masks.values() and lk is not None:
             self.flow.masked.append((node, lk))
         elif isinstance(mask, Node) and lk is not None and not self.layout(mask) and tensor_meta(mask).shape[-1] != 1:
@@ -667,6 +700,7 @@ class _Analysis:
         un-merged, each original token taking its group's value, as captured."""
         if src.batch_dim() is None or any(isinstance(role, Fold) for role in src.roles):
             raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})")
+        self.no_joined(src, "it reshapes back to a grid")
         self.flow.unmerges.append(node)
         return None
 
@@ -718,6 +752,13 @@ class _Analysis:
         src = self.layout(node.args[0])
         dim_index = 1 if node.target == aten.unbind.int else 2
         dim = _norm_dim(node.args[dim_index] if len(node.args) > dim_index else 0, len(src.roles))
+        if src.roles[dim] == TOKEN and (src.lead or src.trail):
+            if node.target != aten.split_with_sizes.default:
+                raise _Refuse("it splits a joint sequence other than by the sizes of its streams")
+            ends = [sum(node.args[1][:k + 1]) for k in range(len(node.args[1]))]
+            pieces = self.cut(node, src, dim, list(zip([0] + ends[:-1], ends)))
+            self.flow.joint_splits.append((node, dim, next(k for k, p in enumerate(pieces) if p.roles[dim] == TOKEN)))
+            return pieces
         if src.roles[dim] == TOKEN and node.target == aten.split_with_sizes.default and len(node.args[1]) == 2:
             if len(src.dims(TOKEN)) > 1:
                 raise _Refuse("it splits one of several token axes")
@@ -748,15 +789,19 @@ class _Analysis:
             self.read_prefix(src.start + index + 1)
         return replace(src, roles=src.roles[:dim] + src.roles[dim + 1 :])
 
-    @_rule(aten.slice.Tensor)
+    @_rule(aten.slice.Tensor, aten.narrow.default)
     def slice(self, node: Node) -> Layout:
         """Exact for a range of protected tokens, or for all tokens from a protected position on;
-        along other axes but the batch, exact as it is."""
+        along other axes but the batch, exact as it is. (``narrow(dim, start, length)`` is the
+        slice ``[start:start + length]``.)"""
         src = self.layout(node.args[0])
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         start = (node.args[2] if len(node.args) > 2 else None) or 0
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
+        if node.target == aten.narrow.default:
+            start = _norm_dim(start, shape_of(node.args[0])[dim])
+            end = start + node.args[3]
         if isinstance(src.roles[dim], Fold):
             raise _Refuse("it slices an axis that folds the batch or tokens with another")
         if src.roles[dim] == BATCH and (start, step, end) not in ((0, 1, None), (0, 1, sys.maxsize)):
@@ -767,6 +812,14 @@ class _Analysis:
             raise _Refuse("it slices one of several token axes")
         count = shape_of(node.args[0])[dim]
         end = sys.maxsize if end is None else end
+        if src.lead or src.trail:
+            if step != 1:
+                raise _Refuse("a strided slice of a joint sequence")
+            (piece,) = self.cut(node, src, dim, [(start, min(end, count))])
+            for index, bound in ((2, start), (3, end)):  # from the merged tokens' end on
+                if bound != sys.maxsize and src.lead < bound and count - src.trail <= bound <= count:
+                    self.flow.joint_bounds.append((node, index, dim, count - bound))
+            return piece
         if step != 1 or start < 0 or end < 0:
             raise _Refuse("a strided slice of merged tokens, or one counted from the end")
         if end < count:  # a fixed range of leading tokens
@@ -833,6 +886,7 @@ class _Analysis:
         elif not weights:
             if src.batch_dim() is None:
                 raise _Refuse("a sum or mean over tokens needs a batch axis to weight them by size")
+            self.no_joined(src, "it sums over")
             if node.target == aten.mean.dim and node.kwargs.get("dtype"):
                 raise _Refuse("a mean over tokens with a dtype argument")
             self.flow.weightings.append(Weighting(node, 0, token_dim, mean=node.target == aten.mean.dim))
@@ -845,7 +899,7 @@ class _Analysis:
         weighted by size where none does; tokens kept are weights where an operand's are."""
         operands, (letters, output) = node.args[1], einsum_letters(node)
         tracked = [self.layout(t) for t in operands if self.layout(t)]
-        if len({(lay.size, lay.start, lay.positions) for lay in tracked}) != 1:
+        if len({lay.tokens for lay in tracked}) != 1:
             raise _Refuse("it combines tokens from before and after a merge, or token axes sliced differently")
         roles: dict[str, list[tuple[Role, int, int]]] = {}
         for i, (tensor, part) in enumerate(zip(operands, letters)):
@@ -873,6 +927,7 @@ class _Analysis:
                 layout = self.layout(operands[i])
                 if layout.batch_dim() is None:
                     raise _Refuse("a sum over tokens where the batch axis is folded into another axis")
+                self.no_joined(layout, "it sums over")
                 if any(w.node is node and w.operand == i for w in self.flow.weightings):
                     raise _Refuse("it sums one operand over two token axes at once")
                 self.flow.weightings.append(Weighting(node, i, letters[i].index(letter)))
@@ -891,11 +946,46 @@ class _Analysis:
             dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(layouts[-1].roles))
             if (joined := self.rejoin(node, layouts, dim)) is not None:
                 return joined
+        known = next(lay for lay in layouts if lay is not None)
+        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(known.roles))
+        if (joined := self.join(node, layouts, dim)) is not None:
+            return joined
         src = self.one_layout(layouts, "concatenates")
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         if src.roles[dim] is not None:
             raise _Refuse("it concatenates along the token or batch axis")
         return src
+
+    def join(self, node: Node, layouts: list[Layout | None], dim: int) -> Layout | None:
+        """Exact: tokens of another stream (text) joined before or after the merged tokens, for
+        one attention over both (SD3's, FLUX's, CogVideoX's joint attention). A joined token
+        stands for itself: proportional attention gives it log 1 = 0, and each merged token
+        keeps its group's weight, so the attention over both is what it was over the originals."""
+        tracked = [i for i, lay in enumerate(layouts) if lay is not None]
+        if len(tracked) != 1:
+            return None
+        (i,), src = tracked, layouts[tracked[0]]
+        if src.roles[dim] != TOKEN or is_weights(src.roles[dim]) or len(src.dims(TOKEN)) != 1 or src.batch_dim() is None:
+            return None
+        counts = [shape_of(part)[dim] for part in node.args[0]]
+        return replace(src, lead=src.lead + sum(counts[:i]), trail=src.trail + sum(counts[i + 1:]))
+
+    def cut(self, node: Node, src: Layout, dim: int, bounds: list[tuple[int, int]]) -> list[Layout | None]:
+        """Exact: a joint sequence cut back into its streams, each piece one of the joined
+        tokens before, the merged tokens, the joined tokens after. The merged piece takes the
+        merged layout again; bounds past it count from the end at run time."""
+        total = shape_of(node.args[0])[dim]
+        pieces = [(0, src.lead), (src.lead, total - src.trail), (total - src.trail, total)]
+        layouts = []
+        for begin, end in bounds:
+            if (begin, end) not in pieces:
+                raise _Refuse(f"it cuts a joint sequence (tokens {src.lead} joined before, {src.trail} after the "
+                              f"merged ones) at [{begin}:{end}], not between its streams")
+            if (begin, end) == pieces[1]:
+                layouts.append(replace(src, lead=0, trail=0))
+            else:
+                layouts.append(replace(src, roles=src.roles[:dim] + (None,) + src.roles[dim + 1:], lead=0, trail=0))
+        return layouts
 
     @staticmethod
     def one_layout(layouts: list[Layout | None], verb: str) -> Layout:
@@ -949,6 +1039,15 @@ class _Analysis:
 # the rules that may see a merged token grid: each acts per token or keeps the axes whole
 _GRID_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.norm, _Analysis.linear, _Analysis.reshape, _Analysis.permute,
                _Analysis.transpose, _Analysis.split, _Analysis.sym_size}
+
+
+# the rules that may see a joint sequence (merged tokens beside another stream's): each acts per
+# token, keeps the token axis whole, attends over it, or cuts it back into its streams
+_JOINT_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.expand_as, _Analysis.one_hot, _Analysis.norm,
+                _Analysis.linear, _Analysis.reshape, _Analysis.permute, _Analysis.transpose, _Analysis.sdpa,
+                _Analysis.softmax, _Analysis.along_axes, _Analysis.slice, _Analysis.split, _Analysis.sym_size,
+                _Analysis.expand, _Analysis.cat, _Analysis.stack, _Analysis.matmul, _Analysis.einsum,
+                _Analysis.like}
 
 
 def analyze_token_flow(
