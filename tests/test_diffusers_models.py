@@ -112,3 +112,20 @@ def test_flux_with_unbatched_ids_is_not_blamed_on_the_call():
     with pytest.raises(tome_fx.UnsupportedModelError, match="rotary table .* computed from the inputs") as error:
         tome_fx.transform(model, 2, example_inputs=x)
     assert "batch" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_per_block_merging_through_sd_apply_is_exact_for_duplicate_cells(name):
+    """``tome_fx.sd.apply`` on a diffusion transformer merges per block on its patch grid:
+    with positions zeroed and the 2x2 cells of patches identical, the output is unchanged."""
+    import tome_fx.sd
+
+    model = make(name, torch.float64)
+    model.pos_embed.pos_embed.zero_()
+    x = inputs(name, dtype=torch.float64)
+    cells = torch.randn(2, 4, 2, 2, 2, 2, dtype=torch.float64)  # batch, channels, cell row/col, patch row/col
+    x["hidden_states"] = cells.repeat_interleave(2, 2).repeat_interleave(2, 3).permute(0, 1, 2, 4, 3, 5).reshape(2, 4, 8, 8)
+    fast = tome_fx.sd.apply(model, 0.5, use_rand=False, merge_crossattn=True, merge_mlp=True, prop_attn=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**x).sample, model(**x).sample, rtol=1e-9, atol=1e-9)
+    assert all(p.tokens == GRID * GRID and p.r == 8 for plan in fast.plans.values() for p in plan)

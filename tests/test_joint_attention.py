@@ -9,8 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import tome_fx
-from tome_fx.integrations.per_branch import PerBranchToMe
-from tome_fx.passes.branch_merges import BranchSettings
+import tome_fx.sd
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -103,18 +102,19 @@ def _sd3_inputs():
 
 
 def test_sd3_per_block_merging_is_exact_for_duplicate_cells():
-    """tomesd's scheme on SD3's joint blocks: each block's image tokens merge after the norm
-    (one dst per 2x2 cell), the joint attention and the MLP run on fewer image tokens, and
-    each branch un-merges before its residual add."""
+    """tomesd's scheme on SD3's joint blocks (``tome_fx.sd.apply`` on the transformer): each
+    block's image tokens merge after the norm (one dst per 2x2 cell of the patch grid), the
+    joint attention and the MLP run on fewer image tokens, and each branch un-merges before
+    its residual add."""
     model, x = _sd3(), _sd3_inputs()
-    fast = PerBranchToMe(model, BranchSettings(0.5, (4, 4), kinds=frozenset({"attn", "mlp"})), prop_attn=True)
+    fast = tome_fx.sd.apply(model, 0.5, use_rand=False, merge_mlp=True, prop_attn=True)
     with torch.no_grad():
         got, want = fast(**x).sample, model(**x).sample
-    assert [p.merged for p in fast.plans[next(iter(fast.plans))]] == [("attn", "mlp")] * 2
+    assert [(p.tokens, p.r, p.merged) for p in fast.plans[next(iter(fast.plans))]] == [(16, 8, ("attn", "mlp"))] * 2
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    plain = PerBranchToMe(model, BranchSettings(0.5, (4, 4), kinds=frozenset({"attn"})), prop_attn=False)
+    plain = tome_fx.sd.apply(model, 0.5, use_rand=False)  # tomesd's defaults: no proportional attention
     with torch.no_grad():
-        assert (plain(**x).sample - want).abs().max() > 1e-4  # without proportional attention it is not exact
+        assert (plain(**x).sample - want).abs().max() > 1e-4  # the negative control
 
 
 def test_sd3_whole_stream_merging_is_exact_for_duplicates():
@@ -127,3 +127,35 @@ def test_sd3_whole_stream_merging_is_exact_for_duplicates():
 def test_sd35_dual_attention_is_refused_for_what_it_is():
     with pytest.raises(tome_fx.UnsupportedModelError, match="parallel attention branches on one input"):
         tome_fx.transform(_sd3(dual=(0,)), [4], example_inputs=_sd3_inputs())
+
+
+def test_an_sd3_pipeline_runs_at_two_resolutions_with_guidance_and_is_restored():
+    """Built offline from random-init parts, called with prompt embeddings (no text encoders)."""
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
+        sample_size=16, shift_factor=0.0, scaling_factor=1.0).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    embeddings = dict(prompt_embeds=torch.randn(1, 7, 16), pooled_prompt_embeds=torch.randn(1, 8),
+                      negative_prompt_embeds=torch.randn(1, 7, 16), negative_pooled_prompt_embeds=torch.randn(1, 8))
+
+    def images(side):
+        return pipe(**embeddings, height=side, width=side, num_inference_steps=2, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    before = images(16)
+    assert tome_fx.sd.apply(pipe, 0.5) is pipe and pipe.transformer is not transformer
+    for side in (16, 32):
+        assert images(side).shape == (1, 3, side, side)
+    assert [shapes[0] for shapes in pipe.transformer.plans] == [(2, 4, 8, 8), (2, 4, 16, 16)]  # guidance doubles
+    assert all(p.merged == ("attn",) for plan in pipe.transformer.plans.values() for p in plan)
+    tome_fx.sd.remove(pipe)
+    assert pipe.transformer is transformer and torch.equal(images(16), before)
