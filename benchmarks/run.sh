@@ -20,6 +20,8 @@ tome-fx bench --models fashion-vit --r 8 16 24 --batch 64 --modes eager compiled
 # per-branch merging at full size (about 40 minutes): an SD-1.5-shaped UNet step against tomesd, SAM's ViT-B encoder
 tome-fx bench-grid sd --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 tome-fx bench-grid sam --modes eager compiled --threads 2 --repeats 3 --out $out/grid
+# two SD3-medium-width joint blocks at 1024 px (4096 image + 333 text tokens), batch 2: per block and whole stream
+tome-fx bench-grid sd3 --modes eager --threads 2 --repeats 3 --out $out/grid
 # accuracy vs speed: Fashion-MNIST reference model, MiniLM embeddings
 OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 # RoPE: how a merged token rotates, top-1 of the Fashion-MNIST RoPE model per rule against r

@@ -159,3 +159,13 @@ def test_an_sd3_pipeline_runs_at_two_resolutions_with_guidance_and_is_restored()
     assert all(p.merged == ("attn",) for plan in pipe.transformer.plans.values() for p in plan)
     tome_fx.sd.remove(pipe)
     assert pipe.transformer is transformer and torch.equal(images(16), before)
+
+
+def test_sd3_per_block_compiled_equals_eager():
+    model, x = _sd3(), _sd3_inputs()
+    model, x = model.float(), {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+    fast = tome_fx.sd.apply(model, 0.5, use_rand=False, merge_mlp=True)
+    with torch.no_grad():
+        eager = fast(**x).sample
+        fast.compile(fullgraph=True)
+        torch.testing.assert_close(fast(**x).sample, eager, rtol=1e-4, atol=1e-4)

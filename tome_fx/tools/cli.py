@@ -5,7 +5,7 @@
              (JSON + Markdown table + speedup plot)
   eval       top-1 of the original and ToMe versions side by side on an image folder
   visualize  paint which patches merged into which token
-  bench-grid per-branch merging timed: an SD-1.5 UNet step (vs tomesd) or SAM's ViT-B encoder
+  bench-grid per-branch merging timed: an SD-1.5 UNet step (vs tomesd), SD3 joint blocks or SAM's encoder
 
 Models: fashion-vit (the Fashion-MNIST reference model shipped with tome_fx), timm names
 (deit_small_patch16_224), tv:NAME (torchvision, tv:vit_b_16), hf:ID_OR_DIR (HF image
@@ -114,9 +114,10 @@ def _bench_grid(args) -> None:
     from . import grid_bench
 
     where = _set_device(args)
-    rows, ratios = [], args.ratios or ([0.3, 0.5, 0.6] if args.model == "sd" else [0.5, 0.75])
+    defaults = {"sd": [0.3, 0.5, 0.6], "sd3": [0.3, 0.5, 0.7], "sam": [0.5, 0.75]}
+    rows, ratios = [], args.ratios or defaults[args.model]
     for mode in args.modes:
-        run = grid_bench.run_sd if args.model == "sd" else grid_bench.run_sam
+        run = {"sd": grid_bench.run_sd, "sd3": grid_bench.run_sd3, "sam": grid_bench.run_sam}[args.model]
         rows += run(ratios, mode, args.repeats, device=args.device, dtype=getattr(torch, args.dtype))
         grid_bench.write(rows, args.out, args.model)  # after each mode: a long run keeps what it has
     print(f"{where}, medians of {args.repeats} interleaved calls after warm-up")
@@ -190,12 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
 
-    p = commands.add_parser("bench-grid", help="per-branch merging timed: SD UNet step or SAM encoder",
+    p = commands.add_parser("bench-grid", help="per-branch merging timed: SD UNet step, SD3 blocks or SAM encoder",
                             description="Per-branch merging timed at full size: an SD-1.5-shaped UNet at 512 px, "
-                            "batch 2, against tomesd; or SAM's ViT-B image encoder at 1024 px.")
-    p.add_argument("model", choices=["sd", "sam"])
+                            "batch 2, against tomesd; two SD3-medium-width joint blocks at 1024 px, batch 2; or "
+                            "SAM's ViT-B image encoder at 1024 px.")
+    p.add_argument("model", choices=["sd", "sd3", "sam"])
     p.add_argument("--ratios", nargs="+", type=float, default=None,
-                   help="ratios to time (default: sd 0.3 0.5 0.6, sam 0.5 0.75)")
+                   help="ratios to time (default: sd 0.3 0.5 0.6, sd3 0.3 0.5 0.7, sam 0.5 0.75)")
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (after warm-up)")
     _add_device_arguments(p)

@@ -1,4 +1,5 @@
-"""Per-branch merging, timed: a Stable Diffusion UNet step and SAM's image encoder.
+"""Per-branch merging, timed: a Stable Diffusion UNet step, SD3-medium-width joint blocks and
+SAM's image encoder.
 
 Both at the sizes users run (random init: speed does not depend on weights). Every
 variant is built and warmed up first (compiled ones compile then), then timed calls go
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+import tome_fx
 
 from .. import cost
 from ..integrations import sam, sd
@@ -112,6 +115,51 @@ def run_sd(ratios: list[float], mode: str, repeats: int, all_branches: float | N
              for r in ratios if f"tome_fx r={r}" in outputs}
     times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
     return _timed(times, "SD-1.5 UNet 512px b2", mode, bounds, diffs)
+
+
+def sd3_medium_blocks(layers: int = 2) -> tuple[torch.nn.Module, dict]:
+    """SD3-medium's width (1536, 24 heads of 64, T5 text width 4096, pooled 2048) at 1024 px:
+    128 x 128 latents of 16 channels, 2 x 2 patches, so 4096 image tokens joined with 333 text
+    tokens in every block; ``layers`` blocks (the last one text-final, as SD3's) instead of 24
+    so that a step fits 2 cores. Batch 2 (classifier-free guidance)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=layers,
+                                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                  caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                  pos_embed_max_size=192).eval()
+    inputs = dict(hidden_states=torch.randn(2, 16, 128, 128), encoder_hidden_states=torch.randn(2, 333, 4096),
+                  pooled_projections=torch.randn(2, 2048), timestep=torch.tensor([500.0, 500.0]))
+    return model, inputs
+
+
+def run_sd3(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> list[GridRow]:
+    """SD3-medium-width joint blocks: the original, ``tome_fx.sd`` per block at each ratio
+    (attention, tomesd's default; and attention + MLP at 0.5), and whole-stream merging
+    (``tome_fx.transform``) at 0.5."""
+    model, inputs = _to(*sd3_medium_blocks(), device, dtype)
+    variants: dict = {"original": model}
+    for ratio in ratios:
+        variants[f"per block r={ratio}"] = sd.apply(model, ratio, use_rand=False)
+    variants["per block r=0.5 attn+mlp"] = sd.apply(model, 0.5, use_rand=False, merge_mlp=True)
+    variants["whole stream r=0.5"] = tome_fx.transform(model, 0.5, example_inputs=inputs)
+    if mode == "compiled":
+        ratios = [0.5]
+        variants = {name: m for name, m in variants.items() if name in ("original", "per block r=0.5",
+                                                                         "per block r=0.5 attn+mlp")}
+        for name, m in variants.items():
+            if isinstance(m, sd.ToMeUNet):
+                m.compile()
+        variants["original"] = torch.compile(model)
+    calls = {name: (lambda x, m=m: m(**x)) for name, m in variants.items()}
+    with torch.no_grad():
+        for call in calls.values():
+            call(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
+        bounds = _bounds(calls, inputs) if mode == "eager" else {}
+    times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
+    return _timed(times, "SD3-medium width, 2 blocks, 1024px b2", mode, bounds, {})
 
 
 def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
