@@ -162,8 +162,10 @@ def test_an_sd3_pipeline_runs_at_two_resolutions_with_guidance_and_is_restored()
 
 
 def test_sd3_per_block_compiled_equals_eager():
-    model, x = _sd3(), _sd3_inputs()
-    model, x = model.float(), {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+    """Random latents: with duplicate cells the scores tie, and eager and compiled sorts may
+    break ties apart (merging other, equally good, pairs)."""
+    model, x = _sd3().float(), {k: v.float() for k, v in _sd3_inputs().items()}
+    x["hidden_states"] = torch.randn(2, 4, 8, 8)
     fast = tome_fx.sd.apply(model, 0.5, use_rand=False, merge_mlp=True)
     with torch.no_grad():
         eager = fast(**x).sample
