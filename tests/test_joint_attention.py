@@ -33,10 +33,16 @@ class _JointBlock(nn.Module):
         (iq, ik, iv), (tq, tk, tv) = heads(self.img_qkv(self.norm(img))), heads(self.txt_qkv(txt))
         parts = ((iq, ik, iv), (tq, tk, tv)) if self.order == "image first" else ((tq, tk, tv), (iq, ik, iv))
         q, k, v = (torch.cat([a, c], dim=2) for a, c in zip(*parts))
+        if self.cut == "values in the other order":
+            v = torch.cat([parts[1][2], parts[0][2]], dim=2)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         sizes = [n, TEXT] if self.order == "image first" else [TEXT, n]
         if self.cut == "split":
             first, second = out.split_with_sizes(sizes, dim=1)
+        elif self.cut == "from the end":  # the second stream counted from the end
+            first, second = out[:, : -sizes[1]], out[:, -sizes[1]:]
+        elif self.cut == "narrow from the end":
+            first, second = out.narrow(1, 0, sizes[0]), out.narrow(1, -sizes[1], sizes[1])
         else:
             first, second = out[:, : sizes[0]], out[:, sizes[0]:]
         img_part, txt_part = (first, second) if self.order == "image first" else (second, first)
@@ -65,7 +71,7 @@ def _pairs(batch=2):
 
 
 @pytest.mark.parametrize("order", ["image first", "text first"])
-@pytest.mark.parametrize("cut", ["slices", "split"])
+@pytest.mark.parametrize("cut", ["slices", "split", "from the end"])
 def test_joint_attention_merges_exactly(order, cut):
     torch.manual_seed(0)
     model = _JointModel(order, cut).double().eval()
@@ -171,3 +177,15 @@ def test_sd3_per_block_compiled_equals_eager():
         eager = fast(**x).sample
         fast.compile(fullgraph=True)
         torch.testing.assert_close(fast(**x).sample, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cut, reason", [
+    ("narrow from the end", "narrows the token axis from a start counted from the end"),
+    ("values in the other order", "keys and values are different token sequences"),
+])
+def test_found_by_review_are_refused(cut, reason):
+    """A narrow counted from the end crashed at run time; keys and values joined in different
+    orders were accepted (key i no longer paired with value i once tokens merge)."""
+    x, txt = _pairs()
+    with pytest.raises(tome_fx.UnsupportedModelError, match=reason):
+        tome_fx.transform(_JointModel("text first", cut).double().eval(), [4], example_inputs=(x, txt))

@@ -133,3 +133,25 @@ def test_an_internal_error_surfaces_as_a_refusal_naming_the_node(monkeypatch):
     monkeypatch.setitem(token_flow._RULES, torch.ops.aten.linear.default, broken)
     with pytest.raises(UnsupportedModelError, match=r"graph node 'linear.*IndexError.*bug in tome_fx"):
         tome_fx.transform(_Model().eval(), 2, example_inputs=torch.randn(2, PATCHES, 4))
+
+
+class _AcrossSamples(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.embed, self.block = form, nn.Linear(4, DIM), _Block("sdpa", "top1")
+
+    def forward(self, x):
+        t = self.block(self.embed(x))
+        if self.form == "einsum":
+            return torch.einsum("bnc,anc->ba", t, t)
+        if self.form == "matmul":
+            return (t.transpose(1, 2).unsqueeze(1) @ t.unsqueeze(0)).sum((-1, -2))
+        return (t.unsqueeze(1) * t.unsqueeze(0)).sum((-1, -2))
+
+
+@pytest.mark.parametrize("form", ["einsum", "matmul", "pointwise"])
+def test_pairing_tokens_across_samples_is_refused(form):
+    """Found by review: token n of one sample times token n of another (the batch on two axes)
+    was accepted; each sample merged other tokens, so position n holds other originals."""
+    with pytest.raises(UnsupportedModelError, match="puts the batch on two axes"):
+        tome_fx.transform(_AcrossSamples(form).eval(), 2, example_inputs=torch.randn(2, PATCHES, 4))

@@ -161,3 +161,28 @@ def test_timm_hiera_is_refused_for_windows_and_pooling():
                               num_classes=3).eval()
     with pytest.raises(UnsupportedModelError, match=r"attention within windows.*between the stages of a hierarchical"):
         tome_fx.transform(model, 2, example_inputs=torch.randn(2, 3, 64, 64))
+
+
+class _PaddedWithBias(torch.nn.Module):
+    """A padding mask from the inputs plus a learned bias over token pairs (T5-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.blocks = torch.nn.Linear(4, 8), torch.nn.ModuleList([_Biased("none"), _Biased("none")])
+        self.rel = torch.nn.Parameter(torch.randn(2, 16, 16))
+
+    def forward(self, x, pad):
+        mask = (1.0 - pad[:, None, None, :]) * -1e4 + self.rel
+        t = self.embed(x)
+        for block in self.blocks:
+            b, n, c = t.shape
+            q, k, v = block.qkv(t).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+            t = t + block.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                               .transpose(1, 2).reshape(b, n, c))
+        return t
+
+
+def test_a_padding_mask_with_a_learned_bias_is_refused_at_transform_time():
+    """Found by review: it was taken for a padding mask, and failed at call time blaming padding."""
+    with pytest.raises(UnsupportedModelError, match="combines the inputs .padding. with learned parameters"):
+        tome_fx.transform(_PaddedWithBias().eval(), 2, example_inputs=(torch.randn(2, 16, 4), torch.ones(2, 16)))

@@ -43,6 +43,9 @@ def _unmergeable_bias(mask: Node, stream: Node) -> str | None:
     if stream in ancestors(mask):
         return ("its attention bias is computed from the tokens themselves (e.g. x @ x^T), per pair of tokens; "
                 "tome_fx merges only masks built from the model's inputs alone (padding)")
+    if depends_on_inputs(mask) and reads_parameters(mask):
+        return ("its attention mask combines the inputs (padding) with learned parameters (a relative-position "
+                "bias, T5-style), which no longer line up with the tokens once they merge")
     if depends_on_inputs(mask):
         return None
     if any(node.op == "call_function" and node.target in _INDEXING for node in ancestors(mask) | {mask}):

@@ -45,10 +45,12 @@ class RepairShapes(FlowPass):
                     tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
                     node.update_arg(1, [lead, gm.graph.call_function(operator.sub, (tokens, lead))])
                 modified = True
-        for node, index, dim, after in self.flow.joint_bounds:  # a joint sequence cut past its merged tokens
+        for node, index, dim, from_end, entries in self.flow.joint_bounds:  # cuts of a joint sequence
+            bound = entries
             with gm.graph.inserting_before(node):
-                tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
-                bound = gm.graph.call_function(operator.sub, (tokens, after)) if after else tokens
+                if from_end:
+                    tokens = gm.graph.call_function(aten.sym_size.int, (node.args[0], dim))
+                    bound = gm.graph.call_function(operator.sub, (tokens, entries)) if entries else tokens
                 if node.target == aten.narrow.default and index == 3:  # narrow's length, not its end
                     bound = gm.graph.call_function(operator.sub, (bound, node.args[2]))
             node.update_arg(index, bound)

@@ -156,9 +156,9 @@ class TokenFlow:
     # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
-    # (slice, argument index, dim, entries after it): a bound past the merged tokens of a joint
-    # sequence, counted from the end at run time
-    joint_bounds: list[tuple[Node, int, int, int]] = field(default_factory=list)
+    # (slice, argument index, dim, from the end, entries): a bound of a cut of a joint sequence,
+    # set to that many entries from the start, or from the end at run time
+    joint_bounds: list[tuple[Node, int, int, bool, int]] = field(default_factory=list)
     joint_splits: list[tuple[Node, int, int]] = field(default_factory=list)  # (split, dim, the merged part)
 
 
@@ -346,6 +346,11 @@ class _Analysis:
                 raise UnsupportedModelError(
                     f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}"
                 ) from None
+            for layout in result if isinstance(result, list) else [result]:
+                if layout is not None and sum(holds(role, BATCH) for role in layout.roles) > 1:
+                    raise UnsupportedModelError(
+                        f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: it puts the batch "
+                        "on two axes, pairing the tokens of one sample with another's, which merged other tokens")
             if isinstance(result, list):
                 self.lists[node] = result
             elif result is not None and any(holds(role, TOKEN) for role in result.roles):
@@ -654,6 +659,8 @@ class _Analysis:
             raise _Refuse("an attention mask over keys that is not the one mask shared by every block")
         if (lk is None) != (lv is None) or (lk and (lk.roles[-2] != TOKEN or lv.roles[-2] != TOKEN)):
             raise _Refuse("keys and values must both carry the tokens on dim -2")
+        if lk and lk.tokens != lv.tokens:
+            raise _Refuse("keys and values are different token sequences (merged apart, or joined in another order)")
         if lk is not None:
             if lq is not None and lq.size is not lk.size:
                 raise _Refuse("queries and keys come from before and after a merge")
@@ -783,6 +790,7 @@ class _Analysis:
         if src.roles[dim] == BATCH:
             raise _Refuse("it takes one sample out of the batch, whose rows the token sizes and positions follow")
         if src.roles[dim] == TOKEN:
+            self.no_joined(src, "it reads one token of")
             index = node.args[2]
             if index < 0:
                 raise _Refuse("it reads a token counted from the end, which merging moves")
@@ -800,6 +808,8 @@ class _Analysis:
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
         if node.target == aten.narrow.default:
+            if start < 0 and src.roles[dim] == TOKEN:
+                raise _Refuse("it narrows the token axis from a start counted from the end, which merging moves")
             start = _norm_dim(start, shape_of(node.args[0])[dim])
             end = start + node.args[3]
         if isinstance(src.roles[dim], Fold):
@@ -815,10 +825,14 @@ class _Analysis:
         if src.lead or src.trail:
             if step != 1:
                 raise _Refuse("a strided slice of a joint sequence")
-            (piece,) = self.cut(node, src, dim, [(start, min(end, count))])
-            for index, bound in ((2, start), (3, end)):  # from the merged tokens' end on
-                if bound != sys.maxsize and src.lead < bound and count - src.trail <= bound <= count:
-                    self.flow.joint_bounds.append((node, index, dim, count - bound))
+            begin, stop = (b + count if b < 0 else min(b, count) for b in (start, end))
+            (piece,) = self.cut(node, src, dim, [(begin, stop)])
+            for index, bound, at in ((2, start, begin), (3, end, stop)):
+                # a bound up to the merged tokens counts from the start, one after them from the end
+                if bound < 0 and at <= src.lead:
+                    self.flow.joint_bounds.append((node, index, dim, False, at))
+                elif 0 <= bound != sys.maxsize and src.lead < bound and at >= count - src.trail:
+                    self.flow.joint_bounds.append((node, index, dim, True, count - at))
             return piece
         if step != 1 or start < 0 or end < 0:
             raise _Refuse("a strided slice of merged tokens, or one counted from the end")
@@ -1047,7 +1061,7 @@ _JOINT_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.expand_as, _An
                 _Analysis.linear, _Analysis.reshape, _Analysis.permute, _Analysis.transpose, _Analysis.sdpa,
                 _Analysis.softmax, _Analysis.along_axes, _Analysis.slice, _Analysis.split, _Analysis.sym_size,
                 _Analysis.expand, _Analysis.cat, _Analysis.stack, _Analysis.matmul, _Analysis.einsum,
-                _Analysis.like}
+                _Analysis.like, _Analysis.new_tensor, _Analysis.select}
 
 
 def analyze_token_flow(
