@@ -86,7 +86,11 @@ class ToMeModel(GraphsPerMode):
 
     def __init__(self, source: torch.nn.Module, call: CallSpec, options: _Options, graph_module, plan: TomePlan,
                  mode: bool | None):
-        self.__dict__.update(_call=call, _options=options, plan=plan)
+        # which inputs hold the batch, and the shapes the graph was captured for: fixed at
+        # capture (a move to another dtype or device keeps them), read on every call
+        batched = batch_mask(call.arguments)
+        self.__dict__.update(_call=call, _options=options, plan=plan, _batched=batched)
+        self.__dict__["_captured_shapes"] = self._shapes(call.arguments)
         super().__init__(source, graph_module, mode)
 
     def _capture(self, mode: bool) -> torch.fx.GraphModule:
@@ -132,11 +136,6 @@ class ToMeModel(GraphsPerMode):
         """Shapes (batch dim left out) of the tensor inputs that hold the batch, as this model
         was built for them."""
         return [tuple(t.shape[1:]) for t in batched_tensors(self._call.arguments, self._batched)]
-
-    @property
-    def _batched(self) -> tuple[bool, ...]:
-        """Which tensor inputs hold the batch (on dim 0): read from the capture's example."""
-        return batch_mask(self._call.arguments)
 
     def _shapes(self, inputs) -> list[tuple]:
         """Each tensor input's shape, its batch dim as 'batch'."""
@@ -184,7 +183,7 @@ class ToMeModel(GraphsPerMode):
         """The call laid out as the graph takes it, checked against what it was captured for."""
         self._follow_weights()
         args, kwargs = self._call.bind(args, kwargs)
-        shapes, captured = self._shapes((args, kwargs)), self._shapes(self._call.arguments)
+        shapes, captured = self._shapes((args, kwargs)), self._captured_shapes
         if shapes != captured:
             raise ValueError(
                 f"inputs of shape {shapes} differ from the ones this model was "

@@ -954,18 +954,15 @@ class _Analysis:
     @_rule(aten.cat.default)
     def cat(self, node: Node) -> Layout:
         """Exact along an axis that is neither batch nor tokens, for parts of one token layout;
-        along the tokens, see ``rejoin``."""
+        along the tokens, see ``rejoin`` and ``join``."""
         layouts = [self.layout(p) for p in node.args[0]]
-        if layouts[-1] is not None:
-            dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(layouts[-1].roles))
-            if (joined := self.rejoin(node, layouts, dim)) is not None:
-                return joined
-        known = next(lay for lay in layouts if lay is not None)
+        known = next(lay for lay in layouts if lay is not None)  # every part has the same rank
         dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(known.roles))
+        if layouts[-1] is not None and (joined := self.rejoin(node, layouts, dim)) is not None:
+            return joined
         if (joined := self.join(node, layouts, dim)) is not None:
             return joined
         src = self.one_layout(layouts, "concatenates")
-        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src.roles))
         if src.roles[dim] is not None:
             raise _Refuse("it concatenates along the token or batch axis")
         return src
