@@ -220,14 +220,17 @@ def restage_key_mask(mask: Tensor, positions: Tensor, tokens: int, inner: int = 
 
 
 def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, batch_dim: int, token_dim: int,
-                  start: int, rule: str) -> Tensor:
+                  start: int, rule: str, lead: int = 0, trail: int = 0) -> Tensor:
     """A table of one row per original token from ``start`` on (rotary cos/sin), laid out to
     broadcast against an ``ndim``-dim tensor, as one row per current token: [B, ..] with the
     batch on ``batch_dim`` and the tokens on ``token_dim``. ``rule="mean"``: the size-weighted
-    mean of each group's rows; ``"representative"``: the row of each group's first token."""
+    mean of each group's rows; ``"representative"``: the row of each group's first token.
+    ``lead``/``trail``: rows of another stream's tokens joined before/after (text), kept."""
     t = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim((batch_dim, token_dim), (0, 1))
     rest = t.shape[2:]
     t = t.reshape(1, t.shape[1], -1)
+    if lead or trail:
+        before, t, after = t.split([lead, t.shape[1] - lead - trail, trail], dim=1)
     batch, tokens = size.shape
     index = positions[:, start:] - start  # [B, N0 - start]: the group holding each original token
     if rule == "mean":
@@ -242,7 +245,9 @@ def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, bat
         rows = t.expand(batch, -1, -1).gather(1, first[..., None].expand(-1, -1, t.shape[2]))
     else:
         raise ValueError(f"rope rule is 'mean' or 'representative', not {rule!r}")
-    return rows.reshape(batch, tokens - start, *rest).movedim((0, 1), (batch_dim, token_dim))
+    if lead or trail:
+        rows = torch.cat([before.expand(batch, -1, -1), rows, after.expand(batch, -1, -1)], dim=1)
+    return rows.reshape(batch, lead + tokens - start + trail, *rest).movedim((0, 1), (batch_dim, token_dim))
 
 
 def mask_pairs(mask: Tensor, positions: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
@@ -270,12 +275,17 @@ def tome_merge(
     token_dim: int,
     mask: Tensor | None = None,
     key_masks: tuple[tuple[Tensor, int], ...] = (),
+    lead: int = 0,
+    trail: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One ToMe step as inserted into a graph: match on ``keys``, merge ``x`` and ``size``,
     and follow the merge in ``positions``. With an attention ``mask`` over the original
     tokens, only tokens the mask treats alike are merged, padding first; so too for each of
-    ``key_masks``, masks over the tokens as keys (``restage_key_mask``'s, with its ``inner``)."""
+    ``key_masks``, masks over the tokens as keys (``restage_key_mask``'s, with its ``inner``).
+    ``lead``/``trail``: keys of other streams joined before/after the tokens' own (left out)."""
     tokens = x.shape[1]
+    if lead or trail:
+        keys = keys.narrow(token_dim, lead, keys.shape[token_dim] - lead - trail)
     compatible, inert = (None, None) if mask is None else mask_pairs(mask, positions, tokens)
     for key_mask, inner in key_masks:
         cols = restage_key_mask(key_mask, positions, tokens, inner).reshape(x.shape[0], -1, tokens).transpose(1, 2)
@@ -366,17 +376,50 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     return Matching(edge_idx[:, r:].sort(dim=-1).values, src, node_idx.gather(1, src), 0, src_set, dst_set)
 
 
-def branch_merge(x: Tensor, matching: Matching) -> tuple[Tensor, Tensor, Tensor]:
+def remember(matching: Matching, *store: Tensor) -> Matching:
+    """Copy a grid matching's tensors into ``store`` (buffers of the graphs that reuse it) and
+    return it: match reuse across denoising steps (``tome_fx.sd.apply(..., reuse=k)``)."""
+    for held, value in zip(store, _matching_tensors(matching)):
+        held.copy_(value)
+    return matching
+
+
+def recall(*store: Tensor) -> Matching:
+    """The grid matching that ``remember`` stored."""
+    unm_idx, src_idx, dst_idx, a, b = store
+    return Matching(unm_idx, src_idx, dst_idx, 0, a, b)
+
+
+def _matching_tensors(matching: Matching) -> tuple[Tensor, ...]:
+    return matching.unm_idx, matching.src_idx, matching.dst_idx, matching.a, matching.b
+
+
+def matching_store(batch: int, h: int, w: int, sx: int, sy: int, r: int, device) -> tuple[Tensor, ...]:
+    """Buffers shaped like ``grid_order``'s matching for a batch of ``h`` x ``w`` grids."""
+    probe = grid_order(torch.zeros(batch, h * w, 1, device=device), h, w, sx, sy, r, False)
+    return tuple(torch.zeros_like(t) for t in _matching_tensors(probe))
+
+
+def branch_merge(x: Tensor, matching: Matching, lead: int = 0, trail: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Merge a branch's input ``x`` [B, N, C] (every token one patch) as ``matching`` says:
     ``(merged tokens, their sizes, positions)``; ``branch_unmerge`` brings the branch's output
     back to all N tokens, each merged source taking its dst's value. A grid [B, h, w, C]
-    merges as its h * w tokens and stays 4-d: [B, N', 1, C]."""
+    merges as its h * w tokens and stays 4-d: [B, N', 1, C]. ``lead``/``trail``: tokens of
+    another stream joined before/after the merging ones (FLUX's text), kept as they are."""
     tokens = x.flatten(1, -2)
+    if lead or trail:
+        before, tokens, after = tokens.split([lead, tokens.shape[1] - lead - trail, trail], dim=1)
     merged, size, positions = merge_matched(matching, tokens, initial_size(tokens))
+    if lead or trail:
+        merged = torch.cat([before, merged, after], dim=1)
     return (merged if x.dim() == 3 else merged.unsqueeze(2)), size, positions
 
 
-def branch_unmerge(y: Tensor, positions: Tensor, like: Tensor) -> Tensor:
+def branch_unmerge(y: Tensor, positions: Tensor, like: Tensor, lead: int = 0, trail: int = 0) -> Tensor:
     """A branch's output ``y`` over merged tokens (``branch_merge``'s layout) back to every
     token, shaped like the stream ``like`` it is added to."""
-    return unmerge(y.flatten(1, -2), positions, 0, 1).view(like.shape)
+    y = y.flatten(1, -2)
+    if not (lead or trail):
+        return unmerge(y, positions, 0, 1).view(like.shape)
+    before, y, after = y.split([lead, y.shape[1] - lead - trail, trail], dim=1)
+    return torch.cat([before, unmerge(y, positions, 0, 1), after], dim=1).view(like.shape)

@@ -18,17 +18,19 @@ from torch.utils import _pytree as pytree
 
 from ..call_spec import CallSpec
 from ..capture import capture
+from ..passes.graph_utils import graph_copy
 from ..passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
+from .match_reuse import MatchReuse
 
 
 class PerBranchToMe(torch.nn.Module):
     """``model`` with its chosen branches merging tokens as ``settings`` says; ``prop_attn``:
     proportional attention in merged self-attention."""
 
-    def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool = False):
+    def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool = False, reuse: int = 1):
         super().__init__()
         self.model = model
-        self.__dict__.update(settings=settings, prop_attn=prop_attn, _graphs={}, _compile_kwargs=None)
+        self.__dict__.update(settings=settings, prop_attn=prop_attn, reuse=reuse, _graphs={}, _compile_kwargs=None)
 
     @property
     def original(self) -> torch.nn.Module:
@@ -40,7 +42,11 @@ class PerBranchToMe(torch.nn.Module):
         ``torch.compile(graph, **compile_kwargs)`` (``fullgraph=True`` holds: each graph is one
         exported program). Compiling this module instead would trace the per-shape dispatch."""
         self._compile_kwargs = compile_kwargs
-        self._graphs = {key: (self._compiled(gm), plan) for key, (gm, plan) in self._graphs.items()}
+        for key, (runner, plan) in self._graphs.items():
+            if isinstance(runner, MatchReuse):
+                runner.rewrap(self._compiled)
+            else:
+                self._graphs[key] = (self._compiled(runner), plan)
 
     def _compiled(self, graph_module):
         if self._compile_kwargs is None:
@@ -77,7 +83,7 @@ class PerBranchToMe(torch.nn.Module):
         leaves, spec = pytree.tree_flatten(call.arguments)
         described = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
         held = tuple((id(t), t.dtype, t.device) for t in (*self.model.parameters(), *self.model.buffers()))
-        return (str(spec), described, self.model.training, held)
+        return (str(spec), described, self._settings_for(call), self.model.training, held)
 
     def forward(self, *args, **kwargs) -> Any:
         call = CallSpec.record(self.model, args, kwargs)
@@ -87,17 +93,24 @@ class PerBranchToMe(torch.nn.Module):
             self._graphs = {k: v for k, v in self._graphs.items() if k[-1] == key[-1]}
             self._graphs[key] = self._build(call)
         graph_args, graph_kwargs = call.graph_call(call.arguments)
-        return self._graphs[key][0](*graph_args, **graph_kwargs)
+        runner = self._graphs[key][0]
+        if isinstance(runner, MatchReuse):
+            return runner(call.arguments.get("timestep"), *graph_args, **graph_kwargs)
+        return runner(*graph_args, **graph_kwargs)
 
-    def _settings_for(self, sample: torch.Tensor) -> BranchSettings:
-        """The settings for a call whose first tensor is ``sample``."""
+    def _settings_for(self, call: CallSpec) -> BranchSettings:
+        """The settings for ``call`` (subclasses read the token grid from it)."""
         return self.settings
 
     def _build(self, call: CallSpec):
-        sample = next(v for v in pytree.tree_leaves(call.arguments) if isinstance(v, torch.Tensor))
         graph_module = capture(self.model, call, dynamic_batch=False)
-        plan, idle = apply_branch_tome(graph_module, self._settings_for(sample), prop_attn=self.prop_attn)
+        modes = ("store", "reuse") if self.reuse > 1 else (None,)
+        graphs = [graph_module] + [graph_copy(graph_module) for _ in modes[1:]]
+        for gm, mode in zip(graphs, modes):
+            plan, idle = apply_branch_tome(gm, self._settings_for(call), prop_attn=self.prop_attn, matchings=mode)
         if idle:
             shapes = [tuple(t.shape) for t in pytree.tree_leaves(call.arguments) if isinstance(t, torch.Tensor)]
             warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)
+        if self.reuse > 1 and plan:
+            return MatchReuse(*graphs, self.reuse, self._compiled), plan
         return self._compiled(graph_module), plan

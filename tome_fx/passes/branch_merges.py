@@ -18,10 +18,12 @@ from torch.fx import GraphModule, Node
 
 from .. import merge
 from ..errors import UnsupportedModelError
-from .find_blocks import RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks
-from .graph_utils import aten, ancestors, descendants, describe, shape_of
+from .functional_writes import FunctionalWrites
+from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
+from .graph_utils import aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention
 from .repair_shapes import RepairShapes
+from .rotary_tables import RestageTables
 from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, analyze_token_flow, is_weights
 from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
@@ -46,6 +48,7 @@ class BranchSettings:
     rand: bool = False
     kinds: frozenset[str] = frozenset({"attn"})
     grid_stream: bool = False  # the stream is a token grid [batch, h, w, channels] (SAM), not a sequence
+    rope: str = "mean"  # the rotary terms of a merged token (``rotary_tables.RULES``)
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,9 @@ class Branch:
     kind: str
     add: Node  # the residual add that closes it
     output: Node  # the branch's operand of that add
-    stream: Node  # the stream it reads (the add's other operand)
-    nodes: frozenset[Node]  # what the output depends on, back to the stream
+    stream: Node  # the stream it is added to (the add's other operand)
+    nodes: frozenset[Node]  # what the output depends on, back to the stream it reads
+    reads: Node  # the stream it reads: ``stream``, or the block's input for a parallel branch (SD3.5)
 
 
 @dataclass(frozen=True)
@@ -74,40 +78,114 @@ def _is_attention(node: Node) -> bool:
 def find_branches(block: AttentionBlock, others: set[Node]) -> list[Branch]:
     """The residual branches along ``block``'s stream: its attention's, then each later add
     onto the stream of a branch that reads it (through views of the stream: timm's SAM runs its
-    MLP on the grid flattened), until a branch reaches another block's attention."""
-    branches, stream, add = [], block.stream, block.residual
+    MLP on the grid flattened; through dtype casts: Wan adds in float32), until a branch
+    reaches another block's attention."""
+    branches, stream, add, reads = [], block.stream, block.residual, block.stream
     while add is not None:
-        output = add.args[0] if add.args[1] is stream else add.args[1]
-        # what lies between the stream and the branch's output (another stream that joins in,
-        # text in joint attention, is not the branch's: it may come from earlier blocks)
-        nodes = frozenset((ancestors(output, stop=lambda n: n is stream) | {output}) & descendants(stream))
+        operand = _stream_operand(add, stream)
+        output = add.args[1] if add.args[0] is operand else add.args[0]
+        # what lies between the stream it reads and the branch's output (another stream that joins
+        # in, text in joint attention, is not the branch's: it may come from earlier blocks)
+        nodes = frozenset((ancestors(output, stop=lambda n: n is reads) | {output}) & descendants(reads))
         if nodes & others:
             break
-        kind = "attn" if block.attention in nodes else "crossattn" if any(map(_is_attention, nodes)) else "mlp"
-        branches.append(Branch(kind, add, output, stream, nodes))
+        branches.append(Branch(_kind(block, nodes), add, output, stream, nodes, reads))
         stream, add = _view_of(add), None
-        for user in stream.users:
-            if (user.op == "call_function" and user.target in RESIDUAL_ADD and stream in user.args[:2]
-                    and any(isinstance(a, Node) and a is not stream and stream in ancestors(a) for a in user.args[:2])):
+        for user in _readers(stream):
+            if user.op != "call_function" or user.target not in RESIDUAL_ADD or _stream_operand(user, stream) is None:
+                continue
+            other = next((a for a in user.args[:2] if isinstance(a, Node) and a is not _stream_operand(user, stream)), None)
+            # a branch reads the stream it is added to, or, parallel to the branch before it, the
+            # block's input (SD3.5's second attention)
+            reads = stream if other is not None and stream in ancestors(other) else (
+                block.stream if other is not None and block.stream in ancestors(other) else None)
+            if reads is not None:
                 add = user
                 break
     return branches
 
 
+def _kind(block: AttentionBlock, nodes: frozenset[Node]) -> str:
+    """``attn`` for a branch holding a self-attention over the tokens it reads (keys computed
+    from them), ``crossattn`` for one attending to another sequence, else ``mlp``."""
+    attentions = [n for n in nodes if _is_attention(n)]
+    if block.attention in nodes or any(_keys_of(n) in nodes for n in attentions):
+        return "attn"
+    return "crossattn" if attentions else "mlp"
+
+
+def _keys_of(attention: Node) -> Node | None:
+    if attention.target in SDPA:
+        return attention.args[1]
+    found = manual_attention(attention)
+    return found.keys if found else None
+
+
+def _casts_of(node: Node) -> list[Node]:
+    """``node`` and the dtype casts of it (chains of them)."""
+    found = [node]
+    for current in found:
+        found += [u for u in current.users if u.op == "call_function" and u.target in CASTS and u.args[0] is current]
+    return found
+
+
+def _readers(stream: Node) -> list[Node]:
+    """Users of the stream or of a dtype cast of it."""
+    return [u for n in _casts_of(stream) for u in n.users]
+
+
+def _stream_operand(add: Node, stream: Node) -> Node | None:
+    """The operand of ``add`` that is the stream, or a dtype cast of it."""
+    casts = _casts_of(stream)
+    return next((a for a in add.args[:2] if any(a is c for c in casts)), None)
+
+
 def _view_of(node: Node) -> Node:
-    """``node`` seen through a chain of views that are its only user."""
-    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS:
+    """``node`` seen through a chain of views and dtype casts that are its only user."""
+    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS | CASTS:
         node = next(iter(node.users))
     return node
 
 
+def _stored(gm: GraphModule, order: Node, index: int, tokens, grid: tuple, mode: str) -> Node:
+    """The block's matching copied into buffers (``"store"``), or read from them in place of
+    ``order`` (``"reuse"``); ``tokens``: the block's tokens as captured (batch, device)."""
+    graph, names = gm.graph, []
+    for j, tensor in enumerate(merge.matching_store(tokens.shape[0], *grid, device=tokens.device)):
+        names.append(f"matching_{index}_{j}")
+        gm.register_buffer(names[-1], tensor, persistent=False)
+    with graph.inserting_before(order):
+        held = [graph.get_attr(name) for name in names]
+    with graph.inserting_after(order):
+        if mode == "store":
+            stored = graph.call_function(merge.remember, (order, *held))
+            order.replace_all_uses_with(stored, delete_user_cb=lambda user: user is not stored)
+            return stored
+        recalled = graph.call_function(merge.recall, tuple(held))
+    order.replace_all_uses_with(recalled)
+    graph.erase_node(order)
+    return recalled
+
+
+def _own_part(block: AttentionBlock) -> Node:
+    """The block's own tokens entering it: its stream, or, where the block joins another
+    stream's tokens in (FLUX's single blocks), its piece of the cat."""
+    if block.joined == (0, 0):
+        return block.stream
+    lead, parts = block.joined[0], block.stream.args[0]
+    return next(p for i, p in enumerate(parts) if sum(shape_of(q)[1] for q in parts[:i]) == lead)
+
+
 def _merge_point(branch: Branch) -> Node:
-    """Where the branch's tokens merge: the output of the norm it starts with, as tomesd does,
-    or the stream itself where it starts otherwise."""
-    readers = [u for u in branch.stream.users if u in branch.nodes]
+    """Where the branch's tokens merge: the output of the norm it starts with (past dtype
+    casts), as tomesd does, or the stream itself where it starts otherwise."""
+    readers = [u for u in branch.reads.users if u in branch.nodes and reads_values(u, branch.reads)]
+    while len(readers) == 1 and readers[0].op == "call_function" and readers[0].target in CASTS:
+        # through casts (Wan's norms run in float32), which the residual add may share
+        readers = [u for u in readers[0].users if u in branch.nodes and reads_values(u, readers[0])]
     if len(readers) == 1 and readers[0].op == "call_function" and readers[0].target in _NORMS:
         return readers[0]
-    return branch.stream
+    return branch.reads
 
 
 def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
@@ -121,7 +199,7 @@ def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
     if settings.grid_stream:
         return shape[1], shape[2]
     height, width = settings.grid
-    tokens = shape[1]
+    tokens = shape[1] - sum(block.joined)  # the stream's own, where the block joins another stream in
     downsample = _downsample(block, settings)
     if downsample > settings.max_downsample:
         return 0, 0
@@ -135,7 +213,7 @@ def _downsample(block: AttentionBlock, settings: BranchSettings) -> int:
     """How many times below full resolution the block's tokens are (1 for a grid stream)."""
     if settings.grid_stream:
         return 1
-    return math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // shape_of(block.stream)[1]))
+    return math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // (shape_of(block.stream)[1] - sum(block.joined))))
 
 
 def _why_nothing_merges(blocks: list[AttentionBlock], settings: BranchSettings) -> str:
@@ -149,10 +227,14 @@ def _why_nothing_merges(blocks: list[AttentionBlock], settings: BranchSettings) 
     return f"ratio={settings.ratio} of each block's tokens rounds down to no token"
 
 
-def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool
-                      ) -> tuple[tuple[BranchPlan, ...], str | None]:
+def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool,
+                      matchings: str | None = None) -> tuple[tuple[BranchPlan, ...], str | None]:
     """Rewrite ``gm`` in place; its outputs keep their shapes (the stream is never merged).
-    Returns the merging blocks' plans and, where no block merges, why not."""
+    Returns the merging blocks' plans and, where no block merges, why not. ``matchings``:
+    ``"store"``, each block's matching is also copied into buffers of ``gm``
+    (``matching_<i>_<j>``); ``"reuse"``, read from them instead of computed (match reuse
+    across denoising steps: give both graphs the same buffers)."""
+    FunctionalWrites()(gm)
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
@@ -167,23 +249,27 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             continue
         if block.not_one_sequence and any(b.kind == "attn" for b in chosen):
             raise UnsupportedModelError(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}")
+        if block.why_not_joined and block.joined == (0, 0):
+            raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
+        lead, trail = block.joined
+        own = _own_part(block)
         with graph.inserting_after(block.stream):
-            order = graph.call_function(
-                merge.grid_order, (block.stream, h, w, settings.sx, settings.sy, r, settings.rand)
-            )
+            order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand))
+        if matchings is not None:
+            order = _stored(gm, order, len(plans), own.meta["val"], (h, w, settings.sx, settings.sy, r), matchings)
         for branch in chosen:
             point = _merge_point(branch)
             point_shape, stream_shape = shape_of(point), shape_of(block.stream)
             if len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
-                stream_shape[0], stream_shape[-1], tokens
+                stream_shape[0], stream_shape[-1], tokens + lead + trail
             ):
                 raise UnsupportedModelError(
                     f"block {block.name}: its {branch.kind} branch starts from shape {point_shape}, not the block's "
                     f"{h} x {w} tokens laid out [batch, tokens, channels] or [batch, h, w, channels]"
                 )
             with graph.inserting_after(order if point is block.stream else point):
-                step = graph.call_function(merge.branch_merge, (point, order))
+                step = graph.call_function(merge.branch_merge, (point, order, lead, trail))
             with graph.inserting_after(step):
                 merged = graph.call_function(operator.getitem, (step, 0))
             merged.meta["val"] = point.meta["val"]  # the analysis reads shapes as captured
@@ -193,19 +279,26 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 positions = graph.call_function(operator.getitem, (step, 2))
             point.replace_all_uses_with(merged, delete_user_cb=lambda user: user in branch.nodes and user is not step)
             with graph.inserting_before(branch.add):
-                restored = graph.call_function(merge.branch_unmerge, (branch.output, positions, branch.stream))
+                restored = graph.call_function(merge.branch_unmerge, (branch.output, positions, branch.stream, lead, trail))
             restored.meta["val"] = branch.output.meta.get("val")
             branch.add.replace_input_with(branch.output, restored)
             roles = (BATCH, TOKEN, None) if len(point_shape) == 3 else (BATCH, TOKEN, GRID_INNER, None)
-            seeds[merged] = Layout(roles, size=size, positions=positions)
+            seeds[merged] = Layout(roles, size=size, positions=positions, lead=lead, trail=trail)
             closing.append((branch, restored))
         plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen))))
 
     flow = analyze_token_flow(graph, seeds, protected=0)
     for branch, restored in closing:
+        regridded = [n for n in flow.unmerges if n in branch.nodes]
+        if regridded:
+            raise UnsupportedModelError(
+                f"{describe(branch.add)}: the {branch.kind} branch reshapes its tokens back to their grid "
+                f"({describe(regridded[0])}; a convolution over the grid, as in Sana's Mix-FFN), which needs every "
+                "token: leave that branch unmerged")
         layout = flow.layouts.get(branch.output)
         if (layout is None or layout.roles not in ((BATCH, TOKEN, None), (BATCH, TOKEN, GRID_INNER, None))
-                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1] or layout.lead or layout.trail
+                or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]
+                or (layout.lead, layout.trail) != tuple(restored.args[3:5])
                 or shape_of(branch.output) != shape_of(branch.stream)):
             raise UnsupportedModelError(
                 f"{describe(branch.add)}: the {branch.kind} branch does not return its merged tokens laid out "
@@ -214,11 +307,12 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             )
     if flow.outputs:
         raise UnsupportedModelError(f"{describe(flow.outputs[0])}: merged tokens leave their branch")
-    attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
+    attended = flow.attended
     for block, plan in plans:
         if "attn" in plan.merged and block.attention not in attended:
             raise UnsupportedModelError(f"block {block.name}: could not prove that its attention runs over its tokens")
     RepairShapes(flow)(gm)
+    RestageTables(flow, settings.rope)(gm)
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedReductions(flow)(gm)

@@ -11,11 +11,10 @@ torch.utils.checkpoint.
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass
 
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .. import cost
@@ -23,9 +22,10 @@ from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .checkpoint_blocks import CheckpointBlocks
+from .functional_writes import FunctionalWrites
 from .find_blocks import (EINSUM, MATMUL, SOFTMAX, AttentionBlock, SeparateChains, find_attention_blocks, in_scope,
                           manual_attention)
-from .graph_utils import ancestors, aten, depends_on_inputs, describe, module_path, shape_of, tensor_meta
+from .graph_utils import ancestors, aten, depends_on_inputs, describe, graph_copy, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention
 from .protected_tokens import count_protected_tokens
@@ -95,6 +95,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     With ``scope`` (module paths), only the blocks under it merge; ``rope``: how a merged
     token's rotary terms are chosen (``rotary_tables.RULES``); ``checkpoint``: each block
     runs under ``torch.utils.checkpoint``."""
+    FunctionalWrites()(gm)
     try:
         blocks = find_attention_blocks(gm.graph, scope)
     except SeparateChains as error:
@@ -129,7 +130,11 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     _hoist_before(gm, list(key_masks), blocks[0].residual)
 
     for block, block_r in zip(blocks, schedule):
-        keys = shape_of(block.keys)[block.key_token_dim]
+        keys = shape_of(block.keys)[block.key_token_dim] - sum(block.key_span)
+        if block_r and block.parallel:
+            raise UnsupportedModelError(f"block {block.name}: {block.parallel}")
+        if block_r and block.why_not_joined:
+            raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         if block_r and keys != tokens:
             raise UnsupportedModelError(
                 f"block {block.name}: its attention's keys hold {keys} tokens and its residual stream {tokens}, and "
@@ -138,7 +143,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()))
     insert(gm)
     flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask, frozenset(key_masks))
-    attended = {node for node, _ in flow.softmaxes} | set(flow.sdpas)
+    attended = flow.attended
     for block in blocks:
         if block.attention not in attended:
             raise UnsupportedModelError(
@@ -172,8 +177,8 @@ def _plans(gm: GraphModule, blocks: list[AttentionBlock], schedule: list[int], t
 
 
 def _why_no_blocks(gm: GraphModule, scope: tuple[str, ...]) -> str:
-    """What the graph holds instead of softmax self-attention: linear attention (a product of
-    two tensors from the inputs with no softmax around it, Sana's ReLU kernels), or nothing."""
+    """What the graph holds instead of self-attention: a product of two tensors from the inputs
+    with no softmax around it that is not linear attention, or nothing."""
     in_softmax_attention = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SOFTMAX and (found := manual_attention(node)):
@@ -184,8 +189,8 @@ def _why_no_blocks(gm: GraphModule, scope: tuple[str, ...]) -> str:
             operands = list(node.args[1]) if node.target == EINSUM else list(node.args[:2])
             if len(operands) == 2 and all(isinstance(o, Node) and depends_on_inputs(o) for o in operands):
                 return (f"{describe(node)} multiplies two tensors computed from the inputs with no softmax between "
-                        "them: attention without a softmax (linear attention, e.g. Sana's ReLU kernels), which "
-                        "tome_fx does not merge; it merges softmax attention (sdpa, or matmul-softmax-matmul)")
+                        "them, and not as linear attention does (the queries times a sum over the keys' tokens): "
+                        "tome_fx merges softmax attention (sdpa, or matmul-softmax-matmul) and linear attention")
     return "there is no self-attention to merge"
 
 
@@ -194,11 +199,8 @@ def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> s
     graph), as ``scope=`` values; or why none would."""
     works, fails = [], []
     for scope in scopes:
-        graph = Graph()
-        graph.output(graph.graph_copy(gm.graph, {}))
-        graph._codegen = copy.deepcopy(gm.graph._codegen)
         try:
-            apply_tome(GraphModule(gm, graph), r, prop_attn=True, unmerge_outputs=True, scope=(scope,), rope=rope)
+            apply_tome(graph_copy(gm), r, prop_attn=True, unmerge_outputs=True, scope=(scope,), rope=rope)
             works.append(f"scope={scope!r}")
         except UnsupportedModelError as why:
             fails.append(f"{scope!r} ({why})")

@@ -1,7 +1,8 @@
 """Find attention blocks by graph structure (not by module names).
 
-An attention block is: an attention op -- aten ``scaled_dot_product_attention``, or
-``matmul -> (scale/mask/cast) -> softmax -> (dropout/cast) -> matmul`` (or einsums) -- whose keys
+An attention block is: an attention op -- aten ``scaled_dot_product_attention``,
+``matmul -> (scale/mask/cast) -> softmax -> (dropout/cast) -> matmul`` (or einsums), or linear
+attention (a matmul of the queries with a matmul summing over keys and values) -- whose keys
 come from the residual stream, and the residual ``add`` that brings its output back
 into that stream. The merge goes right after that add, before the MLP branch. An attention
 whose residual stream feeds its queries but not its keys is cross-attention (keys from
@@ -12,7 +13,7 @@ token-flow analysis gives it proportional attention over its (merged) keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.fx import Graph, Node
 
@@ -35,7 +36,7 @@ RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
 @dataclass(frozen=True)
 class AttentionBlock:
     name: str
-    attention: Node  # the sdpa node, or the softmax of a manual attention
+    attention: Node  # the sdpa node, the softmax of a manual attention, or a linear attention's sum over keys
     output: Node  # the attention's output (sdpa node, or the value matmul)
     keys: Node  # key operand as the attention consumes it
     key_token_dim: int  # tokens of ``keys``: -2 for sdpa keys, -1 for k^T in q @ k^T
@@ -43,6 +44,19 @@ class AttentionBlock:
     residual: Node  # residual add after the attention: the merge point
     masks: tuple[tuple[Node, Node], ...] = ()  # (node applying it, mask): sdpa attn_mask, or added to logits
     not_one_sequence: str | None = None  # why its keys are not one [batch, heads, tokens, dim] sequence
+    key_span: tuple[int, int] = (0, 0)  # keys of other streams before and after the stream's own (joint attention)
+    parallel: str | None = None  # why the stream cannot merge after it: another attention reads its input
+    # a stream joined with another's inside the block (FLUX's single blocks: [text, image] by a cat):
+    # the other's tokens before and after the stream's own, and the cut of the residual holding its own
+    joined: tuple[int, int] = (0, 0)
+    own_cut: Node | None = None
+    why_not_joined: str | None = None  # why the stream's own tokens cannot be told apart in it
+
+    @property
+    def merge_point(self) -> Node:
+        """Where the block's tokens merge: after the residual add, or after the cut of it holding
+        the stream's own tokens where the block joins another stream in."""
+        return self.own_cut if self.own_cut is not None else self.residual
 
 
 _MASKING = {aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
@@ -135,6 +149,40 @@ def manual_attention(softmax: Node) -> ManualAttention | None:
     return ManualAttention(queries, keys, key_token_dim, values, output, tuple(masks))
 
 
+_SHAPE_OPS = {aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
+              aten.unflatten.int, aten.flatten.using_ints, aten.contiguous.default}
+
+
+def _kernel(node: Node) -> Node:
+    """The op that made ``node``, past dtype casts and reshapes (a feature map: ReLU, ELU)."""
+    while node.op == "call_function" and node.target in CASTS | _SHAPE_OPS and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def linear_attention(product: Node) -> ManualAttention | None:
+    """Attention without a softmax (Sana's ReLU linear attention): ``product`` applies to the
+    queries a summary that is itself a matmul contracting the tokens of keys and values
+    (``(V φ(K)ᵀ) φ(Q)`` or ``φ(Q) (φ(K)ᵀ V)``), every operand computed from the inputs. Of the
+    summary's operands, the keys are the one made by the queries' own feature map. The token-flow
+    analysis makes the sum over tokens size-weighted, which is exact for merged duplicates."""
+    if product.op != "call_function" or product.target not in MATMUL:
+        return None
+    first, second = product.args[:2]
+    for summary, queries, query_dim in ((_uncast(first), second, -1), (_uncast(second), first, -2)):
+        if not (summary.op == "call_function" and summary.target in MATMUL):
+            continue
+        left, right = summary.args[:2]
+        tokens = tensor_meta(left).shape[-1]
+        if tensor_meta(queries).shape[query_dim] != tokens or not all(map(depends_on_inputs, (left, right, queries))):
+            continue
+        mapped = [i for i, operand in enumerate((left, right))
+                  if _kernel(operand).target == _kernel(queries).target and _kernel(operand) is not _kernel(queries)]
+        keys, values, key_dim = (left, right, -1) if mapped == [0] else (right, left, -2)
+        return ManualAttention(queries, keys, key_dim, values, product, ())
+    return None
+
+
 def _adds_after(output: Node, graph_order: dict[Node, int]) -> list[tuple[Node, Node]]:
     """The adds downstream of ``output`` in graph order, each with its operand that does not
     come from ``output`` (the one a residual connection brings in)."""
@@ -177,32 +225,42 @@ def _other_residual(output: Node, keys: Node, graph_order: dict[Node, int]) -> t
         while stack:
             node = stack.pop()
             chain.add(node)
-            if node.op == "call_function" and node.target in RESIDUAL_ADD | _CASTS:
+            if node.op == "call_function" and node.target in RESIDUAL_ADD | CASTS:
                 stack += [a for a in node.args[:2] if isinstance(a, Node) and a not in chain]
         return ("parallel" if chain & key_ancestors else "changed"), add
     return None
 
 
-def _own_keys(keys: Node, token_dim: int, stream: Node) -> Node:
-    """The keys of the stream's own tokens: in joint attention (SD3's), the stream's keys are
-    joined with another stream's by a cat along the tokens; the matching reads the stream's."""
+def _key_span(keys: Node, token_dim: int, stream: Node) -> tuple[int, int]:
+    """How many of the keys' tokens come from other streams, before and after the stream's own:
+    in joint attention (SD3's, FLUX's, CogVideoX's) the stream's tokens are joined with another
+    stream's by a cat along the tokens upstream of the keys (of the keys themselves, or of the
+    normed tokens they are projected from); the matching reads the stream's piece only. The
+    nearest such cat counts."""
     stream_shape, key_shape = tensor_meta(stream).shape, tensor_meta(keys).shape
     if len(stream_shape) != 3 or key_shape[token_dim] == stream_shape[1]:
-        return keys
-    if keys.op == "call_function" and keys.target == aten.cat.default:
-        dim = keys.args[1] if len(keys.args) > 1 else 0
-        own = [part for part in keys.args[0] if stream in ancestors(part)]
-        if dim % len(key_shape) == token_dim % len(key_shape) and len(own) == 1:
-            return own[0]
-    return keys  # the driver refuses it where it would merge (other refusals may come first)
+        return 0, 0
+    frontier, seen = [keys], {keys}
+    while frontier:
+        for node in frontier:
+            if node.op == "call_function" and node.target == aten.cat.default:
+                meta = tensor_meta(node)
+                dim = (node.args[1] if len(node.args) > 1 else 0) % meta.dim()
+                sizes = [tensor_meta(part).shape[dim] for part in node.args[0]]
+                own = [i for i, part in enumerate(node.args[0]) if part is stream or stream in ancestors(part)]
+                if meta.shape[dim] == key_shape[token_dim] and len(own) == 1 and sizes[own[0]] == stream_shape[1]:
+                    return sum(sizes[: own[0]]), sum(sizes[own[0] + 1:])
+        frontier = [p for n in frontier if n is not stream for p in n.all_input_nodes if p not in seen]
+        seen.update(frontier)
+    return 0, 0  # the driver refuses it where it would merge (other refusals may come first)
 
 
-_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
 
 
 def _uncast(node: Node) -> Node:
     """``node`` before dtype casts: mixed-precision code adds ``h.float()`` back in, not ``h``."""
-    while node.op == "call_function" and node.target in _CASTS and isinstance(node.args[0], Node):
+    while node.op == "call_function" and node.target in CASTS and isinstance(node.args[0], Node):
         node = node.args[0]
     return node
 
@@ -218,16 +276,86 @@ def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> list[Att
     order = {node: i for i, node in enumerate(graph.nodes)}
     blocks: list[AttentionBlock] = []
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in SDPA | SOFTMAX and in_scope(module_path(node), scope):
+        if (node.op == "call_function" and in_scope(module_path(node), scope)
+                and (node.target in SDPA | SOFTMAX or linear_attention(node) is not None)):
             with at_node(node, "looking for an attention block at"):
                 block = _block_at(node, order)
-            if block is not None:
+            if isinstance(block, _Parallel):
+                if not blocks:
+                    raise UnsupportedModelError(block.reason)
+                blocks[-1] = replace(blocks[-1], parallel=block.reason)
+            elif block is not None:
                 blocks.append(block)
     _check_sequential(blocks)
-    return blocks
+    return _joined_streams(blocks)
 
 
-def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
+def _joined_streams(blocks: list[AttentionBlock]) -> list[AttentionBlock]:
+    """Blocks whose residual stream is the chain's tokens joined with another stream's by a
+    ``cat`` along the tokens (FLUX's single-stream blocks: ``cat([text, image])``, attention and
+    MLP over both, the sum cut back into the two). The stream's own piece is the part computed
+    from the previous block's merge point; its tokens merge, at the cut of the residual that
+    holds them again; the matching reads their keys only. (The first block's stream may be a
+    cat too: a class token and the patches, the model's own sequence.)"""
+    resolved = []
+    for prev, block in zip([None, *blocks], blocks):
+        stream = block.stream
+        joins = (stream.op == "call_function" and stream.target == aten.cat.default and tensor_meta(stream).dim() == 3
+                 and (stream.args[1] if len(stream.args) > 1 else 0) % 3 == 1)
+        if prev is None or not joins:
+            resolved.append(block)
+            continue
+        parts = stream.args[0]
+        sizes = [tensor_meta(p).shape[1] for p in parts]
+        anchor = resolved[-1].merge_point
+        own = [i for i, p in enumerate(parts) if p is anchor or anchor in ancestors(p)]
+        if len(own) != 1:
+            resolved.append(replace(block, why_not_joined=(
+                f"its stream {describe(stream)} joins {len(parts)} token sequences by a cat, and {len(own)} of them "
+                "are computed from the previous block's tokens, not one")))
+            continue
+        lead, own_tokens = sum(sizes[: own[0]]), sizes[own[0]]
+        trail = sum(sizes) - lead - own_tokens
+        cuts = [u for u in _past_whole_slices(block.residual) if u.args[1] % 3 == 1
+                and _slice_bounds(u, sum(sizes)) == (lead, lead + own_tokens)]
+        why = None if len(cuts) == 1 else (
+            f"its stream joins another's tokens with its own by {describe(stream)}, and the sum after its attention "
+            f"({describe(block.residual)}) is not cut back to the stream's {own_tokens} tokens by one slice")
+        resolved.append(replace(block, joined=(lead, trail), key_span=(lead, trail), own_cut=cuts[0] if cuts else None,
+                                why_not_joined=why))
+    return resolved
+
+
+def _past_whole_slices(node: Node) -> list[Node]:
+    """The slices reading ``node``, past slices that keep a whole axis (``x[:, a:b]`` is
+    captured as a slice of dim 0 from 0 to the end, then one of dim 1)."""
+    found = []
+    for user in node.users:
+        if user.op == "call_function" and user.target == aten.slice.Tensor:
+            whole = _slice_bounds(user, tensor_meta(node).shape[user.args[1]])
+            found += _past_whole_slices(user) if whole == (0, tensor_meta(node).shape[user.args[1]]) else [user]
+    return found
+
+
+def _slice_bounds(node: Node, length: int) -> tuple[int, int] | None:
+    """(start, end) of a unit-step ``aten.slice`` over an axis of ``length`` entries."""
+    start, end, step = (list(node.args[2:5]) + [None, None, 1][len(node.args[2:5]):])
+    if step != 1 or not all(isinstance(b, int) or b is None for b in (start, end)):
+        return None
+    start, end = start or 0, length if end is None else end
+    start, end = start + length if start < 0 else start, end + length if end < 0 else end
+    return min(start, length), min(end, length)
+
+
+@dataclass(frozen=True)
+class _Parallel:
+    """An attention found to be a parallel branch of the block before it, and why the stream
+    cannot merge between them."""
+
+    reason: str
+
+
+def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel | None:
     """The attention block whose attention is ``node`` (an sdpa or a softmax), or None where
     ``node`` is no self-attention over a residual stream (cross-attention, pooling)."""
     if node.target in SDPA:
@@ -235,12 +363,16 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         masks = [(node, mask)] if isinstance(mask, Node) else []
     else:
-        found = manual_attention(node)
+        found = manual_attention(node) if node.target in SOFTMAX else linear_attention(node)
         if found is None:
             return None
         queries, keys, key_token_dim, output, masks = (found.queries, found.keys, found.key_token_dim,
                                                        found.output, found.masks)
+        if node.target in MATMUL:  # linear attention: its sum over the keys' tokens is the attention
+            node = next(_uncast(a) for a in output.args[:2] if a is not queries)
     found = _residual_add(output, keys, order)
+    if node.target in MATMUL and (found is None or tensor_meta(keys).shape[key_token_dim] != tensor_meta(found[1]).shape[1]):
+        return None  # not linear attention: its sum over keys must run over the stream's tokens
     if found is None and _residual_add(output, queries, order) is not None:
         return None  # cross-attention: keys from another sequence (text); its queries are followed as tokens
     if found is None and not depends_on_inputs(queries):
@@ -252,10 +384,11 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
     if found is None:
         other = _other_residual(output, keys, order)
         if other is not None and other[0] == "parallel":
-            raise UnsupportedModelError(
+            return _Parallel(  # a branch of the block before it (SD3.5's second attention)
                 f"attention at {describe(node)}: its output is added ({describe(other[1])}) onto the stream after "
                 "another branch's, while its keys read the stream from before that branch: parallel attention "
-                "branches on one input (SD3.5's dual attention) leave no single point between them to merge at")
+                "branches on one input (SD3.5's dual attention) leave no single point between them to merge the "
+                "stream at; merge per block instead (tome_fx.sd.apply)")
         if other is not None:
             raise UnsupportedModelError(
                 f"attention at {describe(node)}: " + (f"{windowed}; and " if windowed else "")
@@ -267,11 +400,10 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | None:
             "token merging is defined for residual transformer blocks"
         )
     residual, stream = found
-    if not windowed:
-        keys = _own_keys(keys, key_token_dim, stream)
+    span = (0, 0) if windowed else _key_span(keys, key_token_dim, stream)
     name = module_path(residual) or module_path(node) or node.name
     return AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks),
-                          windowed and f"attention at {describe(node)}: {windowed}")
+                          windowed and f"attention at {describe(node)}: {windowed}", key_span=span)
 
 
 def _check_sequential(blocks: list[AttentionBlock]) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, GraphModule, Node
 
 from ..errors import UnsupportedModelError
 
@@ -129,6 +130,21 @@ def depends_on_inputs(node: Node) -> bool:
     """True when a node's *values* depend on a user input; reading only an input's
     shape (``sym_size``, e.g. to expand a class token to the batch) does not count."""
     return node.op == "placeholder" or any(n.op == "placeholder" for n in ancestors(node, _reads_shape_only))
+
+
+def graph_copy(gm: GraphModule) -> GraphModule:
+    """A GraphModule with its own copy of ``gm``'s graph (to rewrite apart), sharing ``gm``'s
+    parameters and buffers."""
+    graph = Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = copy.copy(gm.graph._codegen)  # its pytree_info is replaced, never changed in place
+    return GraphModule(gm, graph)
+
+
+def reads_values(user: Node, node: Node) -> bool:
+    """Whether ``user`` reads ``node``'s values, not only its dtype (``y.type_as(node)``, as
+    diffusers casts back after float32 norms and attention)."""
+    return not (user.op == "call_function" and user.target == aten.type_as.default and user.args[0] is not node)
 
 
 def einsum_letters(node: Node) -> tuple[list[str], str]:

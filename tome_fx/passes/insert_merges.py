@@ -1,4 +1,5 @@
-"""Insert a ToMe merge after the attention residual add of every block with r > 0.
+"""Insert a ToMe merge after the attention residual add of every block with r > 0 (after
+the cut of it holding the stream's own tokens, where the block joins another stream in).
 
 The merge node (``tome_fx.merge.tome_merge``) takes the block's residual output, the
 keys its attention used, the running ``size`` and ``positions`` (where each
@@ -46,9 +47,9 @@ class InsertMerges(PassBase):
         for block, r in zip(self.blocks, self.schedule):
             if r == 0:
                 continue
-            residual = block.residual
+            residual = block.merge_point
             args = (residual, block.keys, size, positions, r, self.protected, block.key_token_dim, self.mask,
-                    self.key_masks)
+                    self.key_masks, *block.key_span)
             with graph.inserting_after(residual):
                 step = graph.call_function(merge.tome_merge, args)
             with graph.inserting_after(step):

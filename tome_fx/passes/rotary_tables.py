@@ -10,7 +10,8 @@ which rotation it gets (``merge.restage_table``):
 - ``"representative"``: the row of its first patch (raster order).
 
 Neither is exact; the token-flow analysis accepts a table only where it multiplies
-queries or keys and no input feeds it.
+queries or keys alone and is shared by the batch (a buffer, or computed from position inputs
+as FLUX's ids). In joint attention the rows of the other stream's tokens stay as they are.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class RestageTables(FlowPass):
             with graph.inserting_before(node):
                 current = graph.call_function(merge.restage_table, (
                     table, layout.positions, layout.size, len(layout.roles), layout.batch_dim(), token_dim,
-                    layout.start, self.rule))
+                    layout.start, self.rule, layout.lead, layout.trail))
             node.replace_input_with(table, current)
             modified = True
         return PassResult(gm, modified)

@@ -38,6 +38,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 from ..errors import UnsupportedModelError
 from .find_blocks import query_key_paths
 from .graph_utils import (aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
+                          reads_values,
                           shape_of, tensor_meta)
 
 BATCH, TOKEN = "batch", "token"
@@ -156,6 +157,12 @@ class TokenFlow:
     # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
+
+    @property
+    def attended(self) -> set[Node]:
+        """The attention ops proven to run over tokens: softmaxes and sdpas over them, and the
+        size-weighted sums over them (linear attention's sum over its keys)."""
+        return {node for node, _ in self.softmaxes} | set(self.sdpas) | {w.node for w in self.weightings}
     # (slice, argument index, dim, from the end, entries): a bound of a cut of a joint sequence,
     # set to that many entries from the start, or from the end at run time
     joint_bounds: list[tuple[Node, int, int, bool, int]] = field(default_factory=list)
@@ -285,6 +292,8 @@ def _refold(factors: list[tuple[str | None, int]], sizes: list[int]) -> list[Rol
     queue, roles = list(factors), []
     for size in sizes:
         part, product = [], 1
+        if size == 1 and queue and queue[0][1] == 1:  # a batch of one stays the batch
+            part.append(queue.pop(0))
         while product != size:
             if not queue or size % product:
                 raise _Refuse("the view does not keep the batch or token axis whole")
@@ -466,14 +475,23 @@ class _Analysis:
                     continue  # a scalar
                 raise _Refuse(f"`{arg.name}` has no recorded shape")
             offset = out_ndim - meta.dim()
+            if not layout.merged:
+                continue  # no token merged yet (blocks before the first merge): any token count holds
             for d in range(meta.dim()):
                 if (holds(roles[offset + d], TOKEN) or roles[offset + d] == GRID_INNER) and meta.shape[d] != 1:
                     if self.rotary_table(node, arg, layout):
                         break
-                    if node.target == aten.mul.Tensor and depends_on_inputs(arg) and self.feeds_queries_keys(node):
+                    if (node.target == aten.mul.Tensor and self.feeds_queries_keys(node) and layout.batch_dim() is not None
+                            and meta.shape[layout.batch_dim() - offset] != 1):
                         raise _Refuse(f"it rotates queries or keys by `{arg.name}`, a rotary table of {tuple(meta.shape)} "
-                                      "computed from the inputs (position ids, a latent grid), which the rope rule does "
-                                      "not read per merged token yet")
+                                      "with rows per sample (batched position ids), which the rope rule does not read "
+                                      "per merged token")
+                    regridded = [u for u in self.flow.unmerges if u in ancestors(arg)]
+                    if regridded:
+                        raise _Refuse(
+                            f"it combines the merged tokens with `{arg.name}`, computed from them un-merged back to "
+                            f"their grid ({describe(regridded[0])}): a convolution over the token grid inside a "
+                            "block (Sana's Mix-FFN) needs every token; merge per block instead (tome_fx.sd.apply)")
                     raise _Refuse(
                         f"it combines the tokens with `{arg.name}`, a tensor of a fixed token count "
                         f"{tuple(meta.shape)} (e.g. a positional table applied inside the blocks)"
@@ -481,12 +499,14 @@ class _Analysis:
         return layout
 
     def rotary_table(self, node: Node, table: Node, layout: Layout) -> bool:
-        """Approximate, by the ``rope`` rule: a table of one row per token that no input feeds,
-        multiplied into queries or keys only (rotary position embeddings), is read per merged
-        token (``RestageTables``). A merged token stands for several positions; no rule gives
-        it exactly the rotation of each."""
-        if (node.target != aten.mul.Tensor or depends_on_inputs(table) or not self.feeds_queries_keys(node)
-                or layout.lead or layout.trail):
+        """Approximate, by the ``rope`` rule: a table of one row per token, shared by the batch
+        and multiplied into queries or keys only (rotary position embeddings), is read per
+        merged token (``RestageTables``); the rows of tokens joined from another stream (text in
+        joint attention) stay as they are. It may be a buffer (timm) or computed from position
+        inputs (FLUX's ids, Wan's latent grid): it holds no token of the stream, which the
+        analysis would have tracked. A merged token stands for several positions; no rule
+        gives it exactly the rotation of each."""
+        if node.target != aten.mul.Tensor or not self.feeds_queries_keys(node):
             return False
         offset = len(layout.roles) - _ndim(table)
         dims = [d for d in range(_ndim(table)) if shape_of(table)[d] != 1]
@@ -507,7 +527,7 @@ class _Analysis:
             current = stack.pop()
             if current not in self.rotary_paths:
                 return False
-            users = [u for u in current.users if not is_assertion(u)]
+            users = [u for u in current.users if not is_assertion(u) and reads_values(u, current)]
             if current in self.attention_inputs:  # it enters an attention as queries or keys
                 consumer = self.attention_inputs[current]
                 if all(u is consumer or getattr(u.target, "__module__", "").startswith("tome_fx") for u in users):
@@ -1039,6 +1059,28 @@ class _Analysis:
         arguments, and a fixed token count there is refused where it meets the tokens."""
         return None
 
+    @_rule(aten.constant_pad_nd.default, aten.pad.default)
+    def pad(self, node: Node) -> Layout:
+        """Exact where only axes that are neither tokens nor batch are padded (Sana pads its
+        values with a row of ones, whose sum over the keys is the normaliser)."""
+        src = self.layout(node.args[0])
+        pads = node.args[1]
+        padded = [len(src.roles) - 1 - i // 2 for i, amount in enumerate(pads) if amount]
+        if any(src.roles[d] is not None for d in padded):
+            raise _Refuse("it pads the token or batch axis")
+        return src
+
+    @_rule(aten.slice_scatter.default)
+    def slice_scatter(self, node: Node) -> Layout:
+        """Exact along an axis that is neither tokens nor batch, where the values written hold
+        the same tokens as the tensor written into (``passes.functional_writes``' rewrite of
+        Wan's rotary ``out[..., 0::2] = ...``)."""
+        base, values = self.layout(node.args[0]), self.layout(node.args[1])
+        dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, len(shape_of(node)))
+        if base is None or values is None or base.tokens != values.tokens or base.roles[dim] is not None:
+            raise _Refuse("it writes into a slice of the tokens, or writes tokens into another tensor")
+        return replace(base, roles=tuple(TOKEN if is_weights(r) else r for r in base.roles))
+
     @_rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
            aten.rand_like.default, aten.randn_like.default)
     def like(self, node: Node) -> Layout:
@@ -1058,7 +1100,7 @@ _JOINT_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.expand_as, _An
                 _Analysis.linear, _Analysis.reshape, _Analysis.permute, _Analysis.transpose, _Analysis.sdpa,
                 _Analysis.softmax, _Analysis.along_axes, _Analysis.slice, _Analysis.split, _Analysis.sym_size,
                 _Analysis.expand, _Analysis.cat, _Analysis.stack, _Analysis.matmul, _Analysis.einsum,
-                _Analysis.like, _Analysis.new_tensor, _Analysis.select}
+                _Analysis.like, _Analysis.new_tensor, _Analysis.select, _Analysis.slice_scatter}
 
 
 def analyze_token_flow(

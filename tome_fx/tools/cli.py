@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import sys
+from functools import partial
 
 import torch
 
@@ -114,10 +115,11 @@ def _bench_grid(args) -> None:
     from . import grid_bench
 
     where = _set_device(args)
-    defaults = {"sd": [0.3, 0.5, 0.6], "sd3": [0.3, 0.5, 0.7], "sam": [0.5, 0.75]}
-    rows, ratios = [], args.ratios or defaults[args.model]
+    defaults = {"sd": [0.3, 0.5, 0.6], "sam": [0.5, 0.75]}
+    rows, ratios = [], args.ratios or defaults.get(args.model, [0.3, 0.5, 0.7])
     for mode in args.modes:
-        run = {"sd": grid_bench.run_sd, "sd3": grid_bench.run_sd3, "sam": grid_bench.run_sam}[args.model]
+        run = ({"sd": grid_bench.run_sd, "sam": grid_bench.run_sam}.get(args.model)
+               or partial(grid_bench.run_denoiser, args.model))
         rows += run(ratios, mode, args.repeats, device=args.device, dtype=getattr(torch, args.dtype))
         grid_bench.write(rows, args.out, args.model)  # after each mode: a long run keeps what it has
     print(f"{where}, medians of {args.repeats} interleaved calls after warm-up")
@@ -195,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Per-branch merging timed at full size: an SD-1.5-shaped UNet at 512 px, "
                             "batch 2, against tomesd; two SD3-medium-width joint blocks at 1024 px, batch 2; or "
                             "SAM's ViT-B image encoder at 1024 px.")
-    p.add_argument("model", choices=["sd", "sd3", "sam"])
+    p.add_argument("model", choices=["sd", "sd3", "flux", "wan", "sam"])
     p.add_argument("--ratios", nargs="+", type=float, default=None,
-                   help="ratios to time (default: sd 0.3 0.5 0.6, sd3 0.3 0.5 0.7, sam 0.5 0.75)")
+                   help="ratios to time (default: sd 0.3 0.5 0.6, sam 0.5 0.75, transformers 0.3 0.5 0.7)")
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (after warm-up)")
     _add_device_arguments(p)

@@ -1,5 +1,5 @@
-"""Per-branch merging, timed: a Stable Diffusion UNet step, SD3-medium-width joint blocks and
-SAM's image encoder.
+"""Per-branch merging, timed: a Stable Diffusion UNet step, diffusion transformers' blocks at
+their real widths (SD3-medium, FLUX.1, Wan 2.1) and SAM's image encoder.
 
 Both at the sizes users run (random init: speed does not depend on weights). Every
 variant is built and warmed up first (compiled ones compile then), then timed calls go
@@ -12,6 +12,7 @@ equal settings.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import statistics
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ class GridRow:
     speedup: float  # the original's median (same mode) over this one's
     bound: float | None  # FLOP bound (counted); None where not counted
     max_abs_diff_vs_tomesd: float | None = None
+    merge_share: float | None = None  # the merge ops' seconds alone over the variant's (timed alongside)
 
 
 def sd15_unet() -> tuple[torch.nn.Module, tuple]:
@@ -134,32 +136,106 @@ def sd3_medium_blocks(layers: int = 2) -> tuple[torch.nn.Module, dict]:
     return model, inputs
 
 
-def run_sd3(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
-            dtype: torch.dtype = torch.float32) -> list[GridRow]:
-    """SD3-medium-width joint blocks: the original, ``tome_fx.sd`` per block at each ratio
-    (attention, tomesd's default; and attention + MLP at 0.5), and whole-stream merging
-    (``tome_fx.transform``) at 0.5."""
-    model, inputs = _to(*sd3_medium_blocks(), device, dtype)
+def flux_blocks(double: int = 1, single: int = 1) -> tuple[torch.nn.Module, dict]:
+    """FLUX.1's width (3072, 24 heads of 128, T5 text width 4096, pooled 768, RoPE axes 16/56/56)
+    at 1024 px: 128 x 128 latents of 16 channels packed 2 x 2, so 4096 image tokens joined with
+    512 text tokens; ``double`` double-stream and ``single`` single-stream blocks instead of 19
+    and 38. Batch 1 (FLUX.1-dev's guidance is distilled into one call)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    inputs = dict(hidden_states=torch.randn(1, 4096, 64), encoder_hidden_states=torch.randn(1, 512, 4096),
+                  pooled_projections=torch.randn(1, 768), timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                  img_ids=torch.stack([torch.zeros(4096), rows.flatten().float(), cols.flatten().float()], 1),
+                  txt_ids=torch.zeros(512, 3))
+    return model, inputs
+
+
+def wan_blocks(layers: int = 2) -> tuple[torch.nn.Module, dict]:
+    """Wan 2.1 1.3B's width (1536, 12 heads of 128, FFN 8960, UMT5 text width 4096) on a small
+    clip: 17 frames at 256 x 256 px, 5 x 32 x 32 latents of 16 channels in 1 x 2 x 2 patches,
+    so 1280 video tokens and 512 text tokens (cross-attention); ``layers`` blocks instead of
+    30. Batch 1 (the pipeline calls the prompted and unprompted halves apart)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=layers).eval()
+    inputs = dict(hidden_states=torch.randn(1, 16, 5, 32, 32), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 4096))
+    return model, inputs
+
+
+DENOISERS = {
+    "sd3": (sd3_medium_blocks, "SD3-medium width, 2 blocks, 1024px b2"),
+    "flux": (flux_blocks, "FLUX.1 width, 1 double + 1 single block, 1024px b1"),
+    "wan": (wan_blocks, "Wan2.1-1.3B width, 2 blocks, 17x256x256 b1"),
+}
+
+
+def run_denoiser(name: str, ratios: list[float], mode: str, repeats: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> list[GridRow]:
+    """A diffusion transformer's blocks (``DENOISERS``): the original; ``tome_fx.sd`` per block
+    at each ratio (attention, tomesd's default), at 0.5 with the MLP too, and at 0.5 reusing
+    its matchings (every call after the first: the cost of a step that does not match, so a
+    step with ``reuse=k`` costs (matching step + (k - 1) x this) / k); and whole-stream merging
+    (``tome_fx.transform``) at 0.5. Compiled: the original and the variants at 0.5. Also the
+    merge's share: the merge ops alone (``merge_ops_seconds``) over the per-block step."""
+    build, label = DENOISERS[name]
+    model, inputs = _to(*build(), device, dtype)
     variants: dict = {"original": model}
     for ratio in ratios:
         variants[f"per block r={ratio}"] = sd.apply(model, ratio, use_rand=False)
     variants["per block r=0.5 attn+mlp"] = sd.apply(model, 0.5, use_rand=False, merge_mlp=True)
-    variants["whole stream r=0.5"] = tome_fx.transform(model, 0.5, example_inputs=inputs)
-    if mode == "compiled":
-        ratios = [0.5]
-        variants = {name: m for name, m in variants.items() if name in ("original", "per block r=0.5",
-                                                                         "per block r=0.5 attn+mlp")}
-        for name, m in variants.items():
+    variants["per block r=0.5 reused"] = sd.apply(model, 0.5, use_rand=False, reuse=2**30)
+    if mode == "eager":
+        variants["whole stream r=0.5"] = tome_fx.transform(model, 0.5, example_inputs=inputs)
+    else:
+        variants = {k: m for k, m in variants.items() if k == "original" or "r=0.5" in k}
+        for m in variants.values():
             if isinstance(m, sd.ToMeUNet):
                 m.compile()
         variants["original"] = torch.compile(model)
-    calls = {name: (lambda x, m=m: m(**x)) for name, m in variants.items()}
+    steps = itertools.count()
+    calls = {k: (lambda x, m=m: m(**x)) for k, m in variants.items()}
+    # each call a step of its own, so the reusing variant matches once and reuses after
+    calls["per block r=0.5 reused"] = lambda x, m=variants["per block r=0.5 reused"]: m(
+        **dict(x, timestep=x["timestep"] - next(steps) * 1e-3))
     with torch.no_grad():
         for call in calls.values():
             call(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
-        bounds = _bounds(calls, inputs) if mode == "eager" else {}
+        bounds = _bounds({k: c for k, c in calls.items() if "reused" not in k}, inputs) if mode == "eager" else {}
+        if mode == "eager":
+            calls["merge ops"] = _merge_ops(next(iter(variants["per block r=0.5"].plans.values())), model, inputs)
     times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
-    return _timed(times, "SD3-medium width, 2 blocks, 1024px b2", mode, bounds, {})
+    merge_ops = times.pop("merge ops", None)
+    rows = _timed(times, label, mode, bounds, {})
+    for row in rows:
+        if row.variant == "per block r=0.5" and merge_ops:
+            row.merge_share = statistics.median(merge_ops) / row.median_s
+    return rows
+
+
+def _merge_ops(plan, model: torch.nn.Module, inputs: dict):
+    """One step's merge ops alone, eager, at ``plan``'s sizes: per block the matching
+    (``grid_order``), a merge of the branch input and an un-merge of its output."""
+    from .. import merge
+    from ..call_spec import CallSpec
+
+    (h, w), batch = sd._patch_grid(model, CallSpec.record(model, (), inputs))
+    x = torch.randn(batch, h * w, model.config.num_attention_heads * model.config.attention_head_dim,
+                    device=inputs["hidden_states"].device, dtype=inputs["hidden_states"].dtype)
+
+    def step(_):
+        for block in plan:
+            merged, _, positions = merge.branch_merge(x, merge.grid_order(x, h, w, 2, 2, block.r, False))
+            merge.branch_unmerge(merged, positions, x)
+
+    return step
 
 
 def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
@@ -189,11 +265,12 @@ def write(rows: list[GridRow], out: str, name: str) -> None:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    lines = ["| model | variant | mode | median s | min-max s | speedup | FLOP bound | max abs diff vs tomesd |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | mode | median s | min-max s | speedup | FLOP bound | max abs diff vs tomesd | "
+             "merge share |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bound = "" if r.bound is None else f"{r.bound:.2f}x"
         diff = "" if r.max_abs_diff_vs_tomesd is None else f"{r.max_abs_diff_vs_tomesd:.1e}"
+        share = "" if r.merge_share is None else f"{r.merge_share:.1%}"
         lines.append(f"| {r.model} | {r.variant} | {r.mode} | {r.median_s:.2f} | {r.min_s:.2f}-{r.max_s:.2f} | "
-                     f"{r.speedup:.2f}x | {bound} | {diff} |")
+                     f"{r.speedup:.2f}x | {bound} | {diff} | {share} |")
     (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
