@@ -2,7 +2,7 @@
 Fashion-MNIST DiT trained here (``benchmarks/train_fashion_dit.py``; no SD3/FLUX weights
 exist offline).
 
-    python benchmarks/dit_quality.py [--per-class 50] [--steps 50] [--out benchmarks/results/dit_quality]
+    python benchmarks/dit_quality.py [--per-class 30] [--steps 50] [--out benchmarks/results/dit_quality]
 
 Every setting draws the same samples: the same class labels, the same starting noise, DDIM
 with ``--steps`` steps and classifier-free guidance. For each setting it reports
@@ -18,7 +18,8 @@ with ``--steps`` steps and classifier-free guidance. For each setting it reports
   tiny and the run shares the machine).
 
 Settings: per-block merging (``tome_fx.sd.apply``: attention only, and attention + MLP) at
-ratios 0.3 / 0.5 / 0.7, and whole-stream merging (``tome_fx.transform``, un-merged before the
+ratios 0.3 / 0.5 / 0.7; at 0.5 with proportional attention, and reusing each matching for 2 and
+5 steps (``reuse=k``); whole-stream merging (``tome_fx.transform``, un-merged before the
 unpatchify) at r = 8 / 16 / 24 tokens per block. Results go to ``dit_quality.json`` and ``.md``.
 """
 
@@ -110,16 +111,19 @@ def settings(model: torch.nn.Module, example: dict):
     for ratio in (0.3, 0.5, 0.7):
         yield f"per-block attn {ratio}", tome_fx.sd.apply(model, ratio, use_rand=False)
         yield f"per-block attn+mlp {ratio}", tome_fx.sd.apply(model, ratio, use_rand=False, merge_mlp=True)
+    yield "per-block attn 0.5 prop_attn", tome_fx.sd.apply(model, 0.5, use_rand=False, prop_attn=True)
+    for k in (2, 5):
+        yield f"per-block attn 0.5 reuse={k}", tome_fx.sd.apply(model, 0.5, use_rand=False, reuse=k)
     for r in (8, 16, 24):
         yield f"whole-stream r={r}", tome_fx.transform(model, r, example_inputs=example)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=300, help="samples per sampling run (all, by default)")
     parser.add_argument("--only", default=None, help="run only settings whose name contains this")
     parser.add_argument("--out", default=str(HERE / "results" / "dit_quality"))
     args = parser.parse_args(argv)

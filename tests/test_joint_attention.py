@@ -334,6 +334,11 @@ def test_wan_merges_exactly_for_duplicates_per_block_and_whole_stream():
         assert (plain(**x)[0] - want).abs().max() > 1e-3
     (plan,) = per_block.plans.values()
     assert [(p.tokens, p.r, p.merged) for p in plan] == [(32, 16, ("attn", "mlp"))] * 2
+    x["hidden_states"] = torch.randn_like(x["hidden_states"])
+    with torch.no_grad():
+        eager = per_block(**x)[0]
+        per_block.compile(fullgraph=True)
+        torch.testing.assert_close(per_block(**x)[0], eager, rtol=1e-5, atol=1e-5)
 
 
 def test_a_wan_pipeline_runs_at_two_resolutions_with_guidance_and_is_restored():
@@ -376,8 +381,10 @@ def test_match_reuse_across_steps():
 
     plain = run(apply())
     assert all(torch.equal(a, b) for a, b in zip(plain, run(apply(reuse=1))))
-    every_other = run(apply(reuse=2))  # match at steps 1 and 3, reuse at 2 and 4
+    reusing = apply(reuse=2)
+    every_other = run(reusing)  # match at steps 1 and 3, reuse at 2 and 4
     assert [torch.equal(a, b) for a, b in zip(plain, every_other)] == [True, True, False, False] * 2
+    assert all(torch.equal(a, b) for a, b in zip(every_other, run(reusing)))  # a new generation matches anew
     compiled = apply(reuse=2)
     compiled.compile(fullgraph=True)
     torch.testing.assert_close(run(compiled), every_other, rtol=1e-5, atol=1e-5)
@@ -459,8 +466,9 @@ def test_cogvideox_merges_exactly_for_duplicates_per_block_and_whole_stream():
         torch.testing.assert_close(tome_fx.transform(model, [16], example_inputs=x)(**x)[0], want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("make", [lambda: (_flux(), _flux_inputs()), lambda: (_wan(), _wan_inputs()),
-                                  lambda: (_sana(), _sana_inputs())], ids=["flux", "wan", "sana"])
+@pytest.mark.parametrize("make", [lambda: (_sd3(dual=(0,)), dict(_sd3_inputs(), return_dict=False)),
+                                  lambda: (_flux(), _flux_inputs()), lambda: (_wan(), _wan_inputs()),
+                                  lambda: (_sana(), _sana_inputs())], ids=["sd3.5", "flux", "wan", "sana"])
 def test_r0_is_the_identity(make):
     model, x = make()
     with torch.no_grad():

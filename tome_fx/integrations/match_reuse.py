@@ -8,7 +8,7 @@ each block's matching in buffers, one reads them instead. A step is told apart b
 (FLUX's and Wan's prompted and unprompted calls) are slots, each with its own buffers, so each
 reuses its own matching; a call beyond ``SLOTS`` at one timestep starts a new step (a module
 called again and again at one timestep). A slot matches at its first step and then every
-``every`` steps.
+``every`` steps; a timestep higher than the last starts a new generation, which matches first.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class MatchReuse:
     def __call__(self, step_value, *args, **kwargs):
         same_step = (self.last is not None and step_value is not None and self.slot + 1 < SLOTS
                      and _equal(step_value, self.last))
+        if not same_step and _rises(step_value, self.last):
+            self.matched.clear()  # the timestep went up: a new generation, whose first step matches
         self.step, self.slot = (self.step, self.slot + 1) if same_step else (self.step + 1, 0)
         self.last = step_value.detach().clone() if isinstance(step_value, torch.Tensor) else step_value
         while len(self.slots) <= self.slot:
@@ -60,6 +62,16 @@ class MatchReuse:
                 store.register_buffer(name, fresh, persistent=False)
                 reuse.register_buffer(name, fresh, persistent=False)
         return self.prepare(store), self.prepare(reuse)
+
+
+def _rises(value, last) -> bool:
+    """Whether the timestep went up since the last call (denoising only ever lowers it)."""
+    if value is None or last is None:
+        return False
+    if isinstance(value, torch.Tensor) or isinstance(last, torch.Tensor):
+        value, last = torch.as_tensor(value).float().cpu(), torch.as_tensor(last).float().cpu()
+        return value.shape == last.shape and bool((value > last).any())
+    return value > last
 
 
 def _equal(a, b) -> bool:
