@@ -17,6 +17,9 @@ with ``--steps`` steps and classifier-free guidance. For each setting it reports
 - ``seconds``: wall time of the sampling (2 CPU threads; not a speed figure: this model is
   tiny and the run shares the machine).
 
+``samples.png``: the first sample of each class for the unmerged model, per-block merging at
+0.5 and whole-stream merging at r = 16 (rows), from the same noise.
+
 Settings: per-block merging (``tome_fx.sd.apply``: attention only, and attention + MLP) at
 ratios 0.3 / 0.5 / 0.7; at 0.5 with proportional attention, and reusing each matching for 2 and
 5 steps (``reuse=k``); whole-stream merging (``tome_fx.transform``, un-merged before the
@@ -118,6 +121,19 @@ def settings(model: torch.nn.Module, example: dict):
         yield f"whole-stream r={r}", tome_fx.transform(model, r, example_inputs=example)
 
 
+SHOWN = ("unmerged", "per-block attn 0.5", "whole-stream r=16")
+
+
+def save_grid(out: pathlib.Path) -> None:
+    """``samples.png``: the first sample of each class (columns) for each setting in ``SHOWN``
+    (rows), from the ``.pt`` files the run keeps."""
+    from PIL import Image
+
+    rows = [torch.cat(list(torch.load(out / f"{name.replace(' ', '_')}.pt")[:, 0]), 1) for name in SHOWN]
+    grid = (torch.cat(rows, 0) * 255).byte().numpy()
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(out / "samples.png")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=30)
@@ -126,7 +142,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=300, help="samples per sampling run (all, by default)")
     parser.add_argument("--only", default=None, help="run only settings whose name contains this")
     parser.add_argument("--out", default=str(HERE / "results" / "dit_quality"))
+    parser.add_argument("--grid-only", action="store_true", help="only redraw samples.png from a run's .pt files")
     args = parser.parse_args(argv)
+    if args.grid_only:
+        return save_grid(pathlib.Path(args.out))
     torch.set_num_threads(2)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +175,7 @@ def main(argv=None) -> None:
                    pixel_mae=float((to_unit(images) - to_unit(base[0])).abs().mean()))
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if name in ("unmerged", "per-block attn 0.5", "whole-stream r=16"):
+        if name in SHOWN:
             torch.save(to_unit(images[:: args.per_class]), out / f"{name.replace(' ', '_')}.pt")
     meta = dict(samples=len(labels), steps=args.steps, guidance=args.guidance, sampler="DDIM",
                 model="benchmarks/results/fashion_dit (6 blocks, width 64, 256 tokens)")
@@ -168,6 +187,7 @@ def main(argv=None) -> None:
     lines += [f"| {r['setting']} | {r['accuracy']:.3f} | {r['fid_real']:.2f} | {r['fid_base']:.2f} | "
               f"{r['pixel_mae']:.4f} | {r['seconds']} |" for r in rows]
     (out / "dit_quality.md").write_text("\n".join(lines) + "\n")
+    save_grid(out)
 
 
 if __name__ == "__main__":

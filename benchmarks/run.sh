@@ -22,6 +22,13 @@ tome-fx bench-grid sd --modes eager compiled --threads 2 --repeats 3 --out $out/
 tome-fx bench-grid sam --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 # two SD3-medium-width joint blocks at 1024 px (4096 image + 333 text tokens), batch 2: per block and whole stream
 tome-fx bench-grid sd3 --modes eager --threads 2 --repeats 3 --out $out/grid
+# FLUX.1 width at 1024 px (one double, one single block; about 25 minutes), Wan 2.1 1.3B width on a small clip:
+# per block, reused matchings, whole stream, the merge share
+tome-fx bench-grid flux --modes eager compiled --ratios 0.5 --threads 2 --repeats 2 --out $out/grid
+tome-fx bench-grid wan --modes eager compiled --threads 2 --repeats 3 --out $out/grid
+# sample quality of the Fashion-MNIST DiT with and without merging (train it first, about 60 minutes:
+# python benchmarks/train_fashion_dit.py)
+OMP_NUM_THREADS=2 python benchmarks/dit_quality.py --out $out/dit_quality
 # accuracy vs speed: Fashion-MNIST reference model, MiniLM embeddings
 OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 # RoPE: how a merged token rotates, top-1 of the Fashion-MNIST RoPE model per rule against r

@@ -25,7 +25,8 @@ from .match_reuse import MatchReuse
 
 class PerBranchToMe(torch.nn.Module):
     """``model`` with its chosen branches merging tokens as ``settings`` says; ``prop_attn``:
-    proportional attention in merged self-attention."""
+    proportional attention in merged self-attention; ``reuse`` > 1: each matching is reused
+    for that many steps (``match_reuse``)."""
 
     def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool = False, reuse: int = 1):
         super().__init__()
