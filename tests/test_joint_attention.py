@@ -385,6 +385,10 @@ def test_match_reuse_across_steps():
     every_other = run(reusing)  # match at steps 1 and 3, reuse at 2 and 4
     assert [torch.equal(a, b) for a, b in zip(plain, every_other)] == [True, True, False, False] * 2
     assert all(torch.equal(a, b) for a, b in zip(every_other, run(reusing)))  # a new generation matches anew
+    with torch.no_grad():  # a one-step model: every call at one timestep, each a generation of its own
+        matching, reused = ([m(**dict(x, hidden_states=h, timestep=torch.ones(2)))[0] for h in latents.flatten(0, 1)[:6]]
+                            for m in (apply(), apply(reuse=2)))
+    assert all(torch.equal(a, b) for a, b in zip(matching, reused))
     compiled = apply(reuse=2)
     compiled.compile(fullgraph=True)
     torch.testing.assert_close(run(compiled), every_other, rtol=1e-5, atol=1e-5)

@@ -155,3 +155,54 @@ def test_pairing_tokens_across_samples_is_refused(form):
     was accepted; each sample merged other tokens, so position n holds other originals."""
     with pytest.raises(UnsupportedModelError, match="puts the batch on two axes"):
         tome_fx.transform(_AcrossSamples(form).eval(), 2, example_inputs=torch.randn(2, PATCHES, 4))
+
+
+# -- found by review of the diffusion-transformer rules -----------------------------------------
+
+class _SliceWrittenWeights(nn.Module):
+    """After an sdpa block, attention weights written into slices of a fresh tensor (or padded
+    with ones): the weights would be scaled by size twice, and a padded row of ones not at all."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.qkv, self.out = how, nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)
+        if self.how is None:
+            a = F.scaled_dot_product_attention(q, k, v)
+        elif self.how == "slices":
+            weights = torch.empty_like(scores)
+            weights[..., :1, :, :] = scores[:, :1].softmax(-1)
+            weights[..., 1:, :, :] = (scores[:, 1:] * 0.5).softmax(-1)
+            a = weights @ v
+        else:
+            a = F.pad(scores.softmax(-1), (0, 0, 0, 0, 0, 1), value=1.0) @ torch.cat([v, v[:, :1]], 1)
+            a = a[:, :2] + 0.01 * a[:, 2:]
+        return x + self.out(a.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("how, reason", [("slices", "writes into a slice of a tensor weights over tokens"),
+                                         ("pad", "pads weights over tokens with entries that are not weights")])
+def test_weights_written_into_slices_or_padded_are_refused(how, reason):
+    model = nn.Sequential(_SliceWrittenWeights(None), _SliceWrittenWeights(how)).double().eval()
+    with pytest.raises(tome_fx.UnsupportedModelError, match=reason):
+        tome_fx.transform(model, [4], example_inputs=torch.randn(2, 16, 8, dtype=torch.float64))
+
+
+def test_a_fresh_tensor_written_into_another_is_made_functional():
+    from tome_fx.passes.functional_writes import FunctionalWrites
+
+    class Writes(nn.Module):
+        def forward(self, x):
+            out, tmp = torch.empty_like(x), torch.empty_like(x[..., :2])
+            tmp[..., :1], tmp[..., 1:] = x[..., 1:2], x[..., :1]
+            out[..., :2], out[..., 2:] = tmp, x[..., 2:]
+            return out * 2
+
+    x = torch.randn(2, 4, 4)
+    graph_module = torch.export.export(Writes(), (x,)).module()
+    FunctionalWrites()(graph_module)
+    assert not any(n.target == torch.ops.aten.copy_.default for n in graph_module.graph.nodes)
+    torch.testing.assert_close(graph_module(x), Writes()(x))

@@ -6,9 +6,9 @@ are two graphs (``branch_merges.apply_branch_tome``'s ``matchings``): one matche
 each block's matching in buffers, one reads them instead. A step is told apart by the
 ``timestep`` argument (a call without one is a step of its own); calls within one step
 (FLUX's and Wan's prompted and unprompted calls) are slots, each with its own buffers, so each
-reuses its own matching; a call beyond ``SLOTS`` at one timestep starts a new step (a module
-called again and again at one timestep). A slot matches at its first step and then every
-``every`` steps; a timestep higher than the last starts a new generation, which matches first.
+reuses its own matching. A slot matches at its first step and then every ``every`` steps; a
+timestep higher than the last, or a call beyond ``SLOTS`` at one timestep, starts a new
+generation, which matches first. A model called without ``timestep`` does not reuse.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ class MatchReuse:
         self.step, self.slot, self.last = 0, 0, None
 
     def __call__(self, step_value, *args, **kwargs):
-        same_step = (self.last is not None and step_value is not None and self.slot + 1 < SLOTS
-                     and _equal(step_value, self.last))
-        if not same_step and _rises(step_value, self.last):
-            self.matched.clear()  # the timestep went up: a new generation, whose first step matches
+        equal = self.last is not None and _equal(step_value, self.last)
+        same_step = equal and self.slot + 1 < SLOTS
+        if (equal and not same_step) or _rises(step_value, self.last):
+            # the timestep went up, or stayed past the slots of one step (one-step models): a new
+            # generation, whose first step matches
+            self.matched.clear()
         self.step, self.slot = (self.step, self.slot + 1) if same_step else (self.step + 1, 0)
         self.last = step_value.detach().clone() if isinstance(step_value, torch.Tensor) else step_value
         while len(self.slots) <= self.slot:

@@ -105,13 +105,17 @@ class PerBranchToMe(torch.nn.Module):
 
     def _build(self, call: CallSpec):
         graph_module = capture(self.model, call, dynamic_batch=False)
-        modes = ("store", "reuse") if self.reuse > 1 else (None,)
+        reuse = self.reuse > 1 and call.arguments.get("timestep") is not None
+        if self.reuse > 1 and not reuse:
+            warnings.warn(f"{type(self.model).__name__} is called without a `timestep` argument, which tells "
+                          f"denoising steps apart: reuse={self.reuse} is off, every call matches", stacklevel=3)
+        modes = ("store", "reuse") if reuse else (None,)
         graphs = [graph_module] + [graph_copy(graph_module) for _ in modes[1:]]
         for gm, mode in zip(graphs, modes):
             plan, idle = apply_branch_tome(gm, self._settings_for(call), prop_attn=self.prop_attn, matchings=mode)
         if idle:
             shapes = [tuple(t.shape) for t in pytree.tree_leaves(call.arguments) if isinstance(t, torch.Tensor)]
             warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)
-        if self.reuse > 1 and plan:
+        if reuse and plan:
             return MatchReuse(*graphs, self.reuse, self._compiled), plan
         return self._compiled(graph_module), plan

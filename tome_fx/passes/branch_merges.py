@@ -213,7 +213,9 @@ def _downsample(block: AttentionBlock, settings: BranchSettings) -> int:
     """How many times below full resolution the block's tokens are (1 for a grid stream)."""
     if settings.grid_stream:
         return 1
-    return math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // (shape_of(block.stream)[1] - sum(block.joined))))
+    # at least 1: a stream holding more tokens than the grid (FLUX Kontext's reference image) is
+    # then refused by ``_grid`` as not the grid
+    return max(1, math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // (shape_of(block.stream)[1] - sum(block.joined)))))
 
 
 def _why_nothing_merges(blocks: list[AttentionBlock], settings: BranchSettings) -> str:

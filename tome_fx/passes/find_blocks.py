@@ -178,6 +178,8 @@ def linear_attention(product: Node) -> ManualAttention | None:
             continue
         mapped = [i for i, operand in enumerate((left, right))
                   if _kernel(operand).target == _kernel(queries).target and _kernel(operand) is not _kernel(queries)]
+        if len(mapped) != 1:
+            return None  # which operand holds the keys is not told apart by a feature map
         keys, values, key_dim = (left, right, -1) if mapped == [0] else (right, left, -2)
         return ManualAttention(queries, keys, key_dim, values, product, ())
     return None

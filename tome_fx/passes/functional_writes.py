@@ -24,8 +24,8 @@ _FRESH = {aten.empty_like.default, aten.zeros_like.default, aten.new_empty.defau
 class FunctionalWrites(PassBase):
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False
-        order = {node: i for i, node in enumerate(graph.nodes)}
         for base in [n for n in graph.nodes if n.op == "call_function" and n.target in _FRESH]:
+            order = {node: i for i, node in enumerate(graph.nodes)}  # the rewrites of earlier bases added nodes
             writes = [(view, next(iter(view.users))) for view in base.users
                       if view.target == aten.slice.Tensor and len(view.users) == 1
                       and next(iter(view.users)).target == aten.copy_.default and next(iter(view.users)).args[0] is view]

@@ -1068,6 +1068,12 @@ class _Analysis:
         padded = [len(src.roles) - 1 - i // 2 for i, amount in enumerate(pads) if amount]
         if any(src.roles[d] is not None for d in padded):
             raise _Refuse("it pads the token or batch axis")
+        if node.target == aten.pad.default:
+            mode, value = (list(node.args[2:4]) + ["constant", None][len(node.args[2:4]):])
+        else:
+            mode, value = "constant", node.args[2] if len(node.args) > 2 else 0
+        if padded and src.weights and (mode != "constant" or value not in (0, None)):
+            raise _Refuse("it pads weights over tokens with entries that are not weights (only zeros are)")
         return src
 
     @_rule(aten.slice_scatter.default)
@@ -1075,11 +1081,14 @@ class _Analysis:
         """Exact along an axis that is neither tokens nor batch, where the values written hold
         the same tokens as the tensor written into (``passes.functional_writes``' rewrite of
         Wan's rotary ``out[..., 0::2] = ...``)."""
+        self.no_weights(node, "writes into a slice of a tensor")
         base, values = self.layout(node.args[0]), self.layout(node.args[1])
         dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, len(shape_of(node)))
-        if base is None or values is None or base.tokens != values.tokens or base.roles[dim] is not None:
-            raise _Refuse("it writes into a slice of the tokens, or writes tokens into another tensor")
-        return replace(base, roles=tuple(TOKEN if is_weights(r) else r for r in base.roles))
+        if (base is None or values is None or base.tokens != values.tokens or base.roles[dim] is not None
+                or base.roles[len(base.roles) - len(values.roles):] != values.roles):
+            raise _Refuse("it writes into a slice of the tokens, or writes tokens into another tensor (or onto "
+                          "other axes)")
+        return base
 
     @_rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
            aten.rand_like.default, aten.randn_like.default)
