@@ -25,6 +25,7 @@ tome-fx bench-grid sd3 --modes eager --threads 2 --repeats 3 --out $out/grid
 # FLUX.1 width at 1024 px (one double, one single block; about 25 minutes), Wan 2.1 1.3B width on a small clip:
 # per block, reused matchings, whole stream, the merge share
 tome-fx bench-grid flux --modes eager compiled --ratios 0.5 --threads 2 --repeats 2 --out $out/grid
+tome-fx bench-grid flux --modes eager --ratios 0.3 0.7 --threads 2 --repeats 2 --out $out/grid/flux_ratios
 tome-fx bench-grid wan --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 # sample quality of the Fashion-MNIST DiT with and without merging (train it first, about 60 minutes:
 # python benchmarks/train_fashion_dit.py)

@@ -209,7 +209,7 @@ def run_denoiser(name: str, ratios: list[float], mode: str, repeats: int, device
         for call in calls.values():
             call(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
         bounds = _bounds({k: c for k, c in calls.items() if "reused" not in k}, inputs) if mode == "eager" else {}
-        if mode == "eager":
+        if mode == "eager" and "per block r=0.5" in variants:
             calls["merge ops"] = _merge_ops(next(iter(variants["per block r=0.5"].plans.values())), model, inputs)
     times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
     merge_ops = times.pop("merge ops", None)
