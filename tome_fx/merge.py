@@ -229,8 +229,7 @@ def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, bat
     t = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim((batch_dim, token_dim), (0, 1))
     rest = t.shape[2:]
     t = t.reshape(1, t.shape[1], -1)
-    if lead or trail:
-        before, t, after = t.split([lead, t.shape[1] - lead - trail, trail], dim=1)
+    before, t, after = _joined_parts(t, lead, trail)
     batch, tokens = size.shape
     index = positions[:, start:] - start  # [B, N0 - start]: the group holding each original token
     if rule == "mean":
@@ -406,9 +405,7 @@ def branch_merge(x: Tensor, matching: Matching, lead: int = 0, trail: int = 0) -
     back to all N tokens, each merged source taking its dst's value. A grid [B, h, w, C]
     merges as its h * w tokens and stays 4-d: [B, N', 1, C]. ``lead``/``trail``: tokens of
     another stream joined before/after the merging ones (FLUX's text), kept as they are."""
-    tokens = x.flatten(1, -2)
-    if lead or trail:
-        before, tokens, after = tokens.split([lead, tokens.shape[1] - lead - trail, trail], dim=1)
+    before, tokens, after = _joined_parts(x.flatten(1, -2), lead, trail)
     merged, size, positions = merge_matched(matching, tokens, initial_size(tokens))
     if lead or trail:
         merged = torch.cat([before, merged, after], dim=1)
@@ -418,8 +415,14 @@ def branch_merge(x: Tensor, matching: Matching, lead: int = 0, trail: int = 0) -
 def branch_unmerge(y: Tensor, positions: Tensor, like: Tensor, lead: int = 0, trail: int = 0) -> Tensor:
     """A branch's output ``y`` over merged tokens (``branch_merge``'s layout) back to every
     token, shaped like the stream ``like`` it is added to."""
-    y = y.flatten(1, -2)
+    before, y, after = _joined_parts(y.flatten(1, -2), lead, trail)
+    y = unmerge(y, positions, 0, 1)
+    return (torch.cat([before, y, after], dim=1) if lead or trail else y).view(like.shape)
+
+
+def _joined_parts(x: Tensor, lead: int, trail: int) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """``x`` [B, N, ..] cut into another stream's tokens joined before (``lead``) and after
+    (``trail``) and the tokens between them (None, x, None where nothing is joined)."""
     if not (lead or trail):
-        return unmerge(y, positions, 0, 1).view(like.shape)
-    before, y, after = y.split([lead, y.shape[1] - lead - trail, trail], dim=1)
-    return torch.cat([before, unmerge(y, positions, 0, 1), after], dim=1).view(like.shape)
+        return None, x, None
+    return tuple(x.split([lead, x.shape[1] - lead - trail, trail], dim=1))

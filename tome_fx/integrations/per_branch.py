@@ -77,22 +77,24 @@ class PerBranchToMe(torch.nn.Module):
             lines += [f"  {p.name}: {p.tokens} tokens, {p.r} merged away in {', '.join(p.merged)}" for p in plan]
         return "\n".join(lines) or "no call yet: plans are made per input shape, on the first call"
 
-    def _key(self, call: CallSpec) -> tuple:
-        """Input shapes and values, the mode, and which tensors the model holds: a graph reads
-        the parameters it was captured with, so one replaced (``.to()``, ``load_state_dict(
-        assign=True)``, an adapter) needs a new graph."""
+    def _key(self, call: CallSpec, settings: BranchSettings) -> tuple:
+        """Input shapes and values, the settings made for them (a FLUX grid read from its ids), the
+        mode, and which tensors the model holds: a graph reads the parameters it was captured
+        with, so one replaced (``.to()``, ``load_state_dict(assign=True)``, an adapter) needs a
+        new graph."""
         leaves, spec = pytree.tree_flatten(call.arguments)
         described = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
         held = tuple((id(t), t.dtype, t.device) for t in (*self.model.parameters(), *self.model.buffers()))
-        return (str(spec), described, self._settings_for(call), self.model.training, held)
+        return (str(spec), described, settings, self.model.training, held)
 
     def forward(self, *args, **kwargs) -> Any:
         call = CallSpec.record(self.model, args, kwargs)
-        key = self._key(call)
+        settings = self._settings_for(call)
+        key = self._key(call, settings)
         if key not in self._graphs:
             # graphs of tensors the model no longer holds would only keep them alive
             self._graphs = {k: v for k, v in self._graphs.items() if k[-1] == key[-1]}
-            self._graphs[key] = self._build(call)
+            self._graphs[key] = self._build(call, settings)
         graph_args, graph_kwargs = call.graph_call(call.arguments)
         runner = self._graphs[key][0]
         if isinstance(runner, MatchReuse):
@@ -103,7 +105,7 @@ class PerBranchToMe(torch.nn.Module):
         """The settings for ``call`` (subclasses read the token grid from it)."""
         return self.settings
 
-    def _build(self, call: CallSpec):
+    def _build(self, call: CallSpec, settings: BranchSettings):
         graph_module = capture(self.model, call, dynamic_batch=False)
         reuse = self.reuse > 1 and call.arguments.get("timestep") is not None
         if self.reuse > 1 and not reuse:
@@ -112,7 +114,7 @@ class PerBranchToMe(torch.nn.Module):
         modes = ("store", "reuse") if reuse else (None,)
         graphs = [graph_module] + [graph_copy(graph_module) for _ in modes[1:]]
         for gm, mode in zip(graphs, modes):
-            plan, idle = apply_branch_tome(gm, self._settings_for(call), prop_attn=self.prop_attn, matchings=mode)
+            plan, idle = apply_branch_tome(gm, settings, prop_attn=self.prop_attn, matchings=mode)
         if idle:
             shapes = [tuple(t.shape) for t in pytree.tree_leaves(call.arguments) if isinstance(t, torch.Tensor)]
             warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)

@@ -167,15 +167,6 @@ def _stored(gm: GraphModule, order: Node, index: int, tokens, grid: tuple, mode:
     return recalled
 
 
-def _own_part(block: AttentionBlock) -> Node:
-    """The block's own tokens entering it: its stream, or, where the block joins another
-    stream's tokens in (FLUX's single blocks), its piece of the cat."""
-    if block.joined == (0, 0):
-        return block.stream
-    lead, parts = block.joined[0], block.stream.args[0]
-    return next(p for i, p in enumerate(parts) if sum(shape_of(q)[1] for q in parts[:i]) == lead)
-
-
 def _merge_point(branch: Branch) -> Node:
     """Where the branch's tokens merge: the output of the norm it starts with (past dtype
     casts), as tomesd does, or the stream itself where it starts otherwise."""
@@ -255,7 +246,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
         lead, trail = block.joined
-        own = _own_part(block)
+        own = block.own_input if block.own_input is not None else block.stream  # FLUX's single blocks: its piece
         with graph.inserting_after(block.stream):
             order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand))
         if matchings is not None:

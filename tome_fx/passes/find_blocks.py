@@ -49,6 +49,7 @@ class AttentionBlock:
     # a stream joined with another's inside the block (FLUX's single blocks: [text, image] by a cat):
     # the other's tokens before and after the stream's own, and the cut of the residual holding its own
     joined: tuple[int, int] = (0, 0)
+    own_input: Node | None = None  # its piece of the cat that joins the streams
     own_cut: Node | None = None
     why_not_joined: str | None = None  # why the stream's own tokens cannot be told apart in it
 
@@ -323,8 +324,8 @@ def _joined_streams(blocks: list[AttentionBlock]) -> list[AttentionBlock]:
         why = None if len(cuts) == 1 else (
             f"its stream joins another's tokens with its own by {describe(stream)}, and the sum after its attention "
             f"({describe(block.residual)}) is not cut back to the stream's {own_tokens} tokens by one slice")
-        resolved.append(replace(block, joined=(lead, trail), key_span=(lead, trail), own_cut=cuts[0] if cuts else None,
-                                why_not_joined=why))
+        resolved.append(replace(block, joined=(lead, trail), key_span=(lead, trail), own_input=parts[own[0]],
+                                own_cut=cuts[0] if cuts else None, why_not_joined=why))
     return resolved
 
 

@@ -158,15 +158,16 @@ class TokenFlow:
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
 
+    # (slice, argument index, dim, from the end, entries): a bound of a cut of a joint sequence,
+    # set to that many entries from the start, or from the end at run time
+    joint_bounds: list[tuple[Node, int, int, bool, int]] = field(default_factory=list)
+    joint_splits: list[tuple[Node, int, int]] = field(default_factory=list)  # (split, dim, the merged part)
+
     @property
     def attended(self) -> set[Node]:
         """The attention ops proven to run over tokens: softmaxes and sdpas over them, and the
         size-weighted sums over them (linear attention's sum over its keys)."""
         return {node for node, _ in self.softmaxes} | set(self.sdpas) | {w.node for w in self.weightings}
-    # (slice, argument index, dim, from the end, entries): a bound of a cut of a joint sequence,
-    # set to that many entries from the start, or from the end at run time
-    joint_bounds: list[tuple[Node, int, int, bool, int]] = field(default_factory=list)
-    joint_splits: list[tuple[Node, int, int]] = field(default_factory=list)  # (split, dim, the merged part)
 
 
 class FlowPass(PassBase):

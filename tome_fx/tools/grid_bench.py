@@ -184,7 +184,8 @@ def run_denoiser(name: str, ratios: list[float], mode: str, repeats: int, device
     its matchings (every call after the first: the cost of a step that does not match, so a
     step with ``reuse=k`` costs (matching step + (k - 1) x this) / k); and whole-stream merging
     (``tome_fx.transform``) at 0.5. Compiled: the original and the variants at 0.5. Also the
-    merge's share: the merge ops alone (``merge_ops_seconds``) over the per-block step."""
+    merge's share (``GridRow.merge_share``): the merge ops alone, timed alongside, over the
+    per-block step at 0.5."""
     build, label = DENOISERS[name]
     model, inputs = _to(*build(), device, dtype)
     variants: dict = {"original": model}
