@@ -170,6 +170,9 @@ def test_per_token_outputs_are_unmerged_to_the_original_positions():
     weighted = (tokens * state.size[..., None]).sum(1) / state.size.sum(1, keepdim=True)
     torch.testing.assert_close(full.mean(1), weighted)
     assert torch.equal(full[:, 0], tokens[:, 0])  # the class token stays in place
+    # merged tokens come in the raster order of their first patches
+    first = torch.full((3, 8), 17).scatter_reduce(1, state.positions, torch.arange(17).expand(3, -1), "amin")
+    assert (first.diff(dim=1) > 0).all()
 
 
 def test_trace_source_partitions_the_patches(tiny):

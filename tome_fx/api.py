@@ -262,7 +262,8 @@ def transform(
     argument, are fixed by the example.
     Per-token outputs (``last_hidden_state``...) are un-merged back to the original token
     positions, so outputs keep the original shapes; ``unmerge_outputs=False`` returns the
-    merged tokens instead (their sizes come from ``forward_with_tokens``).
+    merged tokens instead, in the raster order of each one's first patch (their sizes come
+    from ``forward_with_tokens``).
     ``scope``: a submodule path (``"vision_model"``), or a list of them: only the attention
     blocks under it merge. Other parts (CLIP's text tower, a VLM's language model) run as
     captured; blocks after the scope in the same stream run on its merged tokens.

@@ -180,6 +180,26 @@ def unmerge(
     return moved.movedim((0, 1), (batch_dim, token_dim))
 
 
+def raster_order(positions: Tensor, size: Tensor) -> Tensor:
+    """[B, N]: the current tokens sorted by their first original token (the raster order of
+    each one's first patch), a stable order for merged outputs whatever the matching did.
+    Protected tokens hold themselves and sit in front, so they keep their places."""
+    originals = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+    first = torch.full(size.shape, positions.shape[1], dtype=positions.dtype, device=positions.device)
+    return first.scatter_reduce(1, positions, originals, "amin").argsort(1)
+
+
+def reorder(x: Tensor, order: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+    """``x``'s tokens (those from ``start`` on) in ``order`` (``raster_order``)."""
+    moved = _take(x.movedim((batch_dim, token_dim), (0, 1)), order[:, start:] - start)
+    return moved.movedim((0, 1), (batch_dim, token_dim))
+
+
+def reordered_state(size: Tensor, positions: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """Sizes and positions that go with tokens put in ``order``."""
+    return size.gather(1, order), order.argsort(1).gather(1, positions)
+
+
 def key_metric(keys: Tensor, token_dim: int) -> Tensor:
     """Matching metric from attention keys [B, heads, ..] with tokens on ``token_dim``:
     the keys averaged over heads, as [B, N, C]."""

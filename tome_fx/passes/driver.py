@@ -156,8 +156,9 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedReductions(flow)(gm)
-    Unmerge(flow, outputs=unmerge_outputs)(gm)
-    _append_outputs(gm, insert.result.size, insert.result.positions)
+    unmerge = Unmerge(flow, outputs=unmerge_outputs, state=(insert.result.size, insert.result.positions))
+    unmerge(gm)
+    _append_outputs(gm, *unmerge.state)
     gm.graph.lint()
     gm.recompile()
     plans = _plans(gm, blocks, schedule, tokens, stream_shape[-1])

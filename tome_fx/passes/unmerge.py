@@ -10,9 +10,15 @@ by the group's size, so the weights still sum to what they summed to. This happe
 - at the outputs (``unmerge_outputs=True``), so returned per-token tensors keep their
   shapes: mean pooling over the original positions then equals size-weighted pooling over
   the merged tokens, and a user's own pooling (with an attention mask) works unchanged.
+
+Merged outputs (``unmerge_outputs=False``) are put in the raster order of each token's
+first patch instead, with the sizes and positions returned beside them: the matching's own
+order (kept tokens, then the receiving set) means nothing to whoever reads them next.
 """
 
 from __future__ import annotations
+
+import operator
 
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
@@ -29,10 +35,22 @@ def _unmerged(graph: Graph, value: Node, layout: Layout) -> Node:
     return value
 
 
+def _ordered(graph: Graph, value: Node, layout: Layout) -> Node:
+    """Nodes putting ``value``'s tokens in the raster order of their first patches."""
+    order = graph.call_function(merge.raster_order, (layout.positions, layout.size))
+    for dim in layout.dims(TOKEN):
+        value = graph.call_function(merge.reorder, (value, order, layout.batch_dim(), dim, layout.start))
+    return value
+
+
 class Unmerge(FlowPass):
-    def __init__(self, flow: TokenFlow, outputs: bool):
+    """Un-merges where the flow asks, and at the outputs (``outputs``) or orders them.
+    ``state``: the final ``(size, positions)`` to return beside the outputs, ordered with them."""
+
+    def __init__(self, flow: TokenFlow, outputs: bool, state: tuple[Node, Node]):
         super().__init__(flow)
         self.outputs = outputs
+        self.state = state
 
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False
@@ -43,12 +61,20 @@ class Unmerge(FlowPass):
                     node.update_arg(0, _unmerged(graph, node.args[0], layout))
                 modified = True
         output = graph.output_node()
-        for node in self.flow.outputs if self.outputs else ():
+        for node in self.flow.outputs:
             layout = self.flow.layouts[node]
             if layout.merged:
                 with graph.inserting_before(output):
-                    restored = _unmerged(graph, node, layout)
+                    restored = (_unmerged if self.outputs else _ordered)(graph, node, layout)
                 restored.meta["val"] = node.meta.get("val")
                 output.replace_input_with(node, restored)
                 modified = True
+        if not self.outputs:
+            size, positions = self.state
+            with graph.inserting_before(output):
+                order = graph.call_function(merge.raster_order, (positions, size))
+                state = graph.call_function(merge.reordered_state, (size, positions, order))
+                self.state = (graph.call_function(operator.getitem, (state, 0)),
+                              graph.call_function(operator.getitem, (state, 1)))
+            modified = True
         return PassResult(gm, modified)
