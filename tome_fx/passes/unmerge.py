@@ -44,10 +44,11 @@ def _ordered(graph: Graph, value: Node, layout: Layout) -> Node:
 
 
 class Unmerge(FlowPass):
-    """Un-merges where the flow asks, and at the outputs (``outputs``) or orders them.
-    ``state``: the final ``(size, positions)`` to return beside the outputs, ordered with them."""
+    """Un-merges where the flow asks, and at the outputs (``outputs``) or, given ``state``
+    (the final ``(size, positions)``, returned beside the outputs), orders them and it.
+    Neither: the outputs hold no merged tokens (per-branch merging un-merges each branch)."""
 
-    def __init__(self, flow: TokenFlow, outputs: bool, state: tuple[Node, Node]):
+    def __init__(self, flow: TokenFlow, outputs: bool, state: tuple[Node, Node] | None = None):
         super().__init__(flow)
         self.outputs = outputs
         self.state = state
@@ -61,7 +62,7 @@ class Unmerge(FlowPass):
                     node.update_arg(0, _unmerged(graph, node.args[0], layout))
                 modified = True
         output = graph.output_node()
-        for node in self.flow.outputs:
+        for node in self.flow.outputs if self.outputs or self.state else ():
             layout = self.flow.layouts[node]
             if layout.merged:
                 with graph.inserting_before(output):
@@ -69,7 +70,7 @@ class Unmerge(FlowPass):
                 restored.meta["val"] = node.meta.get("val")
                 output.replace_input_with(node, restored)
                 modified = True
-        if not self.outputs:
+        if not self.outputs and self.state:
             size, positions = self.state
             with graph.inserting_before(output):
                 order = graph.call_function(merge.raster_order, (positions, size))
