@@ -445,9 +445,10 @@ def test_the_denoiser_benchmark_runs(monkeypatch):
     x = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in _flux_inputs(1).items() if k != "return_dict"}
     monkeypatch.setitem(grid_bench.DENOISERS, "flux", (lambda: (_flux().float(), x), "small FLUX"))
     rows = grid_bench.run_denoiser("flux", [0.5], "eager", repeats=1)
-    assert [r.variant for r in rows] == ["original", "per block r=0.5", "per block r=0.5 attn+mlp",
-                                         "per block r=0.5 reused", "whole stream r=0.5"]
+    assert [r.variant for r in rows] == ["original", "per block r=0.5", "per block r=0.5 reused",
+                                         "whole stream r=0.5", "per block r=0.5 attn+mlp"]
     assert rows[1].bound > 1 and 0 < rows[1].merge_share
+    assert rows[2].bound is None and rows[2].merge_share is None  # reused: no bound of its own
 
 
 def test_cogvideox_merges_exactly_for_duplicates_per_block_and_whole_stream():

@@ -2,8 +2,8 @@
 
 Layout: the core (``api``, ``merge``, ``schedule``, ``capture``, ``cost``, ``passes/``) imports
 nothing from ``integrations/`` (per-model entry points) or ``tools/`` (CLI, demo, benchmarks,
-reference models). This file is the package's front door: ``tome_fx.sd`` and ``tome_fx.sam``
-are the integrations under their public names.
+reference models). This file is the package's front door: ``tome_fx.sd``, ``tome_fx.sam`` and
+``tome_fx.vlm`` are the integrations under their public names.
 """
 
 import sys
@@ -14,11 +14,11 @@ ensure_torchvision_importable()
 
 from .api import CompiledToMe, ToMeModel, TokenState, compile, transform  # noqa: E402
 from .errors import UnsupportedModelError  # noqa: E402
-from .integrations import sam, sd  # noqa: E402
+from .integrations import sam, sd, vlm  # noqa: E402
 from .schedule import resolve_schedule  # noqa: E402
 
 # `import tome_fx.sd` and `from tome_fx.sd import apply` find the integration under its public name
-sys.modules.update({f"{__name__}.sd": sd, f"{__name__}.sam": sam})
+sys.modules.update({f"{__name__}.sd": sd, f"{__name__}.sam": sam, f"{__name__}.vlm": vlm})
 
 __all__ = [
     "CompiledToMe",
@@ -30,5 +30,6 @@ __all__ = [
     "sam",
     "sd",
     "transform",
+    "vlm",
 ]
 __version__ = "0.1.0"

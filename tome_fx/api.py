@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import merge
+from . import merge, submodules
 from .call_spec import CallSpec
 from .capture import batch_mask, batched_tensors, capture, normalize_example_inputs, tensors_of
 from .errors import UnsupportedModelError
@@ -266,7 +266,10 @@ def transform(
     from ``forward_with_tokens``).
     ``scope``: a submodule path (``"vision_model"``), or a list of them: only the attention
     blocks under it merge. Other parts (CLIP's text tower, a VLM's language model) run as
-    captured; blocks after the scope in the same stream run on its merged tokens.
+    captured; blocks after the scope in the same stream run on its merged tokens. On a model
+    that generates (HF ``GenerationMixin``: a VLM), each scoped part is transformed where the
+    model calls it and swapped into a shallow copy of the model (same class, parameters
+    shared), so ``generate()`` and the key/value cache work as before.
     ``rope``: the rotary terms of a merged token in RoPE models (EVA-02, DINOv3), which no
     rule makes exact: ``"mean"``, the size-weighted mean of its patches' cos/sin rows (the
     better on the Fashion-MNIST RoPE model), or ``"representative"``, its first patch's.
@@ -290,7 +293,23 @@ def transform(
         raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
     args, kwargs = normalize_example_inputs(model, example_inputs)
     options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model))
+    if scope and submodules.generates(model):
+        return _transform_parts(model, args, kwargs, options)
     return _transform(model, args, kwargs, options)
+
+
+def _transform_parts(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options) -> torch.nn.Module:
+    """A model that generates: each scoped part captured where the model calls it and swapped
+    into a shallow copy of the model (``submodules``), which generates as before."""
+    if not options.unmerge_outputs:
+        raise ValueError(
+            f"unmerge_outputs=False on a part of {type(model).__name__}, which generates: the rest of the model would "
+            "get fewer tokens than its inputs have places for; tome_fx.vlm.apply feeds a VLM's language model fewer "
+            "visual tokens and adjusts the prompt to them")
+    calls = submodules.recorded_calls(model, options.scope, args, kwargs)
+    part = replace(options, scope=())
+    return submodules.swapped(model, {path: (lambda sub, path=path: _transform(sub, *calls[path], part))
+                                      for path in options.scope})
 
 
 def _refuse_tome_models(model: torch.nn.Module) -> None:

@@ -68,3 +68,19 @@ def clamp_schedule(requested: Sequence[int | float], tokens: int, protected: int
         clamped.append(r)
         tokens -= r
     return clamped
+
+
+def spread(total: int, blocks: int, tokens: int, protected: int) -> list[int]:
+    """A schedule that merges ``total`` tokens away in ``blocks`` blocks: as even as each
+    block's limit allows (ToMe's constant r), else as early as they allow. ``ValueError``
+    where no schedule merges that many (a block merges at most half its unprotected tokens)."""
+    for front in (False, True):
+        schedule, left, count = [], total, tokens
+        for block in range(blocks):
+            want = left if front else -(-left // (blocks - block))
+            schedule.append(min(want, max_merges(count, protected)))
+            left, count = left - schedule[-1], count - schedule[-1]
+        if not left:
+            return schedule
+    raise ValueError(f"{blocks} blocks can merge at most {total - left} of {tokens} tokens ({protected} protected), "
+                     f"not {total}: each merges at most half of its unprotected tokens")

@@ -179,45 +179,47 @@ DENOISERS = {
 
 def run_denoiser(name: str, ratios: list[float], mode: str, repeats: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> list[GridRow]:
-    """A diffusion transformer's blocks (``DENOISERS``): the original; ``tome_fx.sd`` per block
-    at each ratio (attention, tomesd's default), at 0.5 with the MLP too, and at 0.5 reusing
-    its matchings (every call after the first: the cost of a step that does not match, so a
-    step with ``reuse=k`` costs (matching step + (k - 1) x this) / k); and whole-stream merging
-    (``tome_fx.transform``) at 0.5. Compiled: the original and the variants at 0.5. Also the
-    merge's share (``GridRow.merge_share``): the merge ops alone, timed alongside, over the
-    per-block step at 0.5."""
+    """A diffusion transformer's blocks (``DENOISERS``): the original and, at each ratio,
+    ``tome_fx.sd`` per block (attention, tomesd's default), the same reusing its matchings
+    (every call after the first: the cost of a step that does not match, so a step with
+    ``reuse=k`` costs (matching step + (k - 1) x this) / k) and whole-stream merging
+    (``tome_fx.transform``); at 0.5 per block with the MLP too. The same variants eager and
+    compiled. Eager, beside each: the counted FLOP bound, and per block the merge's share
+    (``GridRow.merge_share``): the merge ops alone at that ratio, timed alongside, over the
+    per-block step."""
     build, label = DENOISERS[name]
     model, inputs = _to(*build(), device, dtype)
     variants: dict = {"original": model}
     for ratio in ratios:
         variants[f"per block r={ratio}"] = sd.apply(model, ratio, use_rand=False)
+        variants[f"per block r={ratio} reused"] = sd.apply(model, ratio, use_rand=False, reuse=2**30)
+        variants[f"whole stream r={ratio}"] = tome_fx.transform(model, ratio, example_inputs=inputs)
     variants["per block r=0.5 attn+mlp"] = sd.apply(model, 0.5, use_rand=False, merge_mlp=True)
-    variants["per block r=0.5 reused"] = sd.apply(model, 0.5, use_rand=False, reuse=2**30)
-    if mode == "eager":
-        variants["whole stream r=0.5"] = tome_fx.transform(model, 0.5, example_inputs=inputs)
-    else:
-        variants = {k: m for k, m in variants.items() if k == "original" or "r=0.5" in k}
-        for m in variants.values():
+    if mode == "compiled":
+        for k, m in variants.items():
             if isinstance(m, sd.ToMeUNet):
-                m.compile()
-        variants["original"] = torch.compile(model)
+                m.compile()  # fullgraph, per input shape
+            else:
+                variants[k] = torch.compile(m)
     steps = itertools.count()
-    calls = {k: (lambda x, m=m: m(**x)) for k, m in variants.items()}
-    # each call a step of its own, so the reusing variant matches once and reuses after
-    calls["per block r=0.5 reused"] = lambda x, m=variants["per block r=0.5 reused"]: m(
-        **dict(x, timestep=x["timestep"] - next(steps) * 1e-3))
+    # a reusing variant gets a step of its own each call, so it matches once and reuses after
+    calls = {k: (lambda x, m=m: m(**dict(x, timestep=x["timestep"] - next(steps) * 1e-3))) if k.endswith("reused")
+             else (lambda x, m=m: m(**x)) for k, m in variants.items()}
     with torch.no_grad():
         for call in calls.values():
             call(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
         bounds = _bounds({k: c for k, c in calls.items() if "reused" not in k}, inputs) if mode == "eager" else {}
-        if mode == "eager" and "per block r=0.5" in variants:
-            calls["merge ops"] = _merge_ops(next(iter(variants["per block r=0.5"].plans.values())), model, inputs)
+        if mode == "eager":
+            for ratio in ratios:
+                plan = next(iter(variants[f"per block r={ratio}"].plans.values()))
+                calls[f"merge ops r={ratio}"] = _merge_ops(plan, model, inputs)
     times = time_interleaved(calls, inputs, repeats, warmup=1 if mode == "eager" else 2)
-    merge_ops = times.pop("merge ops", None)
+    merge_ops = {k.removeprefix("merge ops "): times.pop(k) for k in list(times) if k.startswith("merge ops")}
     rows = _timed(times, label, mode, bounds, {})
     for row in rows:
-        if row.variant == "per block r=0.5" and merge_ops:
-            row.merge_share = statistics.median(merge_ops) / row.median_s
+        share = merge_ops.get(row.variant.removeprefix("per block "))
+        if share:
+            row.merge_share = statistics.median(share) / row.median_s
     return rows
 
 

@@ -1,0 +1,121 @@
+"""Vision-language models: a vision tower merged inside a model that generates."""
+
+import pytest
+import torch
+
+import tome_fx
+
+transformers = pytest.importorskip("transformers")
+
+PATCHES = (32 // 4) ** 2  # a 32 px image in 4 px patches
+IMAGE = 99  # the image placeholder token
+
+
+def _llava(dtype=torch.float32):
+    """HF Llava, tiny: a 3-layer CLIP tower (features from its second-to-last layer, class
+    token dropped) and a 2-layer Llama."""
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=32, patch_size=4, projection_dim=32)
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    return transformers.LlavaForConditionalGeneration(config).eval().to(dtype)
+
+
+def _prompt(batch=2, images=1, dtype=torch.float32):
+    """What a processor returns: text around each image's run of placeholders."""
+    run = [IMAGE] * PATCHES
+    ids = torch.tensor([[1, 5, 6] + sum(([10 + i] + run for i in range(images)), []) + [7, 8, 9]] * batch)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.randn(batch * images, 3, 32, 32, dtype=dtype))
+
+
+def test_scope_on_a_model_that_generates_swaps_the_tower_and_generate_works():
+    """The tower is captured where Llava calls it and swapped into a shallow copy: at r=0
+    logits and generated ids are bit for bit the original's; merging, generate() runs."""
+    model, x = _llava(), _prompt()
+    same = tome_fx.transform(model, 0, example_inputs=x, scope="model.vision_tower")
+    assert type(same) is type(model) and isinstance(same.model.vision_tower, tome_fx.ToMeModel)
+    assert type(model.model.vision_tower).__name__ == "CLIPVisionModel"  # the original is untouched
+    assert list(same.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(same(**x).logits, model(**x).logits)
+    want = model.generate(**x, max_new_tokens=4, do_sample=False)
+    assert torch.equal(same.generate(**x, max_new_tokens=4, do_sample=False), want)
+    fast = tome_fx.transform(model, 4, example_inputs=x, scope="model.vision_tower")
+    assert fast.model.vision_tower.token_counts == [65, 61, 57, 53]
+    assert fast.generate(**x, max_new_tokens=4, do_sample=False).shape == want.shape
+
+
+def test_scope_on_a_model_that_generates_refuses_merged_outputs_and_unreached_parts():
+    model, x = _llava(), _prompt()
+    with pytest.raises(ValueError, match="tome_fx.vlm.apply"):
+        tome_fx.transform(model, 4, example_inputs=x, scope="model.vision_tower", unmerge_outputs=False)
+    text_only = {k: v for k, v in x.items() if k != "pixel_values"}
+    text_only["input_ids"] = torch.tensor([[1, 5, 6]] * 2)
+    text_only["attention_mask"] = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="not called when the model runs on example_inputs"):
+        tome_fx.transform(model, 4, example_inputs=text_only, scope="model.vision_tower")
+
+
+def _prefill_tokens(model) -> list[int]:
+    """Records the sequence length of every language-model call."""
+    seen = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    return seen
+
+
+def test_keeping_every_visual_token_is_the_original_bit_for_bit():
+    model, x = _llava(), _prompt()
+    same = tome_fx.vlm.apply(model, keep=PATCHES)
+    with torch.no_grad():
+        assert torch.equal(same(**x).logits, model(**x).logits)
+    assert torch.equal(same.generate(**x, max_new_tokens=4, do_sample=False),
+                       model.generate(**x, max_new_tokens=4, do_sample=False))
+    assert tome_fx.vlm.remove(same) is model and type(model.model.vision_tower).__name__ == "CLIPVisionModel"
+
+
+@pytest.mark.parametrize("how, kept", [(dict(keep=16), 16), (dict(ratio=0.5), 32), (dict(ratio=8), 64 - 16)])
+def test_the_language_model_gets_fewer_visual_tokens_and_generate_works(how, kept):
+    """``keep``, ``ratio`` or ToMe's r (merging only in the blocks before Llava's feature
+    layer): the prompt is cut inside the call, two images per prompt, and ``generate``
+    returns the caller's prompt followed by the new tokens."""
+    model, x = _llava(), _prompt(images=2)
+    fast = tome_fx.vlm.apply(model, **how)
+    seen = _prefill_tokens(fast)
+    with torch.no_grad():
+        logits = fast(**x).logits
+    text = x["input_ids"].shape[1] - 2 * PATCHES
+    assert seen == [text + 2 * kept] and logits.shape[1] == text + 2 * kept
+    sizes = tome_fx.vlm.visual_token_sizes(fast)
+    assert [s.shape for s in sizes] == [(kept,)] * 4 and all(s.sum() == PATCHES for s in sizes)
+    out = fast.generate(**x, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, x["input_ids"].shape[1] + 3) and torch.equal(out[:, : x["input_ids"].shape[1]], x["input_ids"])
+    assert seen[1:] == [text + 2 * kept, 1, 1]  # prefill on the cut prompt, then one token per step
+
+
+def test_vlm_apply_refuses_what_it_cannot_do():
+    model, x = _llava(), _prompt()
+    with pytest.raises(ValueError, match="2 blocks can merge at most 48 of 65 tokens"):
+        tome_fx.vlm.apply(model, keep=4)(**x)
+    with pytest.raises(TypeError, match="one of ratio"):
+        tome_fx.vlm.apply(model)
+    with pytest.raises(ValueError, match="input_ids"):
+        embeds = model.get_input_embeddings()(x.pop("input_ids"))
+        tome_fx.vlm.apply(model, keep=16)(inputs_embeds=embeds, **x)
+
+
+def test_the_merging_tower_compiles_to_its_eager_output():
+    model, x = _llava(), _prompt()
+    fast = tome_fx.vlm.apply(model, keep=16)
+    with torch.no_grad():
+        fast(**x)
+        (tower,) = fast.model.vision_tower._tome_tower.graphs.values()
+        args, kwargs = tower._call.original_call()  # as Llava called it
+        want = tower(*args, **kwargs).hidden_states[-2]
+        got = torch.compile(tower)(*args, **kwargs).hidden_states[-2]
+    assert want.shape == (2, 17, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

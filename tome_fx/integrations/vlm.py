@@ -1,0 +1,237 @@
+"""Fewer visual tokens into a VLM's language model: ``tome_fx.vlm.apply``.
+
+Most of a VLM's cost is the language model's prefill over the visual tokens, and merging
+inside the vision tower alone saves little when every token is un-merged for the language
+model. Here the tower returns its merged tokens, in the raster order of each one's first
+patch; the model's own projector runs on them; and the prompt is cut to match: each
+image's run of placeholder tokens in ``input_ids`` keeps as many as the image has merged
+tokens, and the attention mask, position ids, labels and token types lose the same
+columns. This happens inside the call, so a processor's output and ``generate(**inputs)``
+work unchanged (``generate`` returns the caller's prompt ids followed by the new ones).
+
+The tower is captured per input shape (``tome_fx.transform`` with ``unmerge_outputs=False``),
+merging only in the blocks whose output the model reads as its image features (Llava's
+``vision_feature_layer``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import api, submodules
+from ..call_spec import CallSpec
+from ..errors import UnsupportedModelError
+from ..schedule import clamp_schedule, resolve_schedule, spread
+
+_TOWERS = ("vision_tower", "visual", "vision_model")  # where HF VLMs keep their vision towers
+_PER_TOKEN = ("attention_mask", "position_ids", "labels", "token_type_ids")  # cut with the placeholders
+
+
+@dataclass
+class _Tower:
+    """What the merging tower needs: the original, the blocks that feed the features, how
+    much to merge, its graphs per input shape, and the last call's token sizes."""
+
+    original: torch.nn.Module
+    feature_blocks: int | None  # None: every block
+    target: tuple[str, float]  # ("keep", tokens) | ("ratio", share) | ("r", per block)
+    graphs: dict = field(default_factory=dict)
+    tokens: int = 0  # visual tokens per image, unmerged (set by the model before each call)
+    sizes: torch.Tensor | None = None
+
+    def merged_away(self) -> int:
+        kind, value = self.target
+        if kind == "keep":
+            if value > self.tokens:
+                raise ValueError(f"keep={value} visual tokens per image, but an image has only {self.tokens}")
+            return self.tokens - int(value)
+        return round(self.tokens * value) if kind == "ratio" else -1
+
+    def schedule(self, blocks: int, tokens: int, protected: int) -> list[int]:
+        used = blocks if self.feature_blocks is None else self.feature_blocks
+        kind, value = self.target
+        if kind == "r":
+            merges = clamp_schedule(resolve_schedule(int(value), used), tokens, protected)
+        else:
+            merges = spread(self.merged_away(), used, tokens, protected)
+        return merges + [0] * (blocks - used)
+
+    def build(self, args: tuple, kwargs: dict) -> api.ToMeModel:
+        options = api._Options(0, prop_attn=True, trace_source=False, unmerge_outputs=False)
+        plan = api._transform(self.original, args, kwargs, options).plan  # the blocks and tokens it has
+        schedule = self.schedule(len(plan.blocks), plan.token_counts[0], plan.protected)
+        return api._transform(self.original, args, kwargs, api._Options(schedule, True, False, False))
+
+
+class _MergingTower:
+    """Mixed over the vision tower's class: returns merged tokens (``_Tower``)."""
+
+    def forward(self, *args, **kwargs):
+        tower: _Tower = self._tome_tower
+        call = CallSpec.record(tower.original, args, kwargs)
+        leaves = torch.utils._pytree.tree_leaves(call.arguments)
+        key = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in leaves), tower.tokens)
+        if key not in tower.graphs:
+            tower.graphs[key] = tower.build(args, kwargs)
+        outputs, state = tower.graphs[key].forward_with_tokens(*args, **kwargs)
+        tower.sizes = state.size
+        return outputs
+
+
+def _arguments(method, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name, ``**kwargs`` flattened in."""
+    signature = inspect.signature(method)
+    bound = signature.bind(*args, **kwargs).arguments
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return bound
+
+
+@dataclass
+class _Prompt:
+    """The VLM's side: cuts the prompt to the merged visual tokens."""
+
+    original: torch.nn.Module
+    tower: _Tower
+    image_token: int
+    sizes: list[torch.Tensor] = field(default_factory=list)
+
+    def cut(self, model, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` with the images encoded (``mm_encoder_outputs``) and the prompt cut to
+        their merged tokens; unchanged without images."""
+        pixels = arguments.get("pixel_values")
+        if pixels is None:
+            return arguments
+        ids = arguments.get("input_ids")
+        if ids is None:
+            raise ValueError("tome_fx.vlm cuts each image's placeholder tokens out of input_ids to match its merged "
+                             "tokens: pass input_ids (not inputs_embeds) with pixel_values")
+        encode = model.base_model.get_image_features
+        wanted = [k for k in inspect.signature(encode).parameters if k != "kwargs" and arguments.get(k) is not None]
+        placeholders = ids == self.image_token
+        images = pixels.shape[0]
+        if placeholders.sum() % images:
+            raise ValueError(f"{int(placeholders.sum())} image placeholder tokens for {images} images: not the same "
+                             "number per image")
+        self.tower.tokens = int(placeholders.sum()) // images
+        encoded = encode(**{k: arguments[k] for k in wanted}, return_dict=True)
+        features = encoded.pooler_output
+        kept = [f.shape[-2] for f in features]
+        self.sizes = [s[-k:] for s, k in zip(self.tower.sizes, kept)]
+        arguments = {k: v for k, v in arguments.items() if k not in wanted}
+        arguments["mm_encoder_outputs"] = {"image": encoded}
+        if sum(kept) == int(placeholders.sum()):
+            return arguments
+        order = placeholders.flatten().cumsum(0).view_as(ids) - 1  # each placeholder's index among all of them
+        image, within = order // self.tower.tokens, order % self.tower.tokens
+        keep = ~placeholders | (within < torch.tensor(kept, device=ids.device)[image.clamp(0, images - 1)])
+        lengths = keep.sum(1)
+        if (lengths != lengths[0]).any():
+            raise ValueError("the prompts of one batch hold different numbers of images; cut to their merged tokens "
+                             "they would differ in length: call with one such prompt at a time")
+        for name in ("input_ids", *_PER_TOKEN):
+            value = arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[-2:] == ids.shape:
+                arguments[name] = value[..., keep].view(*value.shape[:-2], ids.shape[0], int(lengths[0]))
+        return arguments
+
+
+class _FewerVisualTokens:
+    """Mixed over the VLM's class: its calls cut the prompt to the merged visual tokens."""
+
+    def forward(self, *args, **kwargs):
+        prompt: _Prompt = self._tome_prompt
+        return super().forward(**prompt.cut(self, _arguments(super().forward, args, kwargs)))
+
+    def generate(self, inputs=None, **kwargs):
+        prompt: _Prompt = self._tome_prompt
+        given = kwargs.get("input_ids", inputs)
+        if inputs is not None:
+            kwargs["input_ids"] = inputs
+        arguments = prompt.cut(self, kwargs)
+        out = super().generate(**arguments)
+        cut = arguments.get("input_ids")
+        if given is None or cut is None or cut.shape == given.shape:
+            return out
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = torch.cat([given.repeat_interleave(sequences.shape[0] // given.shape[0], 0),
+                              sequences[:, cut.shape[1]:]], 1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
+
+
+def _tower_path(model: torch.nn.Module) -> str:
+    base = model.base_model
+    prefix = next(name for name, module in model.named_modules() if module is base)
+    for name in _TOWERS:
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return f"{prefix}.{name}".lstrip(".")
+    raise UnsupportedModelError(f"{type(model).__name__}: no vision tower found (looked for {list(_TOWERS)} on "
+                                f"{type(base).__name__}); pass tower= its module path")
+
+
+def _feature_blocks(model: torch.nn.Module) -> int | None:
+    """How many of the tower's blocks feed the image features (``vision_feature_layer``:
+    an index into its hidden states, 0 being the embeddings)."""
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if layer is None:
+        return None
+    if not isinstance(layer, int):
+        raise UnsupportedModelError(f"{type(model).__name__} joins features of its vision layers {layer} per token; "
+                                    "those layers would hold different merged tokens")
+    blocks = model.config.vision_config.num_hidden_layers
+    return layer if layer >= 0 else blocks + 1 + layer
+
+
+def apply(model: torch.nn.Module, ratio: float | int | None = None, *, keep: int | None = None,
+          tower: str | None = None) -> torch.nn.Module:
+    """A copy of the VLM ``model`` (same class, parameters shared; ``model`` is untouched)
+    whose language model gets fewer visual tokens: the vision tower merges them, and each
+    call cuts the prompt's placeholders to match (see the module docstring).
+
+    How many: ``ratio``, the share of each image's visual tokens merged away (a float in
+    (0, 1)), or ToMe's r per block (an int); or ``keep``, the visual tokens kept per image.
+    ``tower``: the vision tower's module path, where it is not found by name. The sizes of
+    the last call's visual tokens (patches each stands for) are ``visual_token_sizes(model)``.
+    """
+    if (ratio is None) == (keep is None):
+        raise TypeError("give one of ratio (a share merged away, or ToMe's r per block) and keep (tokens kept)")
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep is the number of visual tokens kept per image, >= 1, got {keep!r}")
+        target = ("keep", keep)
+    elif isinstance(ratio, float):
+        if not 0 < ratio < 1:
+            raise ValueError(f"ratio is the share of visual tokens merged away, in (0, 1), got {ratio}")
+        target = ("ratio", ratio)
+    else:
+        resolve_schedule(ratio, 1)
+        target = ("r", ratio)
+    if isinstance(getattr(model, "_tome_prompt", None), _Prompt):
+        model = remove(model)
+    if not submodules.generates(model):
+        raise TypeError(f"tome_fx.vlm.apply takes a VLM that generates (an HF ...ForConditionalGeneration), "
+                        f"got {type(model).__name__}")
+    path = tower or _tower_path(model)
+    image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+    state = _Tower(model.get_submodule(path), _feature_blocks(model), target)
+    swapped = submodules.swapped(model, {path: lambda t: submodules.retyped(t, _MergingTower, _tome_tower=state)})
+    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=_Prompt(model, state, image_token))
+
+
+def remove(model: torch.nn.Module) -> torch.nn.Module:
+    """The VLM that ``apply`` was given (a model it did not make is returned as it is)."""
+    prompt = getattr(model, "_tome_prompt", None)
+    return prompt.original if isinstance(prompt, _Prompt) else model
+
+
+def visual_token_sizes(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Per image of the last call: how many patches each of its visual tokens stands for."""
+    return model._tome_prompt.sizes
