@@ -119,3 +119,62 @@ def test_the_merging_tower_compiles_to_its_eager_output():
         got = torch.compile(tower)(*args, **kwargs).hidden_states[-2]
     assert want.shape == (2, 17, 32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _paligemma(attention="sdpa"):
+    """HF PaliGemma, tiny, float64: a 2-layer SigLIP tower (no class token, learned positions
+    zeroed) and a 2-layer Gemma whose prefix (image and prompt) attends both ways."""
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=4)
+    text = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16, vocab_size=128)
+    config = transformers.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, projection_dim=32)
+    config._attn_implementation = attention
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval().double()
+    model.model.vision_tower.embeddings.position_embedding.weight.data.zero_()
+    return model
+
+
+def _twin_patches(batch=2):
+    """Images whose patches come in identical pairs along each row (tokens 2i and 2i+1)."""
+    half = torch.randn(batch, 3, 32, 4, 4, dtype=torch.float64)  # 4 distinct 4 px patch columns
+    return half.unsqueeze(4).expand(-1, -1, -1, -1, 2, -1).reshape(batch, 3, 32, 32)
+
+
+def test_merging_duplicate_patches_is_exact_through_the_language_model_with_prop_attn():
+    """The duplicate oracle end to end: twins merge in the tower, and with log(size) on each
+    visual key and positions equal within pairs, the prompt's logits are the original's
+    (float64). Without proportional attention they are not."""
+    model = _paligemma()
+    ids = torch.cat([torch.full((2, PATCHES), IMAGE), torch.tensor([[2, 5, 6, 7]] * 2)], 1)
+    positions = torch.cat([torch.arange(PATCHES) // 2, PATCHES // 2 + torch.arange(4)]).expand(2, -1)
+    x = dict(input_ids=ids, pixel_values=_twin_patches(), attention_mask=torch.ones_like(ids),
+             token_type_ids=torch.zeros_like(ids), position_ids=positions)
+    with torch.no_grad():
+        want = model(**x).logits[:, PATCHES:]
+        exact = tome_fx.vlm.apply(model, [PATCHES // 2], prop_attn=True)
+        got = exact(**x).logits
+        assert got.shape[1] == PATCHES // 2 + 4 and tome_fx.vlm.visual_token_sizes(exact).eq(2).all()
+        torch.testing.assert_close(got[:, PATCHES // 2:], want, rtol=1e-10, atol=1e-10)
+        plain = tome_fx.vlm.apply(model, [PATCHES // 2])(**x).logits
+        assert (plain[:, PATCHES // 2:] - want).abs().max() > 1e-4
+
+
+def test_generation_keeps_the_visual_key_sizes_in_the_cache():
+    """With ``prop_attn``, a decode step (cached keys) computes what a fresh call over the
+    whole sequence does: the visual keys' log(size) holds beyond the prefill."""
+    model = _paligemma()
+    ids = torch.cat([torch.full((1, PATCHES), IMAGE), torch.tensor([[2, 5, 6, 7]])], 1)
+    x = dict(input_ids=ids, pixel_values=_twin_patches(1) + torch.randn(1, 3, 32, 32, dtype=torch.float64),
+             attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    fast = tome_fx.vlm.apply(model, keep=24, prop_attn=True)
+    out = fast.generate(**x, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    first = out.sequences[:, ids.shape[1]:][:, :1]
+    again = dict(x, input_ids=torch.cat([ids, first], 1), attention_mask=torch.ones(1, ids.shape[1] + 1).long(),
+                 token_type_ids=torch.cat([x["token_type_ids"], torch.ones_like(first)], 1))
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits[1].double(), fast(**again).logits[:, -1], rtol=1e-6, atol=1e-6)  # float32 scores
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        tome_fx.vlm.apply(_paligemma("eager"), keep=24, prop_attn=True)

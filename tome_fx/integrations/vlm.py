@@ -38,10 +38,11 @@ class _Tower:
 
     original: torch.nn.Module
     feature_blocks: int | None  # None: every block
-    target: tuple[str, float]  # ("keep", tokens) | ("ratio", share) | ("r", per block)
+    target: tuple[str, Any]  # ("keep", tokens) | ("ratio", share) | ("r", a schedule)
     graphs: dict = field(default_factory=dict)
     tokens: int = 0  # visual tokens per image, unmerged (set by the model before each call)
-    sizes: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None  # [images, tokens] and [images, tokens in]: the last call's TokenState
+    positions: torch.Tensor | None = None
 
     def merged_away(self) -> int:
         kind, value = self.target
@@ -55,7 +56,7 @@ class _Tower:
         used = blocks if self.feature_blocks is None else self.feature_blocks
         kind, value = self.target
         if kind == "r":
-            merges = clamp_schedule(resolve_schedule(int(value), used), tokens, protected)
+            merges = clamp_schedule(resolve_schedule(value, used), tokens, protected)
         else:
             merges = spread(self.merged_away(), used, tokens, protected)
         return merges + [0] * (blocks - used)
@@ -78,7 +79,7 @@ class _MergingTower:
         if key not in tower.graphs:
             tower.graphs[key] = tower.build(args, kwargs)
         outputs, state = tower.graphs[key].forward_with_tokens(*args, **kwargs)
-        tower.sizes = state.size
+        tower.sizes, tower.positions = state.size, state.positions
         return outputs
 
 
@@ -94,12 +95,15 @@ def _arguments(method, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 @dataclass
 class _Prompt:
-    """The VLM's side: cuts the prompt to the merged visual tokens."""
+    """The VLM's side: cuts the prompt to the merged visual tokens and, with ``prop_attn``,
+    keeps each visual key's log(size) for the language model's attention."""
 
     original: torch.nn.Module
     tower: _Tower
     image_token: int
-    sizes: list[torch.Tensor] = field(default_factory=list)
+    prop_attn: bool
+    sizes: torch.Tensor | None = None  # [images, kept] patches per visual token, last call
+    key_bias: torch.Tensor | None = None  # [batch, prompt] log(size) per token of the cut prompt
 
     def cut(self, model, arguments: dict[str, Any]) -> dict[str, Any]:
         """``arguments`` with the images encoded (``mm_encoder_outputs``) and the prompt cut to
@@ -113,32 +117,72 @@ class _Prompt:
                              "tokens: pass input_ids (not inputs_embeds) with pixel_values")
         encode = model.base_model.get_image_features
         wanted = [k for k in inspect.signature(encode).parameters if k != "kwargs" and arguments.get(k) is not None]
-        placeholders = ids == self.image_token
-        images = pixels.shape[0]
-        if placeholders.sum() % images:
-            raise ValueError(f"{int(placeholders.sum())} image placeholder tokens for {images} images: not the same "
-                             "number per image")
-        self.tower.tokens = int(placeholders.sum()) // images
+        slots = ids == self.image_token
+        images, count = pixels.shape[0], int(slots.sum())
+        if count % images:
+            raise ValueError(f"{count} image placeholder tokens for {images} images: not the same number per image")
+        self.tower.tokens = full = count // images
         encoded = encode(**{k: arguments[k] for k in wanted}, return_dict=True)
-        features = encoded.pooler_output
-        kept = [f.shape[-2] for f in features]
-        self.sizes = [s[-k:] for s, k in zip(self.tower.sizes, kept)]
+        kept = {f.shape[-2] for f in encoded.pooler_output}
+        if len(kept) != 1:
+            raise UnsupportedModelError(f"images of one call kept different numbers of tokens {sorted(kept)}")
+        kept = kept.pop()
+        self.sizes = self.tower.sizes[:, -kept:]
         arguments = {k: v for k, v in arguments.items() if k not in wanted}
         arguments["mm_encoder_outputs"] = {"image": encoded}
-        if sum(kept) == int(placeholders.sum()):
-            return arguments
-        order = placeholders.flatten().cumsum(0).view_as(ids) - 1  # each placeholder's index among all of them
-        image, within = order // self.tower.tokens, order % self.tower.tokens
-        keep = ~placeholders | (within < torch.tensor(kept, device=ids.device)[image.clamp(0, images - 1)])
-        lengths = keep.sum(1)
-        if (lengths != lengths[0]).any():
+        # each slot's image and place in it, in reading order; an image keeps its first `kept` slots
+        order = torch.zeros_like(ids).masked_scatter(slots, torch.arange(count, device=ids.device))
+        keep = ~slots | (order % full < kept)
+        length = int(keep[0].sum())
+        if (keep.sum(1) != length).any():
             raise ValueError("the prompts of one batch hold different numbers of images; cut to their merged tokens "
                              "they would differ in length: call with one such prompt at a time")
+        merged_into = self._merged_into(full, kept)  # [images, full]: the kept token each patch went to
         for name in ("input_ids", *_PER_TOKEN):
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.shape[-2:] == ids.shape:
-                arguments[name] = value[..., keep].view(*value.shape[:-2], ids.shape[0], int(lengths[0]))
+                if name == "position_ids" and kept < full:
+                    value = _merged_positions(value, slots, keep, merged_into, kept)
+                arguments[name] = value[..., keep].view(*value.shape[:-2], *ids.shape[:1], length)
+        cut = slots[keep].view(ids.shape[0], length)
+        self.key_bias = torch.zeros(cut.shape, dtype=self.sizes.dtype, device=ids.device).masked_scatter(
+            cut, self.sizes.log().flatten())
         return arguments
+
+    def _merged_into(self, full: int, kept: int) -> torch.Tensor:
+        """[images, full]: for each image's patch (in its placeholders' order), the index of the
+        kept visual token holding it. The tower's leading tokens beyond ``full`` (a class token
+        the model drops) come first and are left out."""
+        positions = self.tower.positions[:, -full:]
+        return positions - (self.tower.sizes.shape[1] - kept)
+
+    def bias(self, arguments: dict[str, Any], batch: int, length: int) -> torch.Tensor | None:
+        """log(size) of every key of this call ([batch, 1, 1, keys]: the cut prompt's, then 0
+        for generated tokens), or None when the call holds no image and continues none."""
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        if not past and "mm_encoder_outputs" not in arguments:
+            self.key_bias = None  # a new prompt without images
+        if self.key_bias is None:
+            return None
+        stored = self.key_bias.repeat_interleave(batch // self.key_bias.shape[0], 0)
+        keys = torch.zeros(batch, past + length, dtype=stored.dtype, device=stored.device)
+        keys[:, : stored.shape[1]] = stored[:, : past + length]
+        return keys[:, None, None, :]
+
+
+def _merged_positions(position_ids: torch.Tensor, slots, keep, merged_into: torch.Tensor, kept: int) -> torch.Tensor:
+    """``position_ids`` with each image's first ``kept`` slots given its merged tokens'
+    positions: the mean of the positions of the patches each holds (rounded), so patches
+    that shared a position give the merged token that position."""
+    lead = position_ids.shape[:-2]
+    given = position_ids[..., slots].view(*lead, *merged_into.shape).to(torch.float64)
+    index = merged_into.expand_as(given)
+    sums = given.new_zeros(*lead, merged_into.shape[0], kept).scatter_add(-1, index, given)
+    counts = given.new_zeros(sums.shape).scatter_add(-1, index, torch.ones_like(given))
+    merged = (sums / counts).round().to(position_ids.dtype)
+    first = slots & keep  # the kept slots, image by image
+    return position_ids.masked_scatter(first.expand_as(position_ids), merged.flatten(-2))
 
 
 class _FewerVisualTokens:
@@ -146,7 +190,13 @@ class _FewerVisualTokens:
 
     def forward(self, *args, **kwargs):
         prompt: _Prompt = self._tome_prompt
-        return super().forward(**prompt.cut(self, _arguments(super().forward, args, kwargs)))
+        arguments = prompt.cut(self, _arguments(super().forward, args, kwargs))
+        if prompt.prop_attn:
+            ids = arguments.get("input_ids", arguments.get("inputs_embeds"))
+            bias = prompt.bias(arguments, ids.shape[0], ids.shape[1])
+            if bias is not None:  # sdpa adds it to the logits of every attention
+                arguments["position_bias"] = bias.to(self.dtype)
+        return super().forward(**arguments)
 
     def generate(self, inputs=None, **kwargs):
         prompt: _Prompt = self._tome_prompt
@@ -190,16 +240,19 @@ def _feature_blocks(model: torch.nn.Module) -> int | None:
     return layer if layer >= 0 else blocks + 1 + layer
 
 
-def apply(model: torch.nn.Module, ratio: float | int | None = None, *, keep: int | None = None,
-          tower: str | None = None) -> torch.nn.Module:
+def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, *, keep: int | None = None,
+          prop_attn: bool = False, tower: str | None = None) -> torch.nn.Module:
     """A copy of the VLM ``model`` (same class, parameters shared; ``model`` is untouched)
     whose language model gets fewer visual tokens: the vision tower merges them, and each
     call cuts the prompt's placeholders to match (see the module docstring).
 
     How many: ``ratio``, the share of each image's visual tokens merged away (a float in
-    (0, 1)), or ToMe's r per block (an int); or ``keep``, the visual tokens kept per image.
-    ``tower``: the vision tower's module path, where it is not found by name. The sizes of
-    the last call's visual tokens (patches each stands for) are ``visual_token_sizes(model)``.
+    (0, 1)), or ToMe's r per block (an int, or a list per block); or ``keep``, the visual
+    tokens kept per image. ``prop_attn``: the language model's attention adds log(size) to
+    each visual key, as ToMe's proportional attention does in the tower (through sdpa's
+    ``position_bias``; the language model must run ``sdpa`` attention). ``tower``: the vision
+    tower's module path, where it is not found by name. The sizes of the last call's visual
+    tokens (patches each stands for) are ``visual_token_sizes(model)``.
     """
     if (ratio is None) == (keep is None):
         raise TypeError("give one of ratio (a share merged away, or ToMe's r per block) and keep (tokens kept)")
@@ -219,11 +272,14 @@ def apply(model: torch.nn.Module, ratio: float | int | None = None, *, keep: int
     if not submodules.generates(model):
         raise TypeError(f"tome_fx.vlm.apply takes a VLM that generates (an HF ...ForConditionalGeneration), "
                         f"got {type(model).__name__}")
+    if prop_attn and (kind := model.config.get_text_config()._attn_implementation) != "sdpa":
+        raise ValueError(f"prop_attn adds log(size) to the visual keys through sdpa's position_bias, and this "
+                         f"language model runs {kind!r} attention: load it with attn_implementation='sdpa'")
     path = tower or _tower_path(model)
     image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
     state = _Tower(model.get_submodule(path), _feature_blocks(model), target)
     swapped = submodules.swapped(model, {path: lambda t: submodules.retyped(t, _MergingTower, _tome_tower=state)})
-    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=_Prompt(model, state, image_token))
+    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=_Prompt(model, state, image_token, prop_attn))
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -232,6 +288,6 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     return prompt.original if isinstance(prompt, _Prompt) else model
 
 
-def visual_token_sizes(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Per image of the last call: how many patches each of its visual tokens stands for."""
+def visual_token_sizes(model: torch.nn.Module) -> torch.Tensor:
+    """[images, kept], the last call's: how many patches each visual token stands for."""
     return model._tome_prompt.sizes
