@@ -264,16 +264,32 @@ def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
 
 
 def write(rows: list[GridRow], out: str, name: str) -> None:
-    """``name``.json and ``name``.md under ``out``."""
+    """``name``.json (every row) and ``name``.md under ``out``: per model a table with a line
+    per variant, each mode's median and speedup side by side with its share of the bound."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    lines = ["| model | variant | mode | median s | min-max s | speedup | FLOP bound | max abs diff vs tomesd | "
-             "merge share |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        bound = "" if r.bound is None else f"{r.bound:.2f}x"
-        diff = "" if r.max_abs_diff_vs_tomesd is None else f"{r.max_abs_diff_vs_tomesd:.1e}"
-        share = "" if r.merge_share is None else f"{r.merge_share:.1%}"
-        lines.append(f"| {r.model} | {r.variant} | {r.mode} | {r.median_s:.2f} | {r.min_s:.2f}-{r.max_s:.2f} | "
-                     f"{r.speedup:.2f}x | {bound} | {diff} | {share} |")
-    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    by = {(r.model, r.variant, r.mode): r for r in rows}
+    diffs = any(r.max_abs_diff_vs_tomesd is not None for r in rows)
+    head = ["variant", "FLOP bound", "merge share"] + ["max abs diff vs tomesd"] * diffs
+    for mode in modes:
+        head += [f"{mode} s (min-max)", f"{mode} speedup", f"{mode} / bound"]
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        lines += [f"{model}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for variant in dict.fromkeys(r.variant for r in rows if r.model == model):
+            found = [by[model, variant, m] for m in modes if (model, variant, m) in by]
+            bound = next((r.bound for r in found if r.bound), None)
+            share = next((r.merge_share for r in found if r.merge_share), None)
+            diff = next((r.max_abs_diff_vs_tomesd for r in found if r.max_abs_diff_vs_tomesd is not None), None)
+            cells = [variant, "" if bound is None else f"{bound:.2f}x", "" if share is None else f"{share:.1%}"]
+            cells += ["" if diff is None else f"{diff:.1e}"] * diffs
+            for mode in modes:
+                r = by.get((model, variant, mode))
+                cells += ["", "", ""] if r is None else [
+                    f"{r.median_s:.2f} ({r.min_s:.2f}-{r.max_s:.2f})", f"{r.speedup:.2f}x",
+                    "" if bound is None else f"{r.speedup / bound:.0%}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    (folder / f"{name}.md").write_text("\n".join(lines))
