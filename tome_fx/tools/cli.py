@@ -193,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
 
-    p = commands.add_parser("bench-grid", help="per-branch merging timed: SD UNet step, SD3 blocks or SAM encoder",
-                            description="Per-branch merging timed at full size: an SD-1.5-shaped UNet at 512 px, "
-                            "batch 2, against tomesd; two SD3-medium-width joint blocks at 1024 px, batch 2; or "
-                            "SAM's ViT-B image encoder at 1024 px.")
+    p = commands.add_parser("bench-grid", help="merging timed at full size: SD UNet, SD3/FLUX/Wan blocks, SAM encoder",
+                            description="Merging timed at full size: an SD-1.5-shaped UNet at 512 px, batch 2, "
+                            "against tomesd; diffusion transformer blocks at their real widths (two SD3-medium "
+                            "joint blocks at 1024 px, batch 2; one FLUX.1 double and one single block at 1024 px; "
+                            "two Wan 2.1 1.3B blocks on a 17 x 256 x 256 clip) per block, reusing matchings and "
+                            "whole-stream; or SAM's ViT-B image encoder at 1024 px.")
     p.add_argument("model", choices=["sd", "sd3", "flux", "wan", "sam"])
     p.add_argument("--ratios", nargs="+", type=float, default=None,
                    help="ratios to time (default: sd 0.3 0.5 0.6, sam 0.5 0.75, transformers 0.3 0.5 0.7)")
