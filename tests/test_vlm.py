@@ -178,3 +178,21 @@ def test_generation_keeps_the_visual_key_sizes_in_the_cache():
         torch.testing.assert_close(out.logits[1].double(), fast(**again).logits[:, -1], rtol=1e-6, atol=1e-6)  # float32 scores
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         tome_fx.vlm.apply(_paligemma("eager"), keep=24, prop_attn=True)
+
+
+def test_a_tower_that_cannot_be_captured_is_refused_naming_it():
+    """Qwen2-VL's tower takes all images' patches as one sequence whose split depends on
+    ``image_grid_thw``'s values: it is refused, naming the tower, not half-merged."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=160, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        image_token_id=150, vision_start_token_id=151, vision_end_token_id=152, video_token_id=153)
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.tensor([[1, 151]]), torch.full((1, 16), 150), torch.tensor([[152, 5, 6]])], 1)
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(64, 96),
+             image_grid_thw=torch.tensor([[1, 8, 8]]), mm_token_type_ids=(ids == 150).int())
+    with pytest.raises(tome_fx.UnsupportedModelError, match="Qwen2VisionTransformerPretrainedModel"):
+        tome_fx.vlm.apply(model, keep=8)(**x)

@@ -63,7 +63,11 @@ class _Tower:
 
     def build(self, args: tuple, kwargs: dict) -> api.ToMeModel:
         options = api._Options(0, prop_attn=True, trace_source=False, unmerge_outputs=False)
-        plan = api._transform(self.original, args, kwargs, options).plan  # the blocks and tokens it has
+        try:
+            plan = api._transform(self.original, args, kwargs, options).plan  # the blocks and tokens it has
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"tome_fx.vlm merges inside the vision tower, and this one "
+                                        f"({type(self.original).__name__}) cannot merge: {error}") from error
         schedule = self.schedule(len(plan.blocks), plan.token_counts[0], plan.protected)
         return api._transform(self.original, args, kwargs, api._Options(schedule, True, False, False))
 
@@ -118,7 +122,7 @@ class _Prompt:
         encode = model.base_model.get_image_features
         wanted = [k for k in inspect.signature(encode).parameters if k != "kwargs" and arguments.get(k) is not None]
         slots = ids == self.image_token
-        images, count = pixels.shape[0], int(slots.sum())
+        images, count = len(arguments.get("image_grid_thw", pixels)), int(slots.sum())  # Qwen: pixels are patches
         if count % images:
             raise ValueError(f"{count} image placeholder tokens for {images} images: not the same number per image")
         self.tower.tokens = full = count // images
