@@ -20,13 +20,15 @@ tome-fx bench --models fashion-vit --r 8 16 24 --batch 64 --modes eager compiled
 # per-branch merging at full size (about 40 minutes): an SD-1.5-shaped UNet step against tomesd, SAM's ViT-B encoder
 tome-fx bench-grid sd --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 tome-fx bench-grid sam --modes eager compiled --threads 2 --repeats 3 --out $out/grid
-# two SD3-medium-width joint blocks at 1024 px (4096 image + 333 text tokens), batch 2: per block and whole stream
-tome-fx bench-grid sd3 --modes eager --threads 2 --repeats 3 --out $out/grid
-# FLUX.1 width at 1024 px (one double, one single block; about 25 minutes), Wan 2.1 1.3B width on a small clip:
-# per block, reused matchings, whole stream, the merge share
-tome-fx bench-grid flux --modes eager compiled --ratios 0.5 --threads 2 --repeats 2 --out $out/grid
-tome-fx bench-grid flux --modes eager --ratios 0.3 0.7 --threads 2 --repeats 2 --out $out/grid/flux_ratios
+# diffusion transformer blocks at their real widths (about 70 minutes together): two SD3-medium-width joint
+# blocks at 1024 px (4096 image + 333 text tokens, batch 2), FLUX.1 width at 1024 px (one double, one single
+# block), Wan 2.1 1.3B width on a small clip; ratio 0.3/0.5/0.7 per block, with reused matchings, whole
+# stream, eager and compiled, with the bound and the merge share
+tome-fx bench-grid sd3 --modes eager compiled --threads 2 --repeats 3 --out $out/grid
+tome-fx bench-grid flux --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 tome-fx bench-grid wan --modes eager compiled --threads 2 --repeats 3 --out $out/grid
+# a Llava-1.5-shaped VLM: prefill and decode against the visual tokens kept (about 15 minutes)
+OMP_NUM_THREADS=2 python benchmarks/vlm_prefill.py --out $out/vlm
 # sample quality of the Fashion-MNIST DiT with and without merging (train it first, about 60 minutes:
 # python benchmarks/train_fashion_dit.py)
 OMP_NUM_THREADS=2 python benchmarks/dit_quality.py --out $out/dit_quality
