@@ -226,3 +226,22 @@ def test_a_mask_that_leaves_fewer_than_r_compatible_pairs_is_an_error(batch, tok
     else:
         with pytest.raises(RuntimeError, match="pairs the attention mask treats alike"):
             merge.tome_merge(*args)
+
+
+@given(st.integers(1, 3), st.integers(2, 40), st.integers(1, 40), st.integers(0, 2**16))
+def test_merging_down_keeps_the_mass_and_a_raster_order(batch, tokens, keep, seed):
+    """``merge_down``: exactly ``keep`` tokens (or all, if fewer), sizes summing to the
+    tokens, each token the mean of those it holds, listed by their first token."""
+    x = torch.randn(batch, tokens, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    merged, size, positions = merge.merge_down(x, keep)
+    assert merged.shape == (batch, min(keep, tokens), 4) and torch.equal(size.sum(1), torch.full((batch,), float(tokens), dtype=size.dtype))
+    sums = torch.zeros_like(merged).scatter_add(1, positions[..., None].expand(-1, -1, 4), x)
+    torch.testing.assert_close(merged, sums / size[..., None])
+    first = torch.full(size.shape, tokens).scatter_reduce(1, positions, torch.arange(tokens).expand(batch, -1), "amin")
+    assert (first.diff(dim=1) > 0).all()
+
+
+def test_merging_down_duplicate_pairs_gives_each_pair_once():
+    distinct = torch.randn(2, 6, 4, dtype=torch.float64)
+    merged, size, _ = merge.merge_down(distinct.repeat_interleave(2, 1), 6)
+    assert torch.equal(merged, distinct) and size.eq(2).all()

@@ -200,6 +200,20 @@ def reordered_state(size: Tensor, positions: Tensor, order: Tensor) -> tuple[Ten
     return size.gather(1, order), order.argsort(1).gather(1, positions)
 
 
+def merge_down(x: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` [B, N, C] merged to ``keep`` tokens by rounds of ToMe's matching on the tokens
+    themselves (each round merges at most half), each merged token the average of those it
+    holds: ``(merged x in raster order, sizes [B, keep], positions [B, N])``. For tokens no
+    attention follows (a VLM tower's output), where there are no keys to match on."""
+    size, positions = initial_size(x), initial_positions(x)
+    while x.shape[1] > keep:
+        matching = bipartite_soft_matching(x, min(x.shape[1] - keep, max_merges(x.shape[1], 0)))
+        x, size, index = merge_matched(matching, x, size)
+        positions = index.gather(1, positions)
+    order = raster_order(positions, size)
+    return (reorder(x, order, 0, 1), *reordered_state(size, positions, order))
+
+
 def key_metric(keys: Tensor, token_dim: int) -> Tensor:
     """Matching metric from attention keys [B, heads, ..] with tokens on ``token_dim``:
     the keys averaged over heads, as [B, N, C]."""
