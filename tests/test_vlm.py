@@ -196,3 +196,79 @@ def test_a_tower_that_cannot_be_captured_is_refused_naming_it():
              image_grid_thw=torch.tensor([[1, 8, 8]]), mm_token_type_ids=(ids == 150).int())
     with pytest.raises(tome_fx.UnsupportedModelError, match="Qwen2VisionTransformerPretrainedModel"):
         tome_fx.vlm.apply(model, keep=8)(**x)
+
+
+def test_proportional_attention_follows_the_cache_not_the_call():
+    """log(size) goes on the keys the merged visual tokens sit at, however the prompt is fed:
+    a prefill split in chunks (the first without the image) equals one call; a text-only
+    prompt after an image prompt gets no bias; a static cache works."""
+    model, x = _llava(), _prompt(batch=1)
+    ids = torch.cat([torch.arange(20, 40)[None], x["input_ids"]], 1)
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=x["pixel_values"])
+    fast = tome_fx.vlm.apply(model, keep=16, prop_attn=True)
+    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    whole = fast.generate(**x, **settings).logits
+    chunked = fast.generate(**x, prefill_chunk_size=8, **settings).logits
+    torch.testing.assert_close(torch.stack(chunked), torch.stack(whole))
+    text = dict(input_ids=torch.arange(1, 31)[None], attention_mask=torch.ones(1, 30, dtype=torch.long))
+    torch.testing.assert_close(torch.stack(fast.generate(**text, **settings).logits),
+                               torch.stack(model.generate(**text, **settings).logits))
+    assert fast.generate(**x, max_new_tokens=3, do_sample=False, cache_implementation="static").shape == (1, ids.shape[1] + 3)
+
+
+def test_a_cache_holding_a_cut_prompt_is_refused_with_the_uncut_ids():
+    model, x = _llava(), _prompt(batch=1)
+    fast = tome_fx.vlm.apply(model, keep=16)
+    out = fast.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    more = torch.cat([out.sequences, torch.tensor([[30, 31, 32]])], 1)
+    with pytest.raises(ValueError, match="call again without the cache"):
+        fast.generate(input_ids=more, attention_mask=torch.ones_like(more), cache=out.cache, max_new_tokens=2)
+
+
+def test_the_copy_is_independent_of_the_original_and_pickles():
+    """Modes and hooks on the copy stay on the copy (its modules are its own, the
+    parameters shared); pickling stores the original and the settings."""
+    import copy
+    import pickle
+
+    model, x = _llava(), _prompt(batch=1)
+    fast = tome_fx.vlm.apply(model, [8, 8])  # one r per block feeding the features
+    again = pickle.loads(pickle.dumps(fast))  # before any call: HF's output hooks, installed then, do not pickle
+    seen = []
+    fast.model.language_model.register_forward_hook(lambda *_: seen.append(1))
+    fast.train()
+    assert not model.training and not model.model.language_model.training
+    with torch.no_grad():
+        model(**x)
+        assert not seen  # the hook is the copy's
+        fast.eval()
+        want = fast(**x).logits
+        assert type(again) is type(fast) and torch.equal(again(**x).logits, want)
+        assert torch.equal(copy.deepcopy(fast)(**x).logits, want)
+    assert next(again.parameters()) is not next(model.parameters())  # a copy of the original came with it
+    with pytest.raises(ValueError, match="2 of the tower's 3 blocks feed the image features"):
+        tome_fx.vlm.apply(model, [8, 8, 8])(**x)
+
+
+def test_a_model_that_pools_its_tower_tokens_is_refused():
+    """Gemma 3's projector pools the tower's 64 tokens into 16 placeholders: merged tokens
+    would have no place of their own."""
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=4)
+    text = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, vocab_size=300, sliding_window=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                                       image_token_index=262, boi_token_index=260, eoi_token_index=261)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.tensor([[2, 5, 260] + [262] * 16 + [261, 7, 8]])
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32),
+             token_type_ids=(ids == 262).long())
+    with pytest.raises(tome_fx.UnsupportedModelError, match="16 placeholders per image and the vision tower"):
+        tome_fx.vlm.apply(model, keep=8)(**x)
+
+
+def test_scope_on_the_part_that_decodes_is_refused():
+    model, x = _llava(), _prompt()
+    with pytest.raises(tome_fx.UnsupportedModelError, match="takes a key/value cache"):
+        tome_fx.transform(model, 2, example_inputs=x, scope="model.language_model")

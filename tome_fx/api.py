@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -306,6 +307,13 @@ def _transform_parts(model: torch.nn.Module, args: tuple, kwargs: dict, options:
             f"unmerge_outputs=False on a part of {type(model).__name__}, which generates: the rest of the model would "
             "get fewer tokens than its inputs have places for; tome_fx.vlm.apply feeds a VLM's language model fewer "
             "visual tokens and adjusts the prompt to them")
+    for path in options.scope:
+        takes = inspect.signature(model.get_submodule(path).forward).parameters
+        if cache := next((name for name in ("cache", "past_key_values") if name in takes), None):
+            raise UnsupportedModelError(
+                f"scope {path!r} takes a key/value cache (`{cache}`): it runs at every step of {type(model).__name__}'s "
+                "decoding, on one new token at a time, and only a part called once per prompt (a vision tower) can be "
+                "captured for merging")
     calls = submodules.recorded_calls(model, options.scope, args, kwargs)
     part = replace(options, scope=())
     return submodules.swapped(model, {path: (lambda sub, path=path: _transform(sub, *calls[path], part))

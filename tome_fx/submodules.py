@@ -57,19 +57,30 @@ def _shallow(module: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
+def _shallow_tree(model: torch.nn.Module) -> torch.nn.Module:
+    """``_shallow`` copies of ``model`` and every module under it, linked as the originals
+    are (a module held twice stays one): switching modes, hooks and swaps on the copy leave
+    ``model`` alone, while parameters and buffers are shared."""
+    copies: dict[int, torch.nn.Module] = {}
+
+    def copy_of(module: torch.nn.Module) -> torch.nn.Module:
+        if id(module) not in copies:
+            twin = copies[id(module)] = _shallow(module)
+            for name, child in module._modules.items():
+                twin._modules[name] = None if child is None else copy_of(child)
+        return copies[id(module)]
+
+    return copy_of(model)
+
+
 def swapped(model: torch.nn.Module, replace: dict[str, Callable[[torch.nn.Module], torch.nn.Module]]) -> torch.nn.Module:
-    """A shallow copy of ``model`` in which each submodule at a path of ``replace`` is
-    ``replace[path](submodule)``; the modules on the way are shallow copies too, every
-    other module is shared."""
-    copies = {"": _shallow(model)}
+    """A copy of ``model`` (``_shallow_tree``) in which each submodule at a path of
+    ``replace`` is ``replace[path](submodule)``."""
+    root = _shallow_tree(model)
     for path, make in replace.items():
-        names = path.split(".")
-        for depth, name in enumerate(names[:-1], 1):  # the modules on the way, each copied once
-            above, here = ".".join(names[: depth - 1]), ".".join(names[:depth])
-            if here not in copies:
-                copies[here] = copies[above]._modules[name] = _shallow(copies[above]._modules[name])
-        copies[".".join(names[:-1])]._modules[names[-1]] = make(model.get_submodule(path))
-    return copies[""]
+        parent, _, name = path.rpartition(".")
+        root.get_submodule(parent)._modules[name] = make(model.get_submodule(path))
+    return root
 
 
 _MIXED: dict[tuple[type, type], type] = {}

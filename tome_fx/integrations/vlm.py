@@ -17,10 +17,12 @@ merging only in the blocks whose output the model reads as its image features (L
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .. import api, submodules
 from ..call_spec import CallSpec
@@ -33,42 +35,54 @@ _PER_TOKEN = ("attention_mask", "position_ids", "labels", "token_type_ids")  # c
 
 @dataclass
 class _Tower:
-    """What the merging tower needs: the original, the blocks that feed the features, how
-    much to merge, its graphs per input shape, and the last call's token sizes."""
+    """What the merging tower needs: the original, how much to merge, its graphs per input
+    shape, and the last call's token state. The prompt sets ``tokens`` (placeholders per
+    image) and ``feature_blocks`` (the blocks feeding the features) before each encoding:
+    the model, not the prompt, calls the tower."""
 
     original: torch.nn.Module
-    feature_blocks: int | None  # None: every block
     target: tuple[str, Any]  # ("keep", tokens) | ("ratio", share) | ("r", a schedule)
     graphs: dict = field(default_factory=dict)
-    tokens: int = 0  # visual tokens per image, unmerged (set by the model before each call)
-    sizes: torch.Tensor | None = None  # [images, tokens] and [images, tokens in]: the last call's TokenState
+    tokens: int = 0
+    feature_blocks: int | None = None  # None: every block
+    sizes: torch.Tensor | None = None  # [images, tokens out], [images, tokens in]: the last call's TokenState
     positions: torch.Tensor | None = None
 
-    def merged_away(self) -> int:
+    def _merged_away(self) -> int:
         kind, value = self.target
         if kind == "keep":
             if value > self.tokens:
                 raise ValueError(f"keep={value} visual tokens per image, but an image has only {self.tokens}")
-            return self.tokens - int(value)
-        return round(self.tokens * value) if kind == "ratio" else -1
+            return self.tokens - value
+        return round(self.tokens * value)
 
-    def schedule(self, blocks: int, tokens: int, protected: int) -> list[int]:
+    def _schedule(self, blocks: int, tokens: int, protected: int) -> list[int]:
         used = blocks if self.feature_blocks is None else self.feature_blocks
         kind, value = self.target
         if kind == "r":
+            if isinstance(value, list) and len(value) > used:
+                raise ValueError(f"r lists {len(value)} values, and {used} of the tower's {blocks} blocks feed the "
+                                 "image features (the later ones merge nothing)")
             merges = clamp_schedule(resolve_schedule(value, used), tokens, protected)
         else:
-            merges = spread(self.merged_away(), used, tokens, protected)
+            merges = spread(self._merged_away(), used, tokens, protected)
         return merges + [0] * (blocks - used)
 
     def build(self, args: tuple, kwargs: dict) -> api.ToMeModel:
-        options = api._Options(0, prop_attn=True, trace_source=False, unmerge_outputs=False)
-        try:
-            plan = api._transform(self.original, args, kwargs, options).plan  # the blocks and tokens it has
+        """The tower captured for this call, merging as the target says."""
+        name = type(self.original).__name__
+        try:  # captured unmerged first, for its blocks and tokens
+            plan = api._transform(self.original, args, kwargs, api._Options(0, True, False, False)).plan
         except UnsupportedModelError as error:
-            raise UnsupportedModelError(f"tome_fx.vlm merges inside the vision tower, and this one "
-                                        f"({type(self.original).__name__}) cannot merge: {error}") from error
-        schedule = self.schedule(len(plan.blocks), plan.token_counts[0], plan.protected)
+            raise UnsupportedModelError(f"tome_fx.vlm merges inside the vision tower, and this one ({name}) "
+                                        f"cannot merge: {error}") from error
+        tokens, protected = plan.token_counts[0], plan.protected
+        if self.tokens not in (tokens, tokens - protected):
+            raise UnsupportedModelError(
+                f"the prompt holds {self.tokens} placeholders per image and the vision tower ({name}) {tokens} "
+                "tokens: the model does not give each tower token a place of its own (a projector that pools them, "
+                "image tiles), so merged tokens could not fill the placeholders")
+        schedule = self._schedule(len(plan.blocks), tokens, protected)
         return api._transform(self.original, args, kwargs, api._Options(schedule, True, False, False))
 
 
@@ -78,8 +92,9 @@ class _MergingTower:
     def forward(self, *args, **kwargs):
         tower: _Tower = self._tome_tower
         call = CallSpec.record(tower.original, args, kwargs)
-        leaves = torch.utils._pytree.tree_leaves(call.arguments)
-        key = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in leaves), tower.tokens)
+        leaves = pytree.tree_leaves(call.arguments)
+        key = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in leaves), tower.tokens,
+               tower.feature_blocks)
         if key not in tower.graphs:
             tower.graphs[key] = tower.build(args, kwargs)
         outputs, state = tower.graphs[key].forward_with_tokens(*args, **kwargs)
@@ -97,81 +112,101 @@ def _arguments(method, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
+def _cache_of(arguments: dict[str, Any]):
+    return arguments.get("cache", arguments.get("past_key_values"))
+
+
 @dataclass
 class _Prompt:
     """The VLM's side: cuts the prompt to the merged visual tokens and, with ``prop_attn``,
-    keeps each visual key's log(size) for the language model's attention."""
+    gives the language model's keys their log(size)."""
 
     original: torch.nn.Module
+    settings: dict[str, Any]  # apply's arguments, to make this model again (pickling)
     tower: _Tower
     image_token: int
-    prop_attn: bool
     sizes: torch.Tensor | None = None  # [images, kept] patches per visual token, last call
-    key_bias: torch.Tensor | None = None  # [batch, prompt] log(size) per token of the cut prompt
+    pending: torch.Tensor | None = None  # [batch, n] log(size) of cut visual tokens not yet fed to the model
+    key_bias: torch.Tensor | None = None  # [batch, keys] log(size) of each key in the cache
+    cut_caches: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # caches holding a cut prompt
 
     def cut(self, model, arguments: dict[str, Any]) -> dict[str, Any]:
         """``arguments`` with the images encoded (``mm_encoder_outputs``) and the prompt cut to
         their merged tokens; unchanged without images."""
-        pixels = arguments.get("pixel_values")
-        if pixels is None:
+        cache = _cache_of(arguments)
+        if cache is not None and cache in self.cut_caches:
+            raise ValueError("this cache holds a prompt that tome_fx.vlm cut to its merged visual tokens, and the ids "
+                             "passed with it hold every placeholder: call again without the cache")
+        if arguments.get("pixel_values") is None:
             return arguments
         ids = arguments.get("input_ids")
         if ids is None:
             raise ValueError("tome_fx.vlm cuts each image's placeholder tokens out of input_ids to match its merged "
                              "tokens: pass input_ids (not inputs_embeds) with pixel_values")
-        encode = model.base_model.get_image_features
-        wanted = [k for k in inspect.signature(encode).parameters if k != "kwargs" and arguments.get(k) is not None]
         slots = ids == self.image_token
-        images, count = len(arguments.get("image_grid_thw", pixels)), int(slots.sum())  # Qwen: pixels are patches
-        if count % images:
-            raise ValueError(f"{count} image placeholder tokens for {images} images: not the same number per image")
-        self.tower.tokens = full = count // images
-        encoded = encode(**{k: arguments[k] for k in wanted}, return_dict=True)
-        kept = {f.shape[-2] for f in encoded.pooler_output}
-        if len(kept) != 1:
-            raise UnsupportedModelError(f"images of one call kept different numbers of tokens {sorted(kept)}")
-        kept = kept.pop()
-        self.sizes = self.tower.sizes[:, -kept:]
-        arguments = {k: v for k, v in arguments.items() if k not in wanted}
+        full, kept, encoded, consumed = self._encode(model, arguments, slots)
+        arguments = {k: v for k, v in arguments.items() if k not in consumed}
         arguments["mm_encoder_outputs"] = {"image": encoded}
-        # each slot's image and place in it, in reading order; an image keeps its first `kept` slots
-        order = torch.zeros_like(ids).masked_scatter(slots, torch.arange(count, device=ids.device))
+        # each slot's place in its image, in reading order; an image keeps its first `kept` slots
+        order = torch.zeros_like(ids).masked_scatter(slots, torch.arange(int(slots.sum()), device=ids.device))
         keep = ~slots | (order % full < kept)
         length = int(keep[0].sum())
         if (keep.sum(1) != length).any():
             raise ValueError("the prompts of one batch hold different numbers of images; cut to their merged tokens "
                              "they would differ in length: call with one such prompt at a time")
-        merged_into = self._merged_into(full, kept)  # [images, full]: the kept token each patch went to
+        merged_into = self.tower.positions[:, -full:] - (self.tower.sizes.shape[1] - kept)  # patch -> kept token
         for name in ("input_ids", *_PER_TOKEN):
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.shape[-2:] == ids.shape:
                 if name == "position_ids" and kept < full:
                     value = _merged_positions(value, slots, keep, merged_into, kept)
-                arguments[name] = value[..., keep].view(*value.shape[:-2], *ids.shape[:1], length)
-        cut = slots[keep].view(ids.shape[0], length)
-        self.key_bias = torch.zeros(cut.shape, dtype=self.sizes.dtype, device=ids.device).masked_scatter(
-            cut, self.sizes.log().flatten())
+                arguments[name] = value[..., keep].view(*value.shape[:-2], ids.shape[0], length)
+        self.pending = self.sizes.log().reshape(ids.shape[0], -1)
         return arguments
 
-    def _merged_into(self, full: int, kept: int) -> torch.Tensor:
-        """[images, full]: for each image's patch (in its placeholders' order), the index of the
-        kept visual token holding it. The tower's leading tokens beyond ``full`` (a class token
-        the model drops) come first and are left out."""
-        positions = self.tower.positions[:, -full:]
-        return positions - (self.tower.sizes.shape[1] - kept)
+    def _encode(self, model, arguments: dict[str, Any], slots: torch.Tensor):
+        """The images through the model's own ``get_image_features`` (the tower merging):
+        placeholders per image, tokens kept per image, the encoding, the arguments it took."""
+        encode = model.base_model.get_image_features
+        taken = [k for k in inspect.signature(encode).parameters if k != "kwargs" and arguments.get(k) is not None]
+        images, count = len(arguments.get("image_grid_thw", arguments["pixel_values"])), int(slots.sum())
+        if count % images:
+            raise ValueError(f"{count} image placeholder tokens for {images} images: not the same number per image")
+        self.tower.tokens = count // images
+        self.tower.feature_blocks = _feature_blocks(model, arguments.get("vision_feature_layer"))
+        encoded = encode(**{k: arguments[k] for k in taken}, return_dict=True)
+        kept = {f.shape[-2] for f in encoded.pooler_output}
+        if len(kept) != 1:
+            raise UnsupportedModelError(f"images of one call kept different numbers of tokens {sorted(kept)}")
+        kept = kept.pop()
+        self.sizes = self.tower.sizes[:, -kept:]
+        return count // images, kept, encoded, taken
 
-    def bias(self, arguments: dict[str, Any], batch: int, length: int) -> torch.Tensor | None:
-        """log(size) of every key of this call ([batch, 1, 1, keys]: the cut prompt's, then 0
-        for generated tokens), or None when the call holds no image and continues none."""
-        cache = arguments.get("cache", arguments.get("past_key_values"))
+    def bias(self, arguments: dict[str, Any]) -> torch.Tensor | None:
+        """log(size) for every key of this call, ``[batch, 1, 1, keys]``: the keys already
+        cached keep theirs, and this call's visual tokens take theirs from ``pending`` (a
+        split prefill takes them chunk by chunk); every other key gets 0. None where every
+        key gets 0 (a text-only prompt), so sdpa keeps its causal fast path."""
+        ids, cache = arguments["input_ids"], _cache_of(arguments)
         past = cache.get_seq_length() if cache is not None else 0
-        if not past and "mm_encoder_outputs" not in arguments:
-            self.key_bias = None  # a new prompt without images
-        if self.key_bias is None:
+        slots = ids == self.image_token
+        new = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
+        count = int(slots[0].sum())
+        if count:
+            if self.pending is None or self.pending.shape[1] < count:
+                raise ValueError("image placeholders in a cut prompt with no merged visual tokens left to fill them: "
+                                 "call the tome_fx.vlm model with the images (pixel_values) and the uncut prompt")
+            rows = self.pending.repeat_interleave(ids.shape[0] // self.pending.shape[0], 0)
+            new = new.masked_scatter(slots, rows[:, :count].to(new.dtype))
+            self.pending = self.pending[:, count:]
+        before = self.key_bias if self.key_bias is not None and past else new.new_zeros(ids.shape[0], 0)
+        before = torch.nn.functional.pad(before[:, :past], (0, past - min(past, before.shape[1])))
+        self.key_bias = torch.cat([before, new], 1)
+        if not self.key_bias.any():
             return None
-        stored = self.key_bias.repeat_interleave(batch // self.key_bias.shape[0], 0)
-        keys = torch.zeros(batch, past + length, dtype=stored.dtype, device=stored.device)
-        keys[:, : stored.shape[1]] = stored[:, : past + length]
+        limit = cache.get_max_length() if cache is not None else None  # a static cache's keys: all its slots
+        keys = self.key_bias if not isinstance(limit, int) or limit <= past + ids.shape[1] else \
+            torch.nn.functional.pad(self.key_bias, (0, limit - self.key_bias.shape[1]))
         return keys[:, None, None, :]
 
 
@@ -195,20 +230,19 @@ class _FewerVisualTokens:
     def forward(self, *args, **kwargs):
         prompt: _Prompt = self._tome_prompt
         arguments = prompt.cut(self, _arguments(super().forward, args, kwargs))
-        if prompt.prop_attn:
-            ids = arguments.get("input_ids", arguments.get("inputs_embeds"))
-            bias = prompt.bias(arguments, ids.shape[0], ids.shape[1])
-            if bias is not None:  # sdpa adds it to the logits of every attention
+        if prompt.settings["prop_attn"] and arguments.get("input_ids") is not None:
+            bias = prompt.bias(arguments)
+            if bias is not None:  # sdpa adds it to the logits of every attention in the language model
                 arguments["position_bias"] = bias.to(self.dtype)
         return super().forward(**arguments)
 
-    def generate(self, inputs=None, **kwargs):
+    def generate(self, inputs=None, *args, **kwargs):
         prompt: _Prompt = self._tome_prompt
         given = kwargs.get("input_ids", inputs)
         if inputs is not None:
             kwargs["input_ids"] = inputs
         arguments = prompt.cut(self, kwargs)
-        out = super().generate(**arguments)
+        out = super().generate(None, *args, **arguments)
         cut = arguments.get("input_ids")
         if given is None or cut is None or cut.shape == given.shape:
             return out
@@ -217,8 +251,19 @@ class _FewerVisualTokens:
                               sequences[:, cut.shape[1]:]], 1)
         if isinstance(out, torch.Tensor):
             return restored
+        if _cache_of(out) is not None:  # it holds the cut prompt, not the ids returned
+            prompt.cut_caches.add(_cache_of(out))
         out.sequences = restored
         return out
+
+    def __reduce_ex__(self, protocol):
+        """Pickled as the model ``apply`` was given and its settings: loading applies again."""
+        prompt: _Prompt = self._tome_prompt
+        return _reapply, (prompt.original, prompt.settings)
+
+
+def _reapply(model: torch.nn.Module, settings: dict[str, Any]) -> torch.nn.Module:
+    return apply(model, **settings)
 
 
 def _tower_path(model: torch.nn.Module) -> str:
@@ -231,10 +276,11 @@ def _tower_path(model: torch.nn.Module) -> str:
                                 f"{type(base).__name__}); pass tower= its module path")
 
 
-def _feature_blocks(model: torch.nn.Module) -> int | None:
-    """How many of the tower's blocks feed the image features (``vision_feature_layer``:
-    an index into its hidden states, 0 being the embeddings)."""
-    layer = getattr(model.config, "vision_feature_layer", None)
+def _feature_blocks(model: torch.nn.Module, layer: int | list[int] | None = None) -> int | None:
+    """How many of the tower's blocks feed the image features: ``vision_feature_layer``
+    (this call's, else the config's), an index into the tower's hidden states, 0 being the
+    embeddings; None (every block) for models that read its last state."""
+    layer = getattr(model.config, "vision_feature_layer", None) if layer is None else layer
     if layer is None:
         return None
     if not isinstance(layer, int):
@@ -246,9 +292,11 @@ def _feature_blocks(model: torch.nn.Module) -> int | None:
 
 def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, *, keep: int | None = None,
           prop_attn: bool = False, tower: str | None = None) -> torch.nn.Module:
-    """A copy of the VLM ``model`` (same class, parameters shared; ``model`` is untouched)
-    whose language model gets fewer visual tokens: the vision tower merges them, and each
-    call cuts the prompt's placeholders to match (see the module docstring).
+    """A copy of the VLM ``model`` whose language model gets fewer visual tokens: the vision
+    tower merges them, and each call cuts the prompt's placeholders to match (see the module
+    docstring). The copy is of the model's own class; its modules are copies sharing the
+    original's parameters and config, so ``model`` is untouched (an in-place change of a
+    parameter, ``.to()`` included, shows in both).
 
     How many: ``ratio``, the share of each image's visual tokens merged away (a float in
     (0, 1)), or ToMe's r per block (an int, or a list per block); or ``keep``, the visual
@@ -269,7 +317,7 @@ def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, 
             raise ValueError(f"ratio is the share of visual tokens merged away, in (0, 1), got {ratio}")
         target = ("ratio", ratio)
     else:
-        resolve_schedule(ratio, 1)
+        resolve_schedule(ratio, max(len(ratio), 1) if isinstance(ratio, list) else 1)  # type errors now
         target = ("r", ratio)
     if isinstance(getattr(model, "_tome_prompt", None), _Prompt):
         model = remove(model)
@@ -279,11 +327,13 @@ def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, 
     if prop_attn and (kind := model.config.get_text_config()._attn_implementation) != "sdpa":
         raise ValueError(f"prop_attn adds log(size) to the visual keys through sdpa's position_bias, and this "
                          f"language model runs {kind!r} attention: load it with attn_implementation='sdpa'")
+    _feature_blocks(model)  # a refusal now rather than at the first call
     path = tower or _tower_path(model)
     image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
-    state = _Tower(model.get_submodule(path), _feature_blocks(model), target)
+    state = _Tower(model.get_submodule(path), target)
+    settings = dict(ratio=ratio, keep=keep, prop_attn=prop_attn, tower=tower)
     swapped = submodules.swapped(model, {path: lambda t: submodules.retyped(t, _MergingTower, _tome_tower=state)})
-    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=_Prompt(model, state, image_token, prop_attn))
+    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=_Prompt(model, settings, state, image_token))
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -294,4 +344,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 def visual_token_sizes(model: torch.nn.Module) -> torch.Tensor:
     """[images, kept], the last call's: how many patches each visual token stands for."""
-    return model._tome_prompt.sizes
+    sizes = model._tome_prompt.sizes
+    if sizes is None:
+        raise ValueError("no call with images yet: the sizes are the last such call's")
+    return sizes
