@@ -180,9 +180,9 @@ def test_generation_keeps_the_visual_key_sizes_in_the_cache():
         tome_fx.vlm.apply(_paligemma("eager"), keep=24, prop_attn=True)
 
 
-def test_a_tower_that_cannot_be_captured_is_refused_naming_it():
-    """Qwen2-VL's tower takes all images' patches as one sequence whose split depends on
-    ``image_grid_thw``'s values: it is refused, naming the tower, not half-merged."""
+def _qwen2_vl():
+    """HF Qwen2-VL, tiny: a 2-layer tower over 4 px patches with its 2 x 2 merger, M-RoPE;
+    one 32 px image (8 x 8 patches, 16 tokens after the merger)."""
     torch.manual_seed(0)
     config = transformers.Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
@@ -190,12 +190,40 @@ def test_a_tower_that_cannot_be_captured_is_refused_naming_it():
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=160, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         image_token_id=150, vision_start_token_id=151, vision_end_token_id=152, video_token_id=153)
+    config._attn_implementation = "sdpa"
     model = transformers.Qwen2VLForConditionalGeneration(config).eval()
     ids = torch.cat([torch.tensor([[1, 151]]), torch.full((1, 16), 150), torch.tensor([[152, 5, 6]])], 1)
-    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(64, 96),
-             image_grid_thw=torch.tensor([[1, 8, 8]]), mm_token_type_ids=(ids == 150).int())
-    with pytest.raises(tome_fx.UnsupportedModelError, match="Qwen2VisionTransformerPretrainedModel"):
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(64, 96),
+                       image_grid_thw=torch.tensor([[1, 8, 8]]), mm_token_type_ids=(ids == 150).int())
+
+
+def test_a_tower_that_cannot_be_captured_is_refused_naming_it():
+    """Qwen2-VL's tower takes all images' patches as one sequence whose split depends on
+    ``image_grid_thw``'s values: merging inside it is refused, naming the tower and
+    ``where='output'``, not half-merged."""
+    model, x = _qwen2_vl()
+    with pytest.raises(tome_fx.UnsupportedModelError, match="Qwen2VisionTransformerPretrainedModel.*where='output'"):
         tome_fx.vlm.apply(model, keep=8)(**x)
+
+
+def test_merging_the_towers_output_with_mrope_positions():
+    """``where="output"``: Qwen2-VL's image features merge after its patch merger; each
+    merged token sits at the mean of its features' M-RoPE positions. Keeping every token
+    is the original (logits and generated ids); merging, the language model gets the cut
+    prompt and generate() runs."""
+    model, x = _qwen2_vl()
+    with torch.no_grad():
+        same = tome_fx.vlm.apply(model, keep=16, where="output")
+        assert torch.equal(same(**x).logits, model(**x).logits)
+        assert torch.equal(same.generate(**x, max_new_tokens=3, do_sample=False),
+                           model.generate(**x, max_new_tokens=3, do_sample=False))
+        fast = tome_fx.vlm.apply(model, keep=6, where="output", prop_attn=True)
+        seen = _prefill_tokens(fast)
+        assert fast(**x).logits.shape[1] == 2 + 6 + 3 == seen[0]
+        assert tome_fx.vlm.visual_token_sizes(fast).sum() == 16
+        assert fast.generate(**x, max_new_tokens=3, do_sample=False).shape == (1, x["input_ids"].shape[1] + 3)
+    with pytest.raises(ValueError, match="give keep= or a ratio"):
+        tome_fx.vlm.apply(model, 4, where="output")
 
 
 def test_proportional_attention_follows_the_cache_not_the_call():

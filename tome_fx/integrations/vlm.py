@@ -27,10 +27,11 @@ from torch.utils import _pytree as pytree
 from .. import api, submodules
 from ..call_spec import CallSpec
 from ..errors import UnsupportedModelError
+from ..merge import merge_down
 from ..schedule import clamp_schedule, resolve_schedule, spread
 
 _TOWERS = ("vision_tower", "visual", "vision_model")  # where HF VLMs keep their vision towers
-_PER_TOKEN = ("attention_mask", "position_ids", "labels", "token_type_ids")  # cut with the placeholders
+_PER_TOKEN = ("attention_mask", "position_ids", "labels", "token_type_ids", "mm_token_type_ids")  # cut with them
 
 
 @dataclass
@@ -48,7 +49,7 @@ class _Tower:
     sizes: torch.Tensor | None = None  # [images, tokens out], [images, tokens in]: the last call's TokenState
     positions: torch.Tensor | None = None
 
-    def _merged_away(self) -> int:
+    def merged_away(self) -> int:
         kind, value = self.target
         if kind == "keep":
             if value > self.tokens:
@@ -65,7 +66,7 @@ class _Tower:
                                  "image features (the later ones merge nothing)")
             merges = clamp_schedule(resolve_schedule(value, used), tokens, protected)
         else:
-            merges = spread(self._merged_away(), used, tokens, protected)
+            merges = spread(self.merged_away(), used, tokens, protected)
         return merges + [0] * (blocks - used)
 
     def build(self, args: tuple, kwargs: dict) -> api.ToMeModel:
@@ -75,7 +76,7 @@ class _Tower:
             plan = api._transform(self.original, args, kwargs, api._Options(0, True, False, False)).plan
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"tome_fx.vlm merges inside the vision tower, and this one ({name}) "
-                                        f"cannot merge: {error}") from error
+                                        f"cannot merge: {error}. where='output' merges its output instead") from error
         tokens, protected = plan.token_counts[0], plan.protected
         if self.tokens not in (tokens, tokens - protected):
             raise UnsupportedModelError(
@@ -125,6 +126,7 @@ class _Prompt:
     settings: dict[str, Any]  # apply's arguments, to make this model again (pickling)
     tower: _Tower
     image_token: int
+    where: str  # "tower" | "output"
     sizes: torch.Tensor | None = None  # [images, kept] patches per visual token, last call
     pending: torch.Tensor | None = None  # [batch, n] log(size) of cut visual tokens not yet fed to the model
     key_bias: torch.Tensor | None = None  # [batch, keys] log(size) of each key in the cache
@@ -144,7 +146,9 @@ class _Prompt:
             raise ValueError("tome_fx.vlm cuts each image's placeholder tokens out of input_ids to match its merged "
                              "tokens: pass input_ids (not inputs_embeds) with pixel_values")
         slots = ids == self.image_token
-        full, kept, encoded, consumed = self._encode(model, arguments, slots)
+        if arguments.get("position_ids") is None and hasattr(model.base_model, "get_rope_index"):
+            arguments = dict(arguments, position_ids=_mrope_positions(model, arguments))
+        full, kept, encoded, consumed, merged_into = self._encode(model, arguments, slots)
         arguments = {k: v for k, v in arguments.items() if k not in consumed}
         arguments["mm_encoder_outputs"] = {"image": encoded}
         # each slot's place in its image, in reading order; an image keeps its first `kept` slots
@@ -154,7 +158,6 @@ class _Prompt:
         if (keep.sum(1) != length).any():
             raise ValueError("the prompts of one batch hold different numbers of images; cut to their merged tokens "
                              "they would differ in length: call with one such prompt at a time")
-        merged_into = self.tower.positions[:, -full:] - (self.tower.sizes.shape[1] - kept)  # patch -> kept token
         for name in ("input_ids", *_PER_TOKEN):
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.shape[-2:] == ids.shape:
@@ -165,22 +168,32 @@ class _Prompt:
         return arguments
 
     def _encode(self, model, arguments: dict[str, Any], slots: torch.Tensor):
-        """The images through the model's own ``get_image_features`` (the tower merging):
-        placeholders per image, tokens kept per image, the encoding, the arguments it took."""
+        """The images through the model's own ``get_image_features``, the tower merging
+        (``where="tower"``) or its output merged after (``"output"``): placeholders per image,
+        tokens kept per image, the encoding, the arguments it took, and for each image's
+        placeholders the kept token each went to."""
         encode = model.base_model.get_image_features
         taken = [k for k in inspect.signature(encode).parameters if k != "kwargs" and arguments.get(k) is not None]
         images, count = len(arguments.get("image_grid_thw", arguments["pixel_values"])), int(slots.sum())
         if count % images:
             raise ValueError(f"{count} image placeholder tokens for {images} images: not the same number per image")
-        self.tower.tokens = count // images
+        full = self.tower.tokens = count // images
         self.tower.feature_blocks = _feature_blocks(model, arguments.get("vision_feature_layer"))
         encoded = encode(**{k: arguments[k] for k in taken}, return_dict=True)
-        kept = {f.shape[-2] for f in encoded.pooler_output}
-        if len(kept) != 1:
-            raise UnsupportedModelError(f"images of one call kept different numbers of tokens {sorted(kept)}")
-        kept = kept.pop()
+        features = encoded.pooler_output
+        if len({f.shape[-2] for f in features}) != 1:
+            raise UnsupportedModelError(f"images of one call have different numbers of tokens "
+                                        f"{sorted({f.shape[-2] for f in features})}: give them one size")
+        if self.where == "output":
+            stacked = torch.stack(list(features)) if not isinstance(features, torch.Tensor) else features
+            if stacked.shape[1] != full:
+                raise UnsupportedModelError(f"{stacked.shape[1]} image features per image for {full} placeholders")
+            merged, self.sizes, merged_into = merge_down(stacked, full - self.tower.merged_away())
+            encoded.pooler_output = merged if isinstance(features, torch.Tensor) else type(features)(merged.unbind())
+            return full, merged.shape[1], encoded, taken, merged_into
+        kept = features[0].shape[-2]
         self.sizes = self.tower.sizes[:, -kept:]
-        return count // images, kept, encoded, taken
+        return full, kept, encoded, taken, self.tower.positions[:, -full:] - (self.tower.sizes.shape[1] - kept)
 
     def bias(self, arguments: dict[str, Any]) -> torch.Tensor | None:
         """log(size) for every key of this call, ``[batch, 1, 1, keys]``: the keys already
@@ -208,6 +221,15 @@ class _Prompt:
         keys = self.key_bias if not isinstance(limit, int) or limit <= past + ids.shape[1] else \
             torch.nn.functional.pad(self.key_bias, (0, limit - self.key_bias.shape[1]))
         return keys[:, None, None, :]
+
+
+def _mrope_positions(model, arguments: dict[str, Any]) -> torch.Tensor:
+    """M-RoPE models (Qwen2-VL): the positions of the uncut prompt, [3, batch, tokens], as
+    the model computes them from its ids and image grids, for the cut to map."""
+    wanted = inspect.signature(model.base_model.get_rope_index).parameters
+    positions, _ = model.base_model.get_rope_index(
+        arguments["input_ids"], **{k: arguments.get(k) for k in wanted if k not in ("input_ids", "kwargs")})
+    return positions
 
 
 def _merged_positions(position_ids: torch.Tensor, slots, keep, merged_into: torch.Tensor, kept: int) -> torch.Tensor:
@@ -291,7 +313,7 @@ def _feature_blocks(model: torch.nn.Module, layer: int | list[int] | None = None
 
 
 def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, *, keep: int | None = None,
-          prop_attn: bool = False, tower: str | None = None) -> torch.nn.Module:
+          prop_attn: bool = False, where: str = "tower", tower: str | None = None) -> torch.nn.Module:
     """A copy of the VLM ``model`` whose language model gets fewer visual tokens: the vision
     tower merges them, and each call cuts the prompt's placeholders to match (see the module
     docstring). The copy is of the model's own class; its modules are copies sharing the
@@ -302,9 +324,13 @@ def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, 
     (0, 1)), or ToMe's r per block (an int, or a list per block); or ``keep``, the visual
     tokens kept per image. ``prop_attn``: the language model's attention adds log(size) to
     each visual key, as ToMe's proportional attention does in the tower (through sdpa's
-    ``position_bias``; the language model must run ``sdpa`` attention). ``tower``: the vision
+    ``position_bias``; the language model must run ``sdpa`` attention). ``where``: ``"tower"``
+    merges inside the vision tower (ToMe, matching on the attention keys); ``"output"``
+    merges the tower's output, the image features, by ToMe's matching on the features
+    themselves (``merge.merge_down``): for towers that cannot merge inside (Qwen2-VL's runs
+    every image as one sequence in windows, then merges 2 x 2 cells). ``tower``: the vision
     tower's module path, where it is not found by name. The sizes of the last call's visual
-    tokens (patches each stands for) are ``visual_token_sizes(model)``.
+    tokens (patches, or features, each stands for) are ``visual_token_sizes(model)``.
     """
     if (ratio is None) == (keep is None):
         raise TypeError("give one of ratio (a share merged away, or ToMe's r per block) and keep (tokens kept)")
@@ -327,13 +353,21 @@ def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, 
     if prop_attn and (kind := model.config.get_text_config()._attn_implementation) != "sdpa":
         raise ValueError(f"prop_attn adds log(size) to the visual keys through sdpa's position_bias, and this "
                          f"language model runs {kind!r} attention: load it with attn_implementation='sdpa'")
-    _feature_blocks(model)  # a refusal now rather than at the first call
+    if where not in ("tower", "output"):
+        raise ValueError(f"where is 'tower' or 'output', not {where!r}")
+    if where == "output" and target[0] == "r":
+        raise ValueError("ToMe's r per block counts merges in the tower's blocks; merging its output, give keep= or "
+                         "a ratio (a float)")
     path = tower or _tower_path(model)
     image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
     state = _Tower(model.get_submodule(path), target)
-    settings = dict(ratio=ratio, keep=keep, prop_attn=prop_attn, tower=tower)
+    settings = dict(ratio=ratio, keep=keep, prop_attn=prop_attn, where=where, tower=tower)
+    prompt = _Prompt(model, settings, state, image_token, where)
+    if where == "output":
+        return submodules.retyped(submodules.swapped(model, {}), _FewerVisualTokens, _tome_prompt=prompt)
+    _feature_blocks(model)  # a refusal now rather than at the first call
     swapped = submodules.swapped(model, {path: lambda t: submodules.retyped(t, _MergingTower, _tome_tower=state)})
-    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=_Prompt(model, settings, state, image_token))
+    return submodules.retyped(swapped, _FewerVisualTokens, _tome_prompt=prompt)
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
