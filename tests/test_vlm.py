@@ -300,3 +300,44 @@ def test_scope_on_the_part_that_decodes_is_refused():
     model, x = _llava(), _prompt()
     with pytest.raises(tome_fx.UnsupportedModelError, match="takes a key/value cache"):
         tome_fx.transform(model, 2, example_inputs=x, scope="model.language_model")
+
+
+def test_proportional_attention_reads_each_rows_own_visual_tokens():
+    """Rows whose images sit at different columns: a prefill split in chunks gives every row
+    the same keys' sizes as one call; with rows of 2 and 1 images, keeping every token is the
+    original; ``use_cache=False`` (the whole prompt again at each step) works."""
+    model, _ = _qwen2_vl()
+    image = [150] * 16 + [152]
+    ids = torch.tensor([[1, 151] + image + [5, 6, 7], [1, 2, 3, 151] + image + [5], image + [5, 6, 7, 8, 9]])
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(192, 96),
+             image_grid_thw=torch.tensor([[1, 8, 8]] * 3), mm_token_type_ids=(ids == 150).int())
+    fast = tome_fx.vlm.apply(model, keep=6, where="output", prop_attn=True)
+    settings = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    whole = fast.generate(**x, **settings)
+    torch.testing.assert_close(torch.stack(fast.generate(**x, prefill_chunk_size=6, **settings).logits),
+                               torch.stack(whole.logits))
+    assert torch.equal(fast.generate(**x, use_cache=False, max_new_tokens=2, do_sample=False), whole.sequences)
+    llava, two_then_one = _llava(), _prompt(batch=1, images=2)
+    ids = torch.cat([two_then_one["input_ids"], torch.cat([torch.zeros(1, PATCHES + 1, dtype=torch.long),
+                                                           _prompt(batch=1)["input_ids"]], 1)])
+    mask = (ids != 0).long()
+    y = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(tome_fx.vlm.apply(llava, keep=PATCHES, prop_attn=True)(**y).logits, llava(**y).logits)
+
+
+def test_a_manual_decoding_loop_continues_the_mrope_positions():
+    """Outside generate(), a step on the returned cache places the new token where a fresh
+    call over the whole sequence does (the cut sets the model's rope offsets)."""
+    model, x = _qwen2_vl()
+    fast = tome_fx.vlm.apply(model, keep=6, where="output")
+    with torch.no_grad():
+        step = fast(input_ids=torch.tensor([[9]]), cache=fast(**x, use_cache=True).cache).logits[:, -1]
+        again = dict(x, input_ids=torch.cat([x["input_ids"], torch.tensor([[9]])], 1),
+                     attention_mask=torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long),
+                     mm_token_type_ids=torch.cat([x["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.int)], 1))
+        torch.testing.assert_close(step, fast(**again).logits[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(tome_fx.UnsupportedModelError, match="video inputs"):
+        fast(**x, pixel_values_videos=torch.randn(64, 96), video_grid_thw=torch.tensor([[1, 8, 8]]))
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        fast(**{k: v for k, v in x.items() if k != "mm_token_type_ids"})

@@ -128,17 +128,17 @@ class _Prompt:
     image_token: int
     where: str  # "tower" | "output"
     sizes: torch.Tensor | None = None  # [images, kept] patches per visual token, last call
-    pending: torch.Tensor | None = None  # [batch, n] log(size) of cut visual tokens not yet fed to the model
+    pending: torch.Tensor | None = None  # [batch, n] log(size) of each row's visual tokens, cut prompt
+    read: torch.Tensor | None = None  # [batch] how many of each row's pending sizes the model has read
     key_bias: torch.Tensor | None = None  # [batch, keys] log(size) of each key in the cache
     cut_caches: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # caches holding a cut prompt
 
     def cut(self, model, arguments: dict[str, Any]) -> dict[str, Any]:
         """``arguments`` with the images encoded (``mm_encoder_outputs``) and the prompt cut to
         their merged tokens; unchanged without images."""
-        cache = _cache_of(arguments)
-        if cache is not None and cache in self.cut_caches:
-            raise ValueError("this cache holds a prompt that tome_fx.vlm cut to its merged visual tokens, and the ids "
-                             "passed with it hold every placeholder: call again without the cache")
+        if arguments.get("pixel_values_videos") is not None:
+            raise UnsupportedModelError("tome_fx.vlm merges image tokens, and video inputs (pixel_values_videos) are "
+                                        "not merged yet: call the original model (tome_fx.vlm.remove) for video")
         if arguments.get("pixel_values") is None:
             return arguments
         ids = arguments.get("input_ids")
@@ -164,7 +164,12 @@ class _Prompt:
                 if name == "position_ids" and kept < full:
                     value = _merged_positions(value, slots, keep, merged_into, kept)
                 arguments[name] = value[..., keep].view(*value.shape[:-2], ids.shape[0], length)
-        self.pending = self.sizes.log().reshape(ids.shape[0], -1)
+        counts = slots[keep].view(ids.shape[0], length).sum(1)  # each row's visual tokens, in reading order
+        rows = torch.arange(int(counts.max()), device=ids.device) < counts[:, None]
+        self.pending = self.sizes.new_zeros(rows.shape).masked_scatter(rows, self.sizes.log().flatten())
+        if hasattr(model.base_model, "get_rope_index"):  # decoding without position_ids goes on from the cut
+            cut = arguments["position_ids"]
+            model.base_model.rope_deltas = (cut.amax(dim=(0, 2)) + 1 - length).view(-1, 1)
         return arguments
 
     def _encode(self, model, arguments: dict[str, Any], slots: torch.Tensor):
@@ -204,14 +209,17 @@ class _Prompt:
         past = cache.get_seq_length() if cache is not None else 0
         slots = ids == self.image_token
         new = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
-        count = int(slots[0].sum())
-        if count:
-            if self.pending is None or self.pending.shape[1] < count:
+        if not past:  # a sequence starts (again, without a cache): its visual tokens are read from the first
+            self.read = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+        if slots.any():
+            pending = self.pending if self.pending is not None else new.new_zeros(1, 0)
+            pending = pending.repeat_interleave(ids.shape[0] // pending.shape[0], 0)
+            index = self.read[:, None] + slots.cumsum(1) - 1  # each slot's place in its row's pending sizes
+            if (index[slots] >= pending.shape[1]).any():
                 raise ValueError("image placeholders in a cut prompt with no merged visual tokens left to fill them: "
                                  "call the tome_fx.vlm model with the images (pixel_values) and the uncut prompt")
-            rows = self.pending.repeat_interleave(ids.shape[0] // self.pending.shape[0], 0)
-            new = new.masked_scatter(slots, rows[:, :count].to(new.dtype))
-            self.pending = self.pending[:, count:]
+            new = torch.where(slots, pending.to(new.dtype).gather(1, index.clamp(0, pending.shape[1] - 1)), new)
+            self.read = self.read + slots.sum(1)
         before = self.key_bias if self.key_bias is not None and past else new.new_zeros(ids.shape[0], 0)
         before = torch.nn.functional.pad(before[:, :past], (0, past - min(past, before.shape[1])))
         self.key_bias = torch.cat([before, new], 1)
@@ -227,6 +235,9 @@ def _mrope_positions(model, arguments: dict[str, Any]) -> torch.Tensor:
     """M-RoPE models (Qwen2-VL): the positions of the uncut prompt, [3, batch, tokens], as
     the model computes them from its ids and image grids, for the cut to map."""
     wanted = inspect.signature(model.base_model.get_rope_index).parameters
+    if "mm_token_type_ids" in wanted and arguments.get("mm_token_type_ids") is None:
+        raise ValueError(f"{type(model).__name__} places image tokens by `mm_token_type_ids`, which the processor "
+                         "returns beside input_ids: pass it")
     positions, _ = model.base_model.get_rope_index(
         arguments["input_ids"], **{k: arguments.get(k) for k in wanted if k not in ("input_ids", "kwargs")})
     return positions
@@ -256,10 +267,17 @@ class _FewerVisualTokens:
             bias = prompt.bias(arguments)
             if bias is not None:  # sdpa adds it to the logits of every attention in the language model
                 arguments["position_bias"] = bias.to(self.dtype)
-        return super().forward(**arguments)
+        out = super().forward(**arguments)
+        if "mm_encoder_outputs" in arguments and getattr(out, "cache", None) is not None:
+            prompt.cut_caches.add(out.cache)  # it holds the cut prompt, not the ids the caller has
+        return out
 
     def generate(self, inputs=None, *args, **kwargs):
         prompt: _Prompt = self._tome_prompt
+        cache = _cache_of(kwargs)
+        if cache is not None and cache in prompt.cut_caches:
+            raise ValueError("this cache holds a prompt that tome_fx.vlm cut to its merged visual tokens, and the ids "
+                             "passed with it hold every placeholder: call again without the cache")
         given = kwargs.get("input_ids", inputs)
         if inputs is not None:
             kwargs["input_ids"] = inputs
@@ -273,8 +291,8 @@ class _FewerVisualTokens:
                               sequences[:, cut.shape[1]:]], 1)
         if isinstance(out, torch.Tensor):
             return restored
-        if _cache_of(out) is not None:  # it holds the cut prompt, not the ids returned
-            prompt.cut_caches.add(_cache_of(out))
+        if getattr(out, "cache", None) is not None:  # it holds the cut prompt, not the ids returned
+            prompt.cut_caches.add(out.cache)
         out.sequences = restored
         return out
 
