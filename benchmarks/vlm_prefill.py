@@ -19,7 +19,8 @@ For each share of visual tokens kept (100%, 50%, 25%, 10%: ``keep`` = 576, 288, 
   layer taken 32 times instead of ``--layers`` times), where the language model's share,
   and so the gain, is far larger;
 - ``decode tok/s``: new tokens per second after the prefill, from ``generate`` with 9 and
-  with 1 new token (greedy), timed round-robin;
+  with 1 new token (greedy), timed round-robin, beside its bound: the unmerged model's
+  FLOPs per decoded token over this one's (the same two ``generate`` calls, counted);
 - ``cos``: cosine similarity of the language model's last hidden state at the prompt's last
   token to the unmerged model's, averaged over 4 random images (random weights: this says
   how far the merged prompt moves the state, not how good the answers are).
@@ -104,6 +105,9 @@ def main() -> None:
                                                        do_sample=False)) for name, m in models.items()}
 
     one, nine = time_interleaved(generating(1), x, args.repeats, 1), time_interleaved(generating(9), x, args.repeats, 1)
+    with torch.no_grad():
+        per_token = {name: (flops(lambda c=call: c(x))[0] - flops(lambda c=generating(1)[name]: c(x))[0]) / 8
+                     for name, call in generating(9).items()}
     cos = {name: [] for name in models}
     with torch.no_grad():
         for seed in range(4):
@@ -119,7 +123,8 @@ def main() -> None:
         rows.append(dict(kept=name, prefill_s=prefill_s, speedup=base / prefill_s,
                          bound=counted["100% (576)"][0] / counted[name][0], prefill_gflop=counted[name][0] / 1e9,
                          bound_full_depth=full["100% (576)"] / full[name], gflop_full_depth=full[name] / 1e9,
-                         decode_tok_s=decode, cos=statistics.mean(cos[name])))
+                         decode_tok_s=decode, decode_bound=per_token["100% (576)"] / per_token[name],
+                         cos=statistics.mean(cos[name])))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(command="python benchmarks/vlm_prefill.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
@@ -128,9 +133,11 @@ def main() -> None:
     lines = [f"Llava-1.5 shapes (ViT-L/14-336 tower, 7B-width Llama with {args.layers} layers), batch 1, "
              f"{args.threads} CPU threads, fp32, medians of {args.repeats} interleaved calls.", "",
              "| visual tokens kept | prefill s | speedup | FLOP bound | prefill GFLOP | bound at 32 layers "
-             "| GFLOP at 32 layers | decode tok/s | cos to unmerged |", "|---|---|---|---|---|---|---|---|---|"]
+             "| GFLOP at 32 layers | decode tok/s | decode FLOP bound | cos to unmerged |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kept']} | {r['prefill_s']:.2f} | {r['speedup']:.2f}x | {r['bound']:.2f}x | {r['prefill_gflop']:.0f} | "
-              f"{r['bound_full_depth']:.2f}x | {r['gflop_full_depth']:.0f} | {r['decode_tok_s']:.2f} | {r['cos']:.3f} |"
+              f"{r['bound_full_depth']:.2f}x | {r['gflop_full_depth']:.0f} | {r['decode_tok_s']:.2f} | "
+              f"{r['decode_bound']:.3f}x | {r['cos']:.3f} |"
               for r in rows]
     (out / "vlm_prefill.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
