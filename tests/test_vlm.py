@@ -180,18 +180,23 @@ def test_generation_keeps_the_visual_key_sizes_in_the_cache():
         tome_fx.vlm.apply(_paligemma("eager"), keep=24, prop_attn=True)
 
 
-def _qwen2_vl():
-    """HF Qwen2-VL, tiny: a 2-layer tower over 4 px patches with its 2 x 2 merger, M-RoPE;
-    one 32 px image (8 x 8 patches, 16 tokens after the merger)."""
+def _qwen2_vl(v2_5=False):
+    """HF Qwen2-VL (or Qwen2.5-VL: windowed attention in its first block), tiny: a 2-layer
+    tower over 4 px patches with its 2 x 2 merger, M-RoPE; one 32 px image (8 x 8 patches,
+    16 tokens after the merger)."""
     torch.manual_seed(0)
-    config = transformers.Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
-                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+    patches = dict(patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    vision = (dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, window_size=16,
+                   fullatt_block_indexes=[1], **patches) if v2_5 else
+              dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, **patches))
+    config = (transformers.Qwen2_5_VLConfig if v2_5 else transformers.Qwen2VLConfig)(
+        vision_config=vision,
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=160, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         image_token_id=150, vision_start_token_id=151, vision_end_token_id=152, video_token_id=153)
     config._attn_implementation = "sdpa"
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    model = (transformers.Qwen2_5_VLForConditionalGeneration if v2_5 else
+             transformers.Qwen2VLForConditionalGeneration)(config).eval()
     ids = torch.cat([torch.tensor([[1, 151]]), torch.full((1, 16), 150), torch.tensor([[152, 5, 6]])], 1)
     return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(64, 96),
                        image_grid_thw=torch.tensor([[1, 8, 8]]), mm_token_type_ids=(ids == 150).int())
@@ -206,12 +211,13 @@ def test_a_tower_that_cannot_be_captured_is_refused_naming_it():
         tome_fx.vlm.apply(model, keep=8)(**x)
 
 
-def test_merging_the_towers_output_with_mrope_positions():
-    """``where="output"``: Qwen2-VL's image features merge after its patch merger; each
-    merged token sits at the mean of its features' M-RoPE positions. Keeping every token
-    is the original (logits and generated ids); merging, the language model gets the cut
-    prompt and generate() runs."""
-    model, x = _qwen2_vl()
+@pytest.mark.parametrize("v2_5", [False, True], ids=["qwen2-vl", "qwen2.5-vl"])
+def test_merging_the_towers_output_with_mrope_positions(v2_5):
+    """``where="output"``: Qwen2-VL's (and 2.5-VL's) image features merge after the patch
+    merger; each merged token sits at the mean of its features' M-RoPE positions. Keeping
+    every token is the original (logits and generated ids); merging, the language model
+    gets the cut prompt and generate() runs."""
+    model, x = _qwen2_vl(v2_5)
     with torch.no_grad():
         same = tome_fx.vlm.apply(model, keep=16, where="output")
         assert torch.equal(same(**x).logits, model(**x).logits)
