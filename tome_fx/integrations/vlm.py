@@ -57,7 +57,22 @@ class _Tower:
             return self.tokens - value
         return round(self.tokens * value)
 
+    def build(self, args: tuple, kwargs: dict) -> api.ToMeModel:
+        """The tower captured for this call, its schedule made from its blocks and tokens."""
+        name = type(self.original).__name__
+        try:
+            fast = api._transform(self.original, args, kwargs, api._Options(self._schedule, True, False, False))
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"tome_fx.vlm merges inside the vision tower, and this one ({name}) "
+                                        f"cannot merge: {error}. where='output' merges its output instead") from error
+        return fast
+
     def _schedule(self, blocks: int, tokens: int, protected: int) -> list[int]:
+        if self.tokens not in (tokens, tokens - protected):
+            raise UnsupportedModelError(
+                f"the prompt holds {self.tokens} placeholders per image and the vision tower "
+                f"({type(self.original).__name__}) {tokens} tokens: the model does not give each tower token a place "
+                "of its own (a projector that pools them, image tiles), so merged tokens could not fill the placeholders")
         used = blocks if self.feature_blocks is None else self.feature_blocks
         kind, value = self.target
         if kind == "r":
@@ -68,23 +83,6 @@ class _Tower:
         else:
             merges = spread(self.merged_away(), used, tokens, protected)
         return merges + [0] * (blocks - used)
-
-    def build(self, args: tuple, kwargs: dict) -> api.ToMeModel:
-        """The tower captured for this call, merging as the target says."""
-        name = type(self.original).__name__
-        try:  # captured unmerged first, for its blocks and tokens
-            plan = api._transform(self.original, args, kwargs, api._Options(0, True, False, False)).plan
-        except UnsupportedModelError as error:
-            raise UnsupportedModelError(f"tome_fx.vlm merges inside the vision tower, and this one ({name}) "
-                                        f"cannot merge: {error}. where='output' merges its output instead") from error
-        tokens, protected = plan.token_counts[0], plan.protected
-        if self.tokens not in (tokens, tokens - protected):
-            raise UnsupportedModelError(
-                f"the prompt holds {self.tokens} placeholders per image and the vision tower ({name}) {tokens} "
-                "tokens: the model does not give each tower token a place of its own (a projector that pools them, "
-                "image tiles), so merged tokens could not fill the placeholders")
-        schedule = self._schedule(len(plan.blocks), tokens, protected)
-        return api._transform(self.original, args, kwargs, api._Options(schedule, True, False, False))
 
 
 class _MergingTower:

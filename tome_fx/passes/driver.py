@@ -92,6 +92,8 @@ class TomePlan:
 def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool,
                scope: tuple[str, ...] = (), rope: str = "mean", checkpoint: bool = False) -> TomePlan:
     """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
+    ``r`` is a schedule, or a function of (blocks, tokens, protected tokens) that makes one
+    (a schedule that depends on the model: ``tome_fx.vlm``'s tokens kept).
     With ``scope`` (module paths), only the blocks under it merge; ``rope``: how a merged
     token's rotary terms are chosen (``rotary_tables.RULES``); ``checkpoint``: each block
     runs under ``torch.utils.checkpoint``."""
@@ -123,7 +125,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     unmerged = {stream: Layout((BATCH, TOKEN, None), size=None)}
     dry = analyze_token_flow(gm.graph, unmerged, sys.maxsize, applies_mask)
     protected = max(count_protected_tokens(stream), dry.reads)
-    requested = resolve_schedule(r, len(blocks))
+    requested = r(len(blocks), tokens, protected) if callable(r) else resolve_schedule(r, len(blocks))
     schedule = clamp_schedule(requested, tokens, protected)
     # masks over keys outside the blocks (a pooling head's): the merges must respect them too
     key_masks = {mask: layout.batch_axis()[1] for _, mask, layout in dry.key_masks}
