@@ -176,8 +176,7 @@ def unmerge(
     the group's weight divided by its size."""
     if split is not None:
         x = (x.to(accumulation_dtype(x.dtype)) / size_bias(split, x.dim(), batch_dim, token_dim, start)).to(x.dtype)
-    moved = _take(x.movedim((batch_dim, token_dim), (0, 1)), positions[:, start:] - start)
-    return moved.movedim((0, 1), (batch_dim, token_dim))
+    return reorder(x, positions, batch_dim, token_dim, start)
 
 
 def raster_order(positions: Tensor, size: Tensor) -> Tensor:
@@ -190,7 +189,8 @@ def raster_order(positions: Tensor, size: Tensor) -> Tensor:
 
 
 def reorder(x: Tensor, order: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
-    """``x``'s tokens (those from ``start`` on) in ``order`` (``raster_order``)."""
+    """``x``'s tokens (those from ``start`` on) taken at the indices ``order`` [B, M]: a
+    ``raster_order``, or an un-merge's ``positions``."""
     moved = _take(x.movedim((batch_dim, token_dim), (0, 1)), order[:, start:] - start)
     return moved.movedim((0, 1), (batch_dim, token_dim))
 

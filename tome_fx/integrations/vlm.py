@@ -124,7 +124,6 @@ class _Prompt:
     settings: dict[str, Any]  # apply's arguments, to make this model again (pickling)
     tower: _Tower
     image_token: int
-    where: str  # "tower" | "output"
     sizes: torch.Tensor | None = None  # [images, kept] patches per visual token, last call
     pending: torch.Tensor | None = None  # [batch, n] log(size) of each row's visual tokens, cut prompt
     read: torch.Tensor | None = None  # [batch] how many of each row's pending sizes the model has read
@@ -143,8 +142,8 @@ class _Prompt:
         if ids is None:
             raise ValueError("tome_fx.vlm cuts each image's placeholder tokens out of input_ids to match its merged "
                              "tokens: pass input_ids (not inputs_embeds) with pixel_values")
-        slots = ids == self.image_token
-        if arguments.get("position_ids") is None and hasattr(model.base_model, "get_rope_index"):
+        slots, mrope = ids == self.image_token, hasattr(model.base_model, "get_rope_index")
+        if arguments.get("position_ids") is None and mrope:
             arguments = dict(arguments, position_ids=_mrope_positions(model, arguments))
         full, kept, encoded, consumed, merged_into = self._encode(model, arguments, slots)
         arguments = {k: v for k, v in arguments.items() if k not in consumed}
@@ -165,7 +164,7 @@ class _Prompt:
         counts = slots[keep].view(ids.shape[0], length).sum(1)  # each row's visual tokens, in reading order
         rows = torch.arange(int(counts.max()), device=ids.device) < counts[:, None]
         self.pending = self.sizes.new_zeros(rows.shape).masked_scatter(rows, self.sizes.log().flatten())
-        if hasattr(model.base_model, "get_rope_index"):  # decoding without position_ids goes on from the cut
+        if mrope:  # decoding without position_ids goes on from the cut
             cut = arguments["position_ids"]
             model.base_model.rope_deltas = (cut.amax(dim=(0, 2)) + 1 - length).view(-1, 1)
         return arguments
@@ -187,7 +186,7 @@ class _Prompt:
         if len({f.shape[-2] for f in features}) != 1:
             raise UnsupportedModelError(f"images of one call have different numbers of tokens "
                                         f"{sorted({f.shape[-2] for f in features})}: give them one size")
-        if self.where == "output":
+        if self.settings["where"] == "output":
             stacked = torch.stack(list(features)) if not isinstance(features, torch.Tensor) else features
             if stacked.shape[1] != full:
                 raise UnsupportedModelError(f"{stacked.shape[1]} image features per image for {full} placeholders")
@@ -378,7 +377,7 @@ def apply(model: torch.nn.Module, ratio: float | int | list[int] | None = None, 
     image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
     state = _Tower(model.get_submodule(path), target)
     settings = dict(ratio=ratio, keep=keep, prop_attn=prop_attn, where=where, tower=tower)
-    prompt = _Prompt(model, settings, state, image_token, where)
+    prompt = _Prompt(model, settings, state, image_token)
     if where == "output":
         return submodules.retyped(submodules.swapped(model, {}), _FewerVisualTokens, _tome_prompt=prompt)
     _feature_blocks(model)  # a refusal now rather than at the first call
