@@ -168,24 +168,32 @@ def source_map(positions: Tensor, tokens: int) -> Tensor:
 
 
 def unmerge(
-    x: Tensor, positions: Tensor, batch_dim: int, token_dim: int, start: int = 0, split: Tensor | None = None
+    x: Tensor, positions: Tensor, batch_dim: int, token_dim: int, start: int = 0, split: Tensor | None = None,
+    inner: int = 1,
 ) -> Tensor:
     """Copy each token back to the original positions it holds (tokens from ``start`` on):
     the inverse layout of the merges, each original token taking its group's value. With
     ``split`` (the sizes, for an axis of weights over tokens) each takes its share instead:
-    the group's weight divided by its size."""
+    the group's weight divided by its size. ``inner`` > 1: the batch dim folds ``inner``
+    entries inside each sample (heads)."""
     if split is not None:
-        x = (x.to(accumulation_dtype(x.dtype)) / size_bias(split, x.dim(), batch_dim, token_dim, start)).to(x.dtype)
-    return reorder(x, positions, batch_dim, token_dim, start)
+        bias = size_bias(split, x.dim(), batch_dim, token_dim, start, inner)
+        x = (x.to(accumulation_dtype(x.dtype)) / bias).to(x.dtype)
+    return reorder(x, positions.repeat_interleave(inner, 0) if inner > 1 else positions, batch_dim, token_dim, start)
+
+
+def first_patches(positions: Tensor, tokens: int) -> Tensor:
+    """[B, tokens]: the first original token (in raster order) each current token holds."""
+    originals = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+    first = torch.full((positions.shape[0], tokens), positions.shape[1], dtype=positions.dtype, device=positions.device)
+    return first.scatter_reduce(1, positions, originals, "amin")
 
 
 def raster_order(positions: Tensor, size: Tensor) -> Tensor:
     """[B, N]: the current tokens sorted by their first original token (the raster order of
     each one's first patch), a stable order for merged outputs whatever the matching did.
     Protected tokens hold themselves and sit in front, so they keep their places."""
-    originals = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
-    first = torch.full(size.shape, positions.shape[1], dtype=positions.dtype, device=positions.device)
-    return first.scatter_reduce(1, positions, originals, "amin").argsort(1)
+    return first_patches(positions, size.shape[1]).argsort(1)
 
 
 def reorder(x: Tensor, order: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
@@ -272,15 +280,65 @@ def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, bat
         sums = sums.scatter_add(1, index[..., None].expand(-1, -1, t.shape[2]), t.to(acc).expand(batch, -1, -1))
         rows = (sums / size[:, start:, None].to(acc)).to(t.dtype)
     elif rule == "representative":
-        originals = torch.arange(index.shape[1], device=index.device).expand_as(index)
-        first = torch.full((batch, tokens - start), index.shape[1], dtype=index.dtype, device=index.device)
-        first = first.scatter_reduce(1, index, originals, "amin")
+        first = first_patches(index, tokens - start)
         rows = t.expand(batch, -1, -1).gather(1, first[..., None].expand(-1, -1, t.shape[2]))
     else:
         raise ValueError(f"rope rule is 'mean' or 'representative', not {rule!r}")
     if lead or trail:
         rows = torch.cat([before.expand(batch, -1, -1), rows, after.expand(batch, -1, -1)], dim=1)
     return rows.reshape(batch, lead + tokens - start + trail, *rest).movedim((0, 1), (batch_dim, token_dim))
+
+
+REL_POS_RULES = ("mean", "representative")
+
+
+def rel_pos_bias(q: Tensor, table_h: Tensor, table_w: Tensor, h: int, w: int) -> Tensor:
+    """Decomposed relative positions (MViTv2, SAM's encoder): the bias [B, h*w, kh*kw] that
+    queries ``q`` [B, h*w, C] on an ``h`` x ``w`` grid add to their logits, ``q . table_h[row(q),
+    row(k)] + q . table_w[col(q), col(k)]`` (tables [h, kh, C] and [w, kw, C])."""
+    grid = q.reshape(q.shape[0], h, w, q.shape[-1])
+    rows = torch.einsum("bhwc,hkc->bhwk", grid, table_h)
+    cols = torch.einsum("bhwc,wkc->bhwk", grid, table_w)
+    return (rows[..., :, None] + cols[..., None, :]).reshape(q.shape[0], h * w, -1)
+
+
+def merged_rel_pos_bias(q: Tensor, table_h: Tensor, table_w: Tensor, h: int, w: int, positions: Tensor,
+                        size: Tensor, inner: int, rule: str) -> Tensor:
+    """``rel_pos_bias`` for self-attention over merged tokens: ``q`` [B * inner, N', C] (heads
+    folded inside the batch), ``positions`` [B, h*w] and ``size`` [B, N'] from the merge;
+    returns [B * inner, N', N']. A merged token stands for patches at several positions:
+    ``rule="mean"`` gives each (query, key) pair the mean of the biases between their
+    patches, which is the size-weighted mean of their rows of both tables;
+    ``"representative"`` the bias between their first patches (raster order)."""
+    batch, tokens = q.shape[:2]
+    held = positions.repeat_interleave(inner, 0)
+    grid = reorder(q, held, 0, 1).reshape(batch, h, w, q.shape[-1])  # each patch its token's query
+    rows = torch.einsum("bhwc,hkc->bhwk", grid, table_h).flatten(1, 2)  # [B', h*w, kh]
+    cols = torch.einsum("bhwc,wkc->bhwk", grid, table_w).flatten(1, 2)  # [B', h*w, kw]
+    patches = torch.arange(h * w, device=q.device)
+    if rule == "representative":
+        first = first_patches(positions, tokens).repeat_interleave(inner, 0)  # [B', N']
+        rows, cols = _take(rows, first), _take(cols, first)
+        return rows.gather(2, (first // w)[:, None].expand(-1, tokens, -1)) + cols.gather(
+            2, (first % w)[:, None].expand(-1, tokens, -1))
+    if rule != "mean":
+        raise ValueError(f"rel_pos rule is one of {REL_POS_RULES}, not {rule!r}")
+    acc = accumulation_dtype(q.dtype)
+    share = (1 / size.to(acc)).gather(1, positions)  # [B, h*w]: each patch's share of its token
+
+    def query_mean(terms: Tensor) -> Tensor:  # [B', N', k]: each token's mean row over its patches
+        sums = torch.zeros(batch, tokens, terms.shape[2], dtype=acc, device=q.device)
+        index = held[..., None].expand(-1, -1, terms.shape[2])
+        return sums.scatter_add(1, index, terms.to(acc) * share.repeat_interleave(inner, 0)[..., None])
+
+    def key_shares(axis: Tensor, entries: int) -> Tensor:  # [B, k, N']: share of each token's patches per row
+        cells = (axis[None] * tokens + positions).expand_as(share)
+        return torch.zeros(positions.shape[0], entries * tokens, dtype=acc, device=q.device).scatter_add(
+            1, cells, share).view(-1, entries, tokens)
+
+    bias = query_mean(rows) @ key_shares(patches // w, rows.shape[2]).repeat_interleave(inner, 0)
+    bias = bias + query_mean(cols) @ key_shares(patches % w, cols.shape[2]).repeat_interleave(inner, 0)
+    return bias.to(q.dtype)
 
 
 def mask_pairs(mask: Tensor, positions: Tensor, tokens: int) -> tuple[Tensor, Tensor]:

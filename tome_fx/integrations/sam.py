@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import merge
 from ..passes.branch_merges import BranchSettings
 from .per_branch import PerBranchToMe
 
@@ -31,7 +32,8 @@ def _holder(model):
     return None
 
 
-def apply(model, ratio: float = 0.5, *, sx: int = 2, sy: int = 2, use_rand: bool = False):
+def apply(model, ratio: float = 0.5, *, attn: bool = False, rel_pos: str = "mean", sx: int = 2, sy: int = 2,
+          use_rand: bool = False):
     """Merge ``ratio`` of the tokens in every MLP branch of a SAM image encoder.
 
     Given an encoder (``ImageEncoderViT``, ``SamVisionEncoder``, a timm ``samvit``): returns
@@ -43,14 +45,18 @@ def apply(model, ratio: float = 0.5, *, sx: int = 2, sy: int = 2, use_rand: bool
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    settings = BranchSettings(ratio, (0, 0), sx=sx, sy=sy, rand=use_rand, kinds=frozenset({"mlp"}), grid_stream=True)
+    if rel_pos not in merge.REL_POS_RULES:
+        raise ValueError(f"rel_pos is one of {merge.REL_POS_RULES}, not {rel_pos!r}")
+    kinds = frozenset({"mlp", "attn"} if attn else {"mlp"})
+    settings = BranchSettings(ratio, (0, 0), sx=sx, sy=sy, rand=use_rand, kinds=kinds, grid_stream=True,
+                              rel_pos=rel_pos)
     found = _holder(model)
     if found is None:
         encoder = model.model if isinstance(model, PerBranchToMe) else model
-        return PerBranchToMe(encoder, settings)
+        return PerBranchToMe(encoder, settings, prop_attn=attn)
     remove(model)
     holder, name = found
-    setattr(holder, name, PerBranchToMe(getattr(holder, name), settings))
+    setattr(holder, name, PerBranchToMe(getattr(holder, name), settings, prop_attn=attn))
     return model
 
 

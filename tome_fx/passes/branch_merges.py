@@ -22,6 +22,7 @@ from .functional_writes import FunctionalWrites
 from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
 from .graph_utils import aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention
+from .relative_positions import RelativePositionBias, RestageRelativePositions
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
 from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, analyze_token_flow, is_weights
@@ -49,6 +50,7 @@ class BranchSettings:
     kinds: frozenset[str] = frozenset({"attn"})
     grid_stream: bool = False  # the stream is a token grid [batch, h, w, channels] (SAM), not a sequence
     rope: str = "mean"  # the rotary terms of a merged token (``rotary_tables.RULES``)
+    rel_pos: str = "mean"  # the relative-position bias of a merged pair (``merge.REL_POS_RULES``)
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,15 @@ class Branch:
 
 @dataclass(frozen=True)
 class BranchPlan:
-    """A merging block: its tokens, the tokens its branches merge away, which branches merge."""
+    """A merging block: its tokens, the tokens its branches merge away, which branches merge;
+    ``windows``: (windows, tokens in each, merged away in each) where its attention branch
+    merges within the windows it attends over (SAM's windowed blocks)."""
 
     name: str
     tokens: int
     r: int
     merged: tuple[str, ...]
+    windows: tuple[int, int, int] | None = None
 
 
 def _is_attention(node: Node) -> bool:
@@ -179,6 +184,37 @@ def _merge_point(branch: Branch) -> Node:
     return branch.reads
 
 
+_PARTITION = _VIEWS | {aten.permute.default, aten.contiguous.default, aten.clone.default, aten.pad.default,
+                       aten.constant_pad_nd.default}
+
+
+def _window_point(branch: Branch, point: Node) -> Node | None:
+    """Where an attention branch on a token grid holds its tokens cut into windows: the last
+    [windows * batch, h', w', channels] tensor that views, permutes and pads of ``point`` (its
+    norm) make on the way to the attention; None where it attends over the whole grid. It
+    merges there, within each window, so windows keep equal token counts and merged tokens
+    never cross a window border."""
+    node, found = point, None
+    while True:
+        users = [u for u in node.users if u in branch.nodes]
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PARTITION:
+            break
+        node = users[0]
+        if len(shape_of(node)) == 4 and shape_of(node)[-1] == shape_of(point)[-1]:
+            found = node
+    return found if found is not None and shape_of(found) != shape_of(point) else None
+
+
+def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]]:
+    """The matching within each window of ``window`` [windows * batch, h', w', channels] (the
+    same number of merges in each), and (windows, tokens in each, merged away in each)."""
+    count, h, w, _ = shape_of(window)
+    r = min(int(h * w * settings.ratio), h * w - (h // settings.sy) * (w // settings.sx))
+    with graph.inserting_after(window):
+        order = graph.call_function(merge.grid_order, (window, h, w, settings.sx, settings.sy, r, settings.rand))
+    return order, (count // batch, h * w, r)
+
+
 def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
     """The block's token grid (h, w); (0, 0) where it is too far below full resolution to merge.
     A stream [batch, h, w, channels] is its own grid (SAM); a sequence [batch, tokens, channels]
@@ -228,6 +264,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     (``matching_<i>_<j>``); ``"reuse"``, read from them instead of computed (match reuse
     across denoising steps: give both graphs the same buffers)."""
     FunctionalWrites()(gm)
+    if "attn" in settings.kinds:
+        RelativePositionBias()(gm)
     blocks = find_attention_blocks(gm.graph)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
@@ -240,7 +278,9 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         chosen = [b for b in find_branches(block, attentions - {block.attention}) if b.kind in settings.kinds]
         if h == 0 or r <= 0 or not chosen:
             continue
-        if block.not_one_sequence and any(b.kind == "attn" for b in chosen):
+        # a token grid's attention may run per window or with heads folded in the batch: its branch
+        # merges within what it attends over, and the token-flow analysis proves what follows
+        if block.not_one_sequence and not settings.grid_stream and any(b.kind == "attn" for b in chosen):
             raise UnsupportedModelError(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}")
         if block.why_not_joined and block.joined == (0, 0):
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
@@ -251,18 +291,25 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand))
         if matchings is not None:
             order = _stored(gm, order, len(plans), own.meta["val"], (h, w, settings.sx, settings.sy, r), matchings)
+        windows = None
         for branch in chosen:
             point = _merge_point(branch)
             point_shape, stream_shape = shape_of(point), shape_of(block.stream)
-            if len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
+            window = _window_point(branch, point) if settings.grid_stream and branch.kind == "attn" else None
+            if window is not None:  # merge within each window the attention runs over
+                point, point_shape = window, shape_of(window)
+                branch_order, windows = _window_order(graph, window, stream_shape[0], settings)
+            elif len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
                 stream_shape[0], stream_shape[-1], tokens + lead + trail
             ):
                 raise UnsupportedModelError(
                     f"block {block.name}: its {branch.kind} branch starts from shape {point_shape}, not the block's "
                     f"{h} x {w} tokens laid out [batch, tokens, channels] or [batch, h, w, channels]"
                 )
-            with graph.inserting_after(order if point is block.stream else point):
-                step = graph.call_function(merge.branch_merge, (point, order, lead, trail))
+            else:
+                branch_order = order
+            with graph.inserting_after(branch_order if point is block.stream or window is not None else point):
+                step = graph.call_function(merge.branch_merge, (point, branch_order, lead, trail))
             with graph.inserting_after(step):
                 merged = graph.call_function(operator.getitem, (step, 0))
             merged.meta["val"] = point.meta["val"]  # the analysis reads shapes as captured
@@ -277,12 +324,21 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             branch.add.replace_input_with(branch.output, restored)
             roles = (BATCH, TOKEN, None) if len(point_shape) == 3 else (BATCH, TOKEN, GRID_INNER, None)
             seeds[merged] = Layout(roles, size=size, positions=positions, lead=lead, trail=trail)
-            closing.append((branch, restored))
-        plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen))))
+            closing.append((block, branch, restored))
+        if not order.users and matchings is None:  # only windows merge
+            graph.erase_node(order)
+        plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen), windows)))
 
     flow = analyze_token_flow(graph, seeds, protected=0)
-    for branch, restored in closing:
+    for block, branch, restored in closing:
         regridded = [n for n in flow.unmerges if n in branch.nodes]
+        if (regridded and branch.kind == "attn" and branch.output not in flow.layouts
+                and all(block.attention in ancestors(n) for n in regridded)):
+            # its attention ran over merged tokens, whose output un-merges where it is reshaped back
+            # to the grid (SAM: to the heads' grids, or out of the windows): no un-merge left to add
+            branch.add.replace_input_with(restored, branch.output)
+            graph.erase_node(restored)
+            continue
         if regridded:
             raise UnsupportedModelError(
                 f"{describe(branch.add)}: the {branch.kind} branch reshapes its tokens back to their grid "
@@ -306,6 +362,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             raise UnsupportedModelError(f"block {block.name}: could not prove that its attention runs over its tokens")
     RepairShapes(flow)(gm)
     RestageTables(flow, settings.rope)(gm)
+    RestageRelativePositions(flow, settings.rel_pos)(gm)
     if prop_attn:
         ProportionalAttention(flow)(gm)
     WeightedReductions(flow)(gm)

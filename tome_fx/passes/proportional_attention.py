@@ -36,10 +36,11 @@ class ProportionalAttention(FlowPass):
             if not layout.merged:
                 continue
             mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+            batch_dim, inner = layout.batch_axis()
             with graph.inserting_before(sdpa):
                 bias = graph.call_function(
                     merge.log_size_bias,
-                    (layout.size, query, layout.batch_dim(), tensor_meta(query).dim() - 1, layout.start, 1,
+                    (layout.size, query, batch_dim, tensor_meta(query).dim() - 1, layout.start, inner,
                      layout.lead, layout.trail),
                 )
                 mask = graph.call_function(merge.add_attention_bias, (mask, bias))

@@ -35,6 +35,7 @@ import torch
 from torch.fx import Graph, Node
 from torch.fx.passes.infra.pass_base import PassBase
 
+from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import query_key_paths
 from .graph_utils import (aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
@@ -156,6 +157,8 @@ class TokenFlow:
     open_splits: list[tuple[Node, int]] = field(default_factory=list)  # split_with_sizes along tokens, and its dim
     # (node applying it, mask, keys' layout): a pooling head's own mask over the keys
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
+    # (``merge.rel_pos_bias`` node, its queries' layout): relative positions read per merged pair
+    relative_positions: list[tuple[Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
 
     # (slice, argument index, dim, from the end, entries): a bound of a cut of a joint sequence,
@@ -347,8 +350,9 @@ class _Analysis:
             if node.op == "output":
                 self.outputs(tracked)
                 continue
-            if getattr(node.target, "__module__", "").startswith("tome_fx") or is_assertion(node):
-                continue  # nodes tome_fx inserted itself; dtype/device checks
+            if (node.target not in _RULES and getattr(node.target, "__module__", "").startswith("tome_fx")
+                    or is_assertion(node)):
+                continue  # nodes tome_fx inserted itself (but those it rewrote a model's ops into); dtype/device checks
             try:
                 with at_node(node, "analysing", expected=(_Refuse,)):
                     result = self.visit(node)
@@ -676,6 +680,8 @@ class _Analysis:
             self.flow.masked.append((node, lk))
         elif isinstance(mask, Node) and lk is not None and not self.layout(mask) and tensor_meta(mask).shape[-1] != 1:
             self.key_mask(node, mask, lk, shape_of(k)[-2])
+        elif isinstance(mask, Node) and self.pair_bias(self.layout(mask), lq, lk):
+            pass
         elif isinstance(mask, Node) and (self.layout(mask) or tensor_meta(mask).shape[-1] != 1):
             raise _Refuse("an attention mask over keys that is not the one mask shared by every block")
         if (lk is None) != (lv is None) or (lk and (lk.roles[-2] != TOKEN or lv.roles[-2] != TOKEN)):
@@ -685,12 +691,36 @@ class _Analysis:
         if lk is not None:
             if lq is not None and lq.size is not lk.size:
                 raise _Refuse("queries and keys come from before and after a merge")
-            if lk.batch_dim() is None:
-                raise _Refuse("the batch axis of the keys is folded into another axis")
+            if lk.batch_axis() is None:
+                raise _Refuse("the batch axis of the keys is folded inside another axis")
             self.flow.sdpas.append(node)
         if lq is None:
             return None
         return replace(lq, roles=lq.roles[:-1] + (None,))
+
+    @staticmethod
+    def pair_bias(mask: Layout | None, lq: Layout | None, lk: Layout | None) -> bool:
+        """Exact: an attention mask with one entry per (query, key) pair of these very merged
+        tokens (a relative-position bias read per merged pair) is added as it is."""
+        return (mask is not None and lq is not None and lk is not None and not mask.weights
+                and mask.roles[-2:] == (TOKEN, TOKEN) and mask.roles[:-2] == lq.roles[:-2]
+                and mask.tokens == lq.tokens == lk.tokens)
+
+    @_rule(merge.rel_pos_bias)
+    def relative_positions(self, node: Node) -> Layout:
+        """Approximate, by the ``rel_pos`` rule (``RestageRelativePositions``): decomposed
+        relative positions, a bias per (query, key) pair of one grid's self-attention, computed
+        per merged pair. A merged token stands for patches at several positions; no bias gives
+        it exactly each one's. Exact where the tables are zero."""
+        query = self.layout(node.args[0])
+        if any(self.layout(a) for a in node.args[1:3]):
+            raise _Refuse("its position tables are computed from the tokens")
+        self.no_weights(node, "reads")
+        batch = query.batch_axis()
+        if batch is None or batch[0] != 0 or query.roles[1:] != (TOKEN, None) or query.start:
+            raise _Refuse("its queries are not [batch (heads folded inside), tokens, channels] over every token")
+        self.flow.relative_positions.append((node, query))
+        return replace(query, roles=(query.roles[0], TOKEN, TOKEN))
 
     @_rule(*_RESHAPES, *_FLATTENS)
     def reshape(self, node: Node) -> Layout:
@@ -726,7 +756,8 @@ class _Analysis:
     def to_grid(self, node: Node, src: Layout, in_shape, out_shape) -> None:
         """Exact: a view that splits the token axis (back into a grid) reads the tokens
         un-merged, each original token taking its group's value, as captured."""
-        if src.batch_dim() is None or any(isinstance(role, Fold) for role in src.roles):
+        batch = src.batch_axis()
+        if batch is None or any(isinstance(role, Fold) for d, role in enumerate(src.roles) if d != batch[0]):
             raise _Refuse(f"it folds or splits the token axis (shape {in_shape} -> {out_shape})")
         self.no_joined(src, "it reshapes back to a grid")
         self.flow.unmerges.append(node)

@@ -29,9 +29,10 @@ from .token_flow import TOKEN, FlowPass, Layout, TokenFlow, is_weights
 
 def _unmerged(graph: Graph, value: Node, layout: Layout) -> Node:
     """Nodes (inserted at the graph's insertion point) un-merging ``value`` along every token axis."""
+    batch_dim, inner = layout.batch_axis()
     for dim in layout.dims(TOKEN):
         split = layout.size if is_weights(layout.roles[dim]) else None
-        value = graph.call_function(merge.unmerge, (value, layout.positions, layout.batch_dim(), dim, layout.start, split))
+        value = graph.call_function(merge.unmerge, (value, layout.positions, batch_dim, dim, layout.start, split, inner))
     return value
 
 
