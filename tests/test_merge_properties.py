@@ -245,3 +245,33 @@ def test_merging_down_duplicate_pairs_gives_each_pair_once():
     distinct = torch.randn(2, 6, 4, dtype=torch.float64)
     merged, size, _ = merge.merge_down(distinct.repeat_interleave(2, 1), 6)
     assert torch.equal(merged, distinct) and size.eq(2).all()
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 30),
+       st.integers(0, 2**16))
+def test_relative_positions_per_merged_pair_follow_their_patches(batch, heads, h, w, groups, seed):
+    """``merged_rel_pos_bias`` on any grouping of an h x w grid: ``"mean"`` gives each merged
+    pair the mean of the biases between their patches (each patch holding its token's query),
+    ``"representative"`` the bias between their first patches; unmerged, both are the bias."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, channels, double = h * w, 3, dict(dtype=torch.float64)
+    table_h, table_w = torch.randn(h, h, channels, generator=gen, **double), torch.randn(w, w, channels, generator=gen, **double)
+    q = torch.randn(batch * heads, tokens, channels, generator=gen, **double)
+    one = torch.arange(tokens).expand(batch, -1), torch.ones(batch, tokens, **double)
+    for rule in merge.REL_POS_RULES:
+        torch.testing.assert_close(merge.merged_rel_pos_bias(q, table_h, table_w, h, w, *one, heads, rule),
+                                   merge.rel_pos_bias(q, table_h, table_w, h, w), rtol=0, atol=1e-12)
+    groups = min(groups, tokens)  # every group holds a patch: the first ``groups`` patches open them
+    positions = torch.cat([torch.arange(groups).expand(batch, -1),
+                           torch.randint(groups, (batch, tokens - groups), generator=gen)], 1)
+    size = torch.zeros(batch, groups, **double).scatter_add(1, positions, torch.ones(batch, tokens, **double))
+    merged_q = q[:, :groups]
+    full = merge.rel_pos_bias(merge.reorder(merged_q, positions.repeat_interleave(heads, 0), 0, 1), table_h, table_w, h, w)
+    share = (torch.nn.functional.one_hot(positions, groups).to(torch.float64) / size.gather(1, positions)[..., None])
+    share = share.repeat_interleave(heads, 0)
+    torch.testing.assert_close(merge.merged_rel_pos_bias(merged_q, table_h, table_w, h, w, positions, size, heads, "mean"),
+                               share.transpose(1, 2) @ full @ share, rtol=0, atol=1e-10)
+    first = merge.first_patches(positions, groups).repeat_interleave(heads, 0)
+    expected = full[torch.arange(batch * heads)[:, None, None], first[:, :, None], first[:, None, :]]
+    torch.testing.assert_close(merge.merged_rel_pos_bias(merged_q, table_h, table_w, h, w, positions, size, heads,
+                                                         "representative"), expected, rtol=0, atol=1e-12)

@@ -1,4 +1,5 @@
-"""SAM's image encoder (Meta's segment_anything, HF SamModel, timm samvit): MLP branches merge.
+"""SAM's image encoder (Meta's segment_anything, HF SamModel, timm samvit): MLP branches merge,
+and with ``attn=True`` attention branches too (per window in windowed blocks).
 
 Small configs: a 128 px image, 16 px patches (an 8 x 8 grid), windows of 4 (aligned with
 the 2 x 2 merge cells, so duplicate cells stay duplicates through windowed attention),
@@ -117,11 +118,66 @@ def test_mlp_merging_is_exact_for_duplicate_tokens(family, ratio):
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_merging_is_exact_for_duplicate_tokens(family, ratio):
+    """``attn=True``: global blocks merge their attention branch over the whole grid, windowed
+    blocks within each window (aligned with the 2 x 2 cells here). With relative positions
+    zeroed, merging the duplicates with proportional attention leaves the embeddings
+    unchanged; without proportional attention it does not (the attention runs on fewer keys
+    of unequal sizes)."""
+    model = _model(family, zero_positions=True)
+    x = _duplicate_cells()
+    expected = _embed(family, model, x)
+    fast, encoder = _apply(model, ratio, attn=True)
+    torch.testing.assert_close(_embed(family, fast, x), expected, rtol=0, atol=1e-10)
+    (plan,) = encoder.plans.values()
+    window = (4, 16, int(16 * ratio))  # 4 windows of 4 x 4 tokens in each image
+    assert [p.windows for p in plan] == [window, None, window, None]
+    assert all(p.merged == ("attn", "mlp") and p.r == int(64 * ratio) for p in plan)
+    if ratio == 0.5:  # (at 0.75 every token holds 4 patches: log(size) is the same for all keys)
+        plain = PerBranchToMe(encoder.model, encoder.settings, prop_attn=False)
+        with torch.no_grad():
+            first = (lambda out: out[0]) if family == "hf" else (lambda out: out)  # HF returns a ModelOutput
+            assert (first(plain(x)) - first(encoder(x))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relative_positions_are_read_per_merged_pair(family):
+    """Rewriting each decomposed relative-position bias as one op changes no value; merged,
+    each rule computes it per merged pair, and the rules differ."""
+    from tome_fx.call_spec import CallSpec
+    from tome_fx.capture import capture
+    from tome_fx.merge import merged_rel_pos_bias, rel_pos_bias
+    from tome_fx.passes.relative_positions import RelativePositionBias
+
+    model = _model(family)
+    encoder = model.vision_encoder if family == "hf" else model
+    x = torch.randn(1, 3, IMG, IMG, dtype=torch.float64)
+    call = CallSpec.record(encoder, (x,), {})
+    gm = capture(encoder, call, dynamic_batch=False)
+    args, kwargs = call.graph_call(call.arguments)
+    with torch.no_grad():
+        expected = gm(*args, **kwargs)
+        RelativePositionBias()(gm)
+        torch.testing.assert_close(gm(*args, **kwargs), expected, rtol=0, atol=1e-12)
+    assert sum(n.target is rel_pos_bias for n in gm.graph.nodes) == 4
+    outputs = {}
+    for rule in ("mean", "representative"):
+        fast, wrapper = _apply(model, 0.5, attn=True, rel_pos=rule)
+        outputs[rule] = _embed(family, fast, x)
+        (runner, _), = wrapper._graphs.values()
+        assert [n.args[-1] for n in runner.graph.nodes if n.target is merged_rel_pos_bias] == [rule] * 4
+    assert (outputs["mean"] - outputs["representative"]).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="rel_pos"):
+        sam.apply(model, 0.5, attn=True, rel_pos="nearest")
+
+
 def test_compiled_equals_eager():
     model = _model("segment_anything")
     x = torch.randn(1, 3, IMG, IMG, dtype=torch.float64)
-    eager = _embed("segment_anything", sam.apply(model, 0.5), x)
-    fast = sam.apply(model, 0.5)
+    eager = _embed("segment_anything", sam.apply(model, 0.5, attn=True), x)
+    fast = sam.apply(model, 0.5, attn=True)
     fast.compile(fullgraph=True)
     torch.testing.assert_close(_embed("segment_anything", fast, x), eager, rtol=0, atol=1e-10)
     assert fast.summary().startswith("inputs ((1, 3, 128, 128),): 4 blocks merge")
@@ -149,6 +205,10 @@ def test_predictor_set_image_and_predict():
     assert predictor.features.shape == original.shape and not torch.equal(predictor.features, original)
     masks, scores, _ = predictor.predict(point_coords=np.array([[40, 50]]), point_labels=np.array([1]))
     assert masks.shape == (3, 96, IMG) and scores.shape == (3,)
+    sam.apply(predictor, 0.5, attn=True)
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(point_coords=np.array([[40, 50]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 96, IMG) and model.image_encoder.settings.kinds == {"attn", "mlp"}
     assert sam.remove(predictor).model.image_encoder is encoder
 
 
