@@ -23,6 +23,17 @@ from ..passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
 from .match_reuse import MatchReuse
 
 
+def _describe(plan: BranchPlan) -> str:
+    """One line of ``summary``: what a block's branches merge (an attention branch that merges
+    per window, separately)."""
+    whole = [k for k in plan.merged if not (plan.windows and k == "attn")]
+    text = f"  {plan.name}: {plan.tokens} tokens" + (f", {plan.r} merged away in {', '.join(whole)}" if whole else "")
+    if plan.windows:
+        count, tokens, r = plan.windows
+        text += f"; attn: {r} of {tokens} merged away in each of {count} windows"
+    return text
+
+
 class PerBranchToMe(torch.nn.Module):
     """``model`` with its chosen branches merging tokens as ``settings`` says; ``prop_attn``:
     proportional attention in merged self-attention; ``reuse`` > 1: each matching is reused
@@ -74,7 +85,7 @@ class PerBranchToMe(torch.nn.Module):
         lines = []
         for shapes, plan in self.plans.items():
             lines.append(f"inputs {shapes}: {len(plan)} blocks merge")
-            lines += [f"  {p.name}: {p.tokens} tokens, {p.r} merged away in {', '.join(p.merged)}" for p in plan]
+            lines += [_describe(p) for p in plan]
         return "\n".join(lines) or "no call yet: plans are made per input shape, on the first call"
 
     def _key(self, call: CallSpec, settings: BranchSettings) -> tuple:

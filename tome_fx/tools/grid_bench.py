@@ -243,13 +243,20 @@ def _merge_ops(plan, model: torch.nn.Module, inputs: dict):
 
 def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
             dtype: torch.dtype = torch.float32) -> list[GridRow]:
-    """segment_anything's ViT-B image encoder at 1024 x 1024, batch 1."""
+    """segment_anything's ViT-B image encoder at 1024 x 1024, batch 1: at each ratio the MLP
+    branches alone, then attention too (``rel_pos="mean"``), and at the largest ratio attention
+    with ``rel_pos="representative"`` (the cheaper rule)."""
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
     encoder, inputs = _to(sam_model_registry["vit_b"](checkpoint=None).image_encoder.eval(),
                           torch.randn(1, 3, 1024, 1024), device, dtype)
-    calls = {"original": encoder, **{f"tome_fx r={r}": sam.apply(encoder, r) for r in ratios}}
+    calls = {"original": encoder}
+    for r in ratios:
+        calls[f"tome_fx r={r} mlp"] = sam.apply(encoder, r)
+        calls[f"tome_fx r={r} attn+mlp"] = sam.apply(encoder, r, attn=True)
+    calls[f"tome_fx r={max(ratios)} attn+mlp representative"] = sam.apply(encoder, max(ratios), attn=True,
+                                                                         rel_pos="representative")
     if mode == "compiled":
         for name, m in calls.items():
             if name != "original":
