@@ -275,3 +275,15 @@ def test_relative_positions_per_merged_pair_follow_their_patches(batch, heads, h
     expected = full[torch.arange(batch * heads)[:, None, None], first[:, :, None], first[:, None, :]]
     torch.testing.assert_close(merge.merged_rel_pos_bias(merged_q, table_h, table_w, h, w, positions, size, heads,
                                                          "representative"), expected, rtol=0, atol=1e-12)
+
+
+def test_grid_matching_merges_zero_padding_with_padding_first():
+    """SAM pads its windows with zeros: all-zero tokens pair with each other (no NaN score
+    sends them into a real token), and merge before any real pair."""
+    x = torch.randn(2, 6, 6, 4, dtype=torch.float64)
+    x[:, 4:] = 0  # two rows of padding
+    matching = merge.grid_order(x, 6, 6, 2, 2, 9, False)
+    flat = x.flatten(1, 2)
+    src, dst = matching.a[matching.src_idx], matching.b[matching.dst_idx]
+    padded = flat.abs().sum(-1) == 0
+    assert padded.gather(1, src).all() and padded.gather(1, dst).all()  # the 9 padding sources, into padding

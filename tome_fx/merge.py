@@ -444,7 +444,8 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     """tomesd's matching on an ``h`` x ``w`` grid of tokens ``metric`` [B, N, C]: one receiving
     (dst) token in each ``sy`` x ``sx`` cell -- its top-left one, or with ``rand`` a random one
     (global RNG) -- every other token a source; each source pairs with its most similar dst
-    by cosine similarity, and the ``r`` best pairs merge. Kept tokens are ordered
+    by cosine similarity (all-zero tokens: 1 with each other, 0 with the rest), and the ``r``
+    best pairs merge. Kept tokens are ordered
     ``[unmerged sources by position, dst tokens]``."""
     metric = metric.flatten(1, -2)  # a grid [B, h, w, C] as its h * w tokens
     device = metric.device
@@ -458,8 +459,13 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     order = marks.flatten().argsort(stable=True)  # dst (-1) first, then sources, each by position
     dst_set, src_set = order[: hsy * wsx], order[hsy * wsx :]
     metric = metric.detach()
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    norm = metric.norm(dim=-1, keepdim=True)
+    metric = metric / norm.clamp_min(torch.finfo(norm.dtype).tiny)
     scores = metric[:, src_set] @ metric[:, dst_set].transpose(1, 2)
+    # all-zero tokens (the padding of SAM's windows) match each other best and nothing else:
+    # their cosine is undefined, and a NaN score would merge them into arbitrary tokens first
+    blank = norm[..., 0] == 0
+    scores = scores.masked_fill(blank[:, src_set, None] & blank[:, None, dst_set], 1.0)
     r = min(r, src_set.shape[0])
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
