@@ -272,3 +272,89 @@ def test_new_weights_assigned_to_the_encoder_are_used():
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, _embed("segment_anything", sam.apply(model, 0.5), x), rtol=0, atol=0)
     assert len(fast._graphs) == 1  # the stale graph is dropped
+
+
+def test_timm_hiera_is_refused_naming_mask_units():
+    import timm
+
+    model = timm.create_model("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1),
+                              num_classes=3).eval()
+    with pytest.raises(tome_fx.UnsupportedModelError, match="mask units.*tome_fx.sam.apply"):
+        sam.apply(model, 0.5)(torch.randn(1, 3, 64, 64))
+
+
+# SAM 2 (PyPI sam2): its Hiera image encoder keeps a [B, h, w, C] token grid through four stages,
+# pooling it 2x between them; windowed blocks, and global ones in stage 3.
+
+
+class _Tokens(torch.nn.Module):
+    """Stands in for Hiera's overlapping patch embedding: the input [B, C, h, w] is the token grid."""
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def _sam2_encoder(seed: int = 0):
+    """A small Hiera + FPN neck (float64): stages of 2 blocks on a 32 x 32 token grid (16, 8, 4
+    after each pooled stage change), windows of 4, 4, global, 2; positions zeroed."""
+    pytest.importorskip("sam2")
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+    torch.manual_seed(seed)
+    trunk = Hiera(embed_dim=16, num_heads=1, stages=(2, 2, 2, 2), global_att_blocks=(5,), window_spec=(4, 4, 4, 2),
+                  window_pos_embed_bkg_spatial_size=(4, 4))
+    neck = FpnNeck(PositionEmbeddingSine(num_pos_feats=32, normalize=True), d_model=32,
+                   backbone_channel_list=trunk.channel_list, fpn_top_down_levels=[2, 3], fpn_interp_model="nearest")
+    encoder = ImageEncoder(trunk, neck, scalp=1).double().eval()
+    trunk.patch_embed = _Tokens()
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if "pos_embed" not in name:
+                p.normal_(0, 0.3 / p.shape[-1] ** 0.5) if p.dim() > 1 else p.normal_(0.0, 0.1)
+    return encoder
+
+
+@pytest.mark.parametrize("attn", [False, True])
+def test_sam2_hiera_merging_is_exact_for_duplicate_tokens(attn):
+    """Tokens repeated in 16 x 16 blocks (so duplicates survive three 2x poolings), positions
+    zeroed: every stage's MLP branches (and with ``attn``, attention within windows and over the
+    whole grid) merge and leave every output unchanged; the pooled stage changes merge nothing,
+    and say so."""
+    encoder = _sam2_encoder()
+    torch.manual_seed(1)
+    x = torch.randn(2, 16, 2, 1, 2, 1, dtype=torch.float64).expand(-1, -1, -1, 16, -1, 16).reshape(2, 16, 32, 32)
+    with torch.no_grad():
+        expected = encoder(x)
+        fast = sam.apply(encoder, 0.5, attn=attn)
+        got = fast(x)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    (plan,) = fast.plans.values()
+    merging = [p for p in plan if not p.unmerged]
+    assert [p.name for p in merging] == [f"trunk.blocks.{i}" for i in (0, 1, 3, 5, 7)]
+    assert [p.tokens for p in merging] == [1024, 1024, 256, 64, 16]
+    expected_windows = [(64, 16, 8), (64, 16, 8), (16, 16, 8), None, (4, 4, 2)] if attn else [None] * 5
+    assert [p.windows for p in merging] == expected_windows
+    assert [p.name for p in plan if p.unmerged] == [f"trunk.blocks.{i}" for i in (2, 4, 6)]
+    assert "trunk.blocks.2: not merged: its block changes the token grid" in fast.summary()
+
+
+def test_sam2_image_predictor_runs_on_the_swapped_encoder():
+    pytest.importorskip("sam2")
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    torch.manual_seed(0)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
+                       hydra_overrides_extra=["++model.image_size=256"])  # random init: no weights offline
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # its sizes for 1024 px, at 256
+    image = np.random.default_rng(0).integers(0, 256, (200, 256, 3), dtype=np.uint8)
+    encoder = model.image_encoder
+    assert sam.apply(predictor, 0.5, attn=True) is predictor and isinstance(model.image_encoder, PerBranchToMe)
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(point_coords=np.array([[40, 50]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 200, 256) and scores.shape == (3,)
+    assert sam.remove(predictor).model.image_encoder is encoder

@@ -67,13 +67,15 @@ class Branch:
 class BranchPlan:
     """A merging block: its tokens, the tokens its branches merge away, which branches merge;
     ``windows``: (windows, tokens in each, merged away in each) where its attention branch
-    merges within the windows it attends over (SAM's windowed blocks)."""
+    merges within the windows it attends over (SAM's windowed blocks); ``unmerged``: why a
+    block merges nothing (a stage change that pools the grid: Hiera's)."""
 
     name: str
     tokens: int
     r: int
     merged: tuple[str, ...]
     windows: tuple[int, int, int] | None = None
+    unmerged: str | None = None
 
 
 def _is_attention(node: Node) -> bool:
@@ -222,7 +224,8 @@ def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
     shape = shape_of(block.stream)
     if len(shape) != (4 if settings.grid_stream else 3):
         expected = "[batch, h, w, channels]" if settings.grid_stream else "[batch, tokens, channels]"
-        raise UnsupportedModelError(f"block {block.name}: tokens of shape {shape}; expected {expected}")
+        why = f": {block.not_one_sequence}" if block.not_one_sequence else ""
+        raise UnsupportedModelError(f"block {block.name}: tokens of shape {shape}; expected {expected}{why}")
     if settings.grid_stream:
         return shape[1], shape[2]
     height, width = settings.grid
@@ -266,7 +269,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     FunctionalWrites()(gm)
     if "attn" in settings.kinds:
         RelativePositionBias()(gm)
-    blocks = find_attention_blocks(gm.graph)
+    stage_changes = []
+    blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes)
     if not blocks:
         raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
     graph, seeds, closing, plans = gm.graph, {}, [], []
@@ -369,4 +373,6 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     Unmerge(flow, outputs=False)(gm)
     graph.lint()
     gm.recompile()
-    return tuple(plan for _, plan in plans), None if plans else _why_nothing_merges(blocks, settings)
+    kept = tuple(BranchPlan(change.name, 0, 0, (), unmerged="its block changes the token grid (a stage change: the "
+                            "residual is a projection or pooling of the block's input)") for change in stage_changes)
+    return tuple(plan for _, plan in plans) + kept, None if plans else _why_nothing_merges(blocks, settings)

@@ -273,9 +273,11 @@ def in_scope(path: str, scope: tuple[str, ...]) -> bool:
     return not scope or any(path == s or path.startswith(s + ".") for s in scope)
 
 
-def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> list[AttentionBlock]:
+def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = (),
+                          stage_changes: list[StageChange] | None = None) -> list[AttentionBlock]:
     """The attention blocks in graph order; with ``scope`` (module paths), only those under it:
-    attention elsewhere is left as captured, unexamined."""
+    attention elsewhere is left as captured, unexamined. An attention whose block changes the
+    token grid is refused, or with ``stage_changes`` (a list) put there and left as it is."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     blocks: list[AttentionBlock] = []
     for node in graph.nodes:
@@ -283,7 +285,11 @@ def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> list[Att
                 and (node.target in SDPA | SOFTMAX or linear_attention(node) is not None)):
             with at_node(node, "looking for an attention block at"):
                 block = _block_at(node, order)
-            if isinstance(block, _Parallel):
+            if isinstance(block, StageChange):
+                if stage_changes is None:
+                    raise UnsupportedModelError(block.reason)
+                stage_changes.append(block)
+            elif isinstance(block, _Parallel):
                 if not blocks:
                     raise UnsupportedModelError(block.reason)
                 blocks[-1] = replace(blocks[-1], parallel=block.reason)
@@ -358,6 +364,15 @@ class _Parallel:
     reason: str
 
 
+@dataclass(frozen=True)
+class StageChange:
+    """An attention whose block changes the token grid (Hiera's pooled stage transitions):
+    named, with why it is no block to merge in."""
+
+    name: str
+    reason: str
+
+
 def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel | None:
     """The attention block whose attention is ``node`` (an sdpa or a softmax), or None where
     ``node`` is no self-attention over a residual stream (cross-attention, pooling)."""
@@ -384,6 +399,10 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel 
     shape = None if key_meta is None else tuple(d if isinstance(d, int) else "batch" for d in key_meta.shape)
     windowed = (f"keys must be [batch, heads, tokens, dim] (4-d), got {shape}: attention within windows, or over a "
                 "grid folded into several axes, is not one sequence of tokens") if shape is None or len(shape) != 4 else None
+    if any(kind.endswith(".MaskUnitAttention") for _, kind in (node.meta.get("nn_module_stack") or {}).values()):
+        windowed = (f"keys of shape {shape}: timm's Hiera attends within mask units (its tokens unrolled so that each "
+                    "unit's are contiguous, then cut into units), not over one sequence of tokens; merging within mask "
+                    "units is not built (SAM 2's Hiera keeps a token grid and merges with tome_fx.sam.apply)")
     if found is None:
         other = _other_residual(output, keys, order)
         if other is not None and other[0] == "parallel":
@@ -393,11 +412,11 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel 
                 "branches on one input (SD3.5's dual attention) leave no single point between them to merge the "
                 "stream at; merge per block instead (tome_fx.sd.apply)")
         if other is not None:
-            raise UnsupportedModelError(
+            return StageChange(module_path(other[1]) or module_path(node) or node.name, (
                 f"attention at {describe(node)}: " + (f"{windowed}; and " if windowed else "")
                 + f"the residual added after it ({describe(other[1])}) is computed from the block's input (projected "
                 "or pooled), not the input itself: the token count or width changes here, as between the stages of "
-                "a hierarchical model (Hiera, MViT)")
+                "a hierarchical model (Hiera, MViT)"))
         raise UnsupportedModelError(
             f"attention at {describe(node)} has no residual connection around it; "
             "token merging is defined for residual transformer blocks"
