@@ -17,9 +17,11 @@ tome-fx bench --models deit_tiny_patch16_224 deit_base_patch16_224 vit_base_patc
 # the Fashion-MNIST reference model (width 64) at batch 64, with merge share
 tome-fx bench --models fashion-vit --r 8 16 24 --batch 64 --modes eager compiled --threads 2 --repeats 20 \
     --merge-share --out $out/fashion
-# per-branch merging at full size (about 40 minutes): an SD-1.5-shaped UNet step against tomesd, SAM's ViT-B encoder
+# per-branch merging at full size (about 60 minutes): an SD-1.5-shaped UNet step against tomesd, SAM's ViT-B
+# and SAM 2.1's Hiera-B+ encoders (MLP branches alone, and with attention)
 tome-fx bench-grid sd --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 tome-fx bench-grid sam --modes eager compiled --threads 2 --repeats 3 --out $out/grid
+tome-fx bench-grid sam2 --modes eager compiled --threads 2 --repeats 3 --out $out/grid
 # diffusion transformer blocks at their real widths (about 70 minutes together): two SD3-medium-width joint
 # blocks at 1024 px (4096 image + 333 text tokens, batch 2), FLUX.1 width at 1024 px (one double, one single
 # block), Wan 2.1 1.3B width on a small clip; ratio 0.3/0.5/0.7 per block, with reused matchings, whole
@@ -37,6 +39,9 @@ OMP_NUM_THREADS=2 python benchmarks/accuracy.py --out $out
 # RoPE: how a merged token rotates, top-1 of the Fashion-MNIST RoPE model per rule against r
 # (train it first, about 70 minutes: python benchmarks/train_fashion_mnist.py --arch rope)
 OMP_NUM_THREADS=2 python benchmarks/rope.py --out $out
+# SAM's relative positions: top-1 of the Fashion-MNIST SAM-encoder twin per rel_pos rule against ratio
+# (train it first, about 70 minutes: python benchmarks/train_fashion_mnist.py --arch samvit --epochs 8)
+OMP_NUM_THREADS=2 python benchmarks/rel_pos.py --out $out
 # training step time and activation memory (eager, compiled, checkpointed)
 OMP_NUM_THREADS=2 python benchmarks/training.py --out $out
 # small-batch latency against the official patch's algorithm, and the deploy runtimes (about 25 minutes)

@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
-    parser.add_argument("--arch", choices=("vit", "rope"), default="vit")
+    parser.add_argument("--arch", choices=("vit", "rope", "samvit"), default="vit")
     parser.add_argument("--out", help="default: the shipped checkpoint of --arch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", help="start from these weights (a further cosine cycle) instead of random init")
@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {torch.get_num_threads()} threads, "
           f"{steps_per_epoch} steps/epoch", flush=True)
 
-    out = pathlib.Path(args.out or {"vit": fashion_mnist.CHECKPOINT, "rope": fashion_mnist.ROPE_CHECKPOINT}[args.arch])
+    out = pathlib.Path(args.out or {"vit": fashion_mnist.CHECKPOINT, "rope": fashion_mnist.ROPE_CHECKPOINT,
+                                       "samvit": fashion_mnist.SAMVIT_CHECKPOINT}[args.arch])
     out.parent.mkdir(parents=True, exist_ok=True)
     began = time.time()
     best, history = (evaluate(net, test_x, test_y) if args.init else 0.0), []

@@ -115,10 +115,10 @@ def _bench_grid(args) -> None:
     from . import grid_bench
 
     where = _set_device(args)
-    defaults = {"sd": [0.3, 0.5, 0.6], "sam": [0.5, 0.75]}
+    defaults = {"sd": [0.3, 0.5, 0.6], "sam": [0.5, 0.75], "sam2": [0.5, 0.75]}
     rows, ratios = [], args.ratios or defaults.get(args.model, [0.3, 0.5, 0.7])
     for mode in args.modes:
-        run = ({"sd": grid_bench.run_sd, "sam": grid_bench.run_sam}.get(args.model)
+        run = ({"sd": grid_bench.run_sd, "sam": grid_bench.run_sam, "sam2": grid_bench.run_sam2}.get(args.model)
                or partial(grid_bench.run_denoiser, args.model))
         rows += run(ratios, mode, args.repeats, device=args.device, dtype=getattr(torch, args.dtype))
         grid_bench.write(rows, args.out, args.model)  # after each mode: a long run keeps what it has
@@ -193,15 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
 
-    p = commands.add_parser("bench-grid", help="merging timed at full size: SD UNet, SD3/FLUX/Wan blocks, SAM encoder",
+    p = commands.add_parser("bench-grid", help="merging timed at full size: SD UNet, SD3/FLUX/Wan blocks, SAM encoders",
                             description="Merging timed at full size: an SD-1.5-shaped UNet at 512 px, batch 2, "
                             "against tomesd; diffusion transformer blocks at their real widths (two SD3-medium "
                             "joint blocks at 1024 px, batch 2; one FLUX.1 double and one single block at 1024 px; "
                             "two Wan 2.1 1.3B blocks on a 17 x 256 x 256 clip) per block, reusing matchings and "
-                            "whole-stream; or SAM's ViT-B image encoder at 1024 px.")
-    p.add_argument("model", choices=["sd", "sd3", "flux", "wan", "sam"])
+                            "whole-stream; or SAM's ViT-B or SAM 2.1's Hiera-B+ image encoder at 1024 px, MLP "
+                            "branches merging alone and with attention.")
+    p.add_argument("model", choices=["sd", "sd3", "flux", "wan", "sam", "sam2"])
     p.add_argument("--ratios", nargs="+", type=float, default=None,
-                   help="ratios to time (default: sd 0.3 0.5 0.6, sam 0.5 0.75, transformers 0.3 0.5 0.7)")
+                   help="ratios to time (default: sd 0.3 0.5 0.6, sam and sam2 0.5 0.75, transformers 0.3 0.5 0.7)")
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (after warm-up)")
     _add_device_arguments(p)

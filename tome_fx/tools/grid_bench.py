@@ -1,5 +1,5 @@
 """Per-branch merging, timed: a Stable Diffusion UNet step, diffusion transformers' blocks at
-their real widths (SD3-medium, FLUX.1, Wan 2.1) and SAM's image encoder.
+their real widths (SD3-medium, FLUX.1, Wan 2.1) and SAM's and SAM 2's image encoders.
 
 Both at the sizes users run (random init: speed does not depend on weights). Every
 variant is built and warmed up first (compiled ones compile then), then timed calls go
@@ -243,14 +243,30 @@ def _merge_ops(plan, model: torch.nn.Module, inputs: dict):
 
 def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
             dtype: torch.dtype = torch.float32) -> list[GridRow]:
-    """segment_anything's ViT-B image encoder at 1024 x 1024, batch 1: at each ratio the MLP
-    branches alone, then attention too (``rel_pos="mean"``), and at the largest ratio attention
-    with ``rel_pos="representative"`` (the cheaper rule)."""
+    """segment_anything's ViT-B image encoder at 1024 x 1024, batch 1."""
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
-    encoder, inputs = _to(sam_model_registry["vit_b"](checkpoint=None).image_encoder.eval(),
-                          torch.randn(1, 3, 1024, 1024), device, dtype)
+    encoder = sam_model_registry["vit_b"](checkpoint=None).image_encoder.eval()
+    return _sam_rows(encoder, "SAM ViT-B encoder 1024px b1", ratios, mode, repeats, device, dtype)
+
+
+def run_sam2(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> list[GridRow]:
+    """SAM 2.1's Hiera-B+ image encoder (trunk and FPN neck) at 1024 x 1024, batch 1."""
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(0)
+    encoder = build_sam2("configs/sam2.1/sam2.1_hiera_b+.yaml", None, device="cpu").image_encoder.eval()
+    return _sam_rows(encoder, "SAM 2.1 Hiera-B+ encoder 1024px b1", ratios, mode, repeats, device, dtype)
+
+
+def _sam_rows(encoder: torch.nn.Module, label: str, ratios: list[float], mode: str, repeats: int, device: str,
+              dtype: torch.dtype) -> list[GridRow]:
+    """A SAM image encoder timed at each ratio with its MLP branches merging alone, then its
+    attention too (``rel_pos="mean"``), and at the largest ratio attention with
+    ``rel_pos="representative"`` (the cheaper rule)."""
+    encoder, inputs = _to(encoder, torch.randn(1, 3, 1024, 1024), device, dtype)
     calls = {"original": encoder}
     for r in ratios:
         calls[f"tome_fx r={r} mlp"] = sam.apply(encoder, r)
@@ -267,7 +283,7 @@ def run_sam(ratios: list[float], mode: str, repeats: int, device: str = "cpu",
             m(inputs)  # captures (and compiles) first: FlopCounterMode would count the capture's fake run
         bounds = _bounds(calls, inputs) if mode == "eager" else {}
     times = time_interleaved(calls, inputs, repeats, warmup=1)
-    return _timed(times, "SAM ViT-B encoder 1024px b1", mode, bounds, {})
+    return _timed(times, label, mode, bounds, {})
 
 
 def write(rows: list[GridRow], out: str, name: str) -> None:
