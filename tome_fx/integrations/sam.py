@@ -1,14 +1,21 @@
-"""SAM's image encoder with Token Merging in its MLP branches.
+"""SAM's and SAM 2's image encoders with Token Merging in their branches.
 
-SAM's encoder (Meta's ``segment_anything``, HF ``SamModel``, timm ``samvit_*``) keeps its
-tokens as a 64 x 64 grid: windowed blocks partition it, global blocks add decomposed
-relative positions, the neck convolves it. So the stream is never merged; each block's
-MLP branch merges its input after the norm (one dst per ``sy`` x ``sx`` cell, tomesd's
-matching on the block's input), runs on fewer tokens and un-merges before the residual
-add (``passes.branch_merges``). An MLP acts on each token alone, so this is exact where
-the merged tokens are duplicates at the MLP's input. The attention branches do not merge:
-a window or a relative-position term needs every token at its own position, and a merged
-token has several.
+SAM's encoder (Meta's ``segment_anything``, HF ``SamModel``, timm ``samvit_*``) and SAM 2's
+Hiera keep their tokens as a [B, h, w, C] grid: windowed blocks partition it, global blocks
+add decomposed relative positions (SAM), stages pool it (Hiera), the neck convolves it. So
+the stream is never merged; each block's branches merge (``passes.branch_merges``, one dst
+per ``sy`` x ``sx`` cell, tomesd's matching), run on fewer tokens and un-merge before the
+residual add.
+
+- MLP branches (the default): merged after the norm; exact where the merged tokens are
+  duplicates, since an MLP acts on each token alone.
+- Attention branches too with ``attn=True`` (with proportional attention): a windowed
+  block merges within each window, the same number in every window, so merged tokens
+  never cross a window border; a global block over its whole grid, its relative positions
+  read per merged pair by the ``rel_pos`` rule (``passes.relative_positions``).
+  Approximate: a merged token stands for patches at several positions. Exact where the
+  merged tokens are duplicates and the relative positions are zero.
+- Hiera's pooled stage changes merge nothing (``summary`` lists them).
 """
 
 from __future__ import annotations
@@ -34,14 +41,18 @@ def _holder(model):
 
 def apply(model, ratio: float = 0.5, *, attn: bool = False, rel_pos: str = "mean", sx: int = 2, sy: int = 2,
           use_rand: bool = False):
-    """Merge ``ratio`` of the tokens in every MLP branch of a SAM image encoder.
+    """Merge ``ratio`` of the tokens in every MLP branch of a SAM or SAM 2 image encoder, and
+    with ``attn`` in every attention branch too (per window in windowed blocks).
 
-    Given an encoder (``ImageEncoderViT``, ``SamVisionEncoder``, a timm ``samvit``): returns
-    a new module called and read like it. Given a model or predictor that holds one (``Sam``,
-    ``SamModel``, ``SamPredictor``): replaces its encoder with that module and returns it;
-    ``remove`` restores the original. No parameter is modified. ``ratio=0`` merges nothing.
-    ``sx``, ``sy``: one dst per ``sy`` x ``sx`` cell (at most 1 - 1/(sx*sy) of the tokens
-    merge), picked at random with ``use_rand`` (global RNG).
+    Given an encoder (``ImageEncoderViT``, ``SamVisionEncoder``, a timm ``samvit``, SAM 2's
+    ``ImageEncoder``): returns a new module called and read like it. Given a model or predictor
+    that holds one (``Sam``, ``SamModel``, ``SamPredictor``, ``SAM2Base``,
+    ``SAM2ImagePredictor``): replaces its encoder with that module and returns it; ``remove``
+    restores the original. No parameter is modified. ``ratio=0`` merges nothing. ``rel_pos``:
+    how a merged pair sees SAM's relative positions, ``"mean"`` (the mean of its patches'
+    biases; measured best, ``benchmarks/rel_pos.py``) or ``"representative"`` (its first
+    patches'). ``sx``, ``sy``: one dst per ``sy`` x ``sx`` cell (at most 1 - 1/(sx*sy) of the
+    tokens merge), picked at random with ``use_rand`` (global RNG).
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")

@@ -44,20 +44,21 @@ def _term(leaf: Node) -> tuple[int, Node, Node] | None:
     term, dim = leaf.args
     if not (isinstance(term, Node) and term.target == aten.einsum.default and len(term.args[1]) == 2):
         return None
-    (grid_letters, table_letters), out = (list(letters) for letters in einsum_letters(term)[0]), list(einsum_letters(term)[1])
+    (grid_letters, table_letters), out = einsum_letters(term)
     if len(grid_letters) != 4 or len(table_letters) != 3 or len(set(grid_letters)) != 4:
         return None
     b, h, w, c = grid_letters
     for axis, along in ((1, h), (2, w)):
         key = table_letters[1]
-        if table_letters == [along, key, c] and key not in grid_letters and out == [b, h, w, key]:
+        if table_letters == along + key + c and key not in grid_letters and out == b + h + w + key:
             # rows' key axis is the bias's dim 3 (unsqueezed at 4), columns' dim 4 (unsqueezed at 3)
             return (axis, *term.args[1]) if dim % 5 == {1: 4, 2: 3}[axis] else None
     return None
 
 
 def _bias(reshape: Node) -> tuple[Node, Node, Node, Node | None] | None:
-    """(query grid, row table, column table, logits added in or None) for a reshape of a decomposed relative-position bias [B, h, w, kh, kw] to its pairs."""
+    """(query grid, row table, column table, logits added in or None) for a reshape of a
+    decomposed relative-position bias [B, h, w, kh, kw] to its pairs."""
     total = reshape.args[0]
     if not isinstance(total, Node) or len(shape_of(total)) != 5:
         return None
@@ -85,12 +86,13 @@ def _bias(reshape: Node) -> tuple[Node, Node, Node, Node | None] | None:
 
 def _erase_dead(graph, node: Node) -> None:
     """Erase ``node`` if nothing uses it, then whatever it alone used."""
-    stack = [node]
+    stack, erased = [node], set()
     while stack:
         current = stack.pop()
-        if current.op == "call_function" and not current.users and not current.is_impure():
+        if current not in erased and current.op == "call_function" and not current.users and not current.is_impure():
             stack += current.all_input_nodes
             graph.erase_node(current)
+            erased.add(current)
 
 
 class RelativePositionBias(PassBase):
