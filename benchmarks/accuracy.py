@@ -13,10 +13,8 @@ accuracy.md and accuracy.png (accuracy vs speedup).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import sys
 
 import torch
 
@@ -94,17 +92,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch size of the timed calls")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     fashion, minilm = fashion_rows(args.batch, args.repeats), minilm_rows()
     table = markdown(fashion, minilm)
     print(table)
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = {"command": command, "threads": torch.get_num_threads(), "batch": args.batch,
-              "fashion_mnist": fashion, "minilm": minilm}
-    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
-    (out / "accuracy.md").write_text(table + "\n")
-    plot(fashion, out / "accuracy.png")
+    bench.write_report(args.out, "accuracy", argv, {"batch": args.batch, "fashion_mnist": fashion, "minilm": minilm},
+                       table, lambda path: plot(fashion, path))
 
 
 if __name__ == "__main__":

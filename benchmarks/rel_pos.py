@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import pathlib
-import sys
 from unittest import mock
 
 import torch
@@ -92,16 +90,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = rows()
     text = markdown(table)
     print(text)
-    command = "python benchmarks/rel_pos.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "rel_pos.json").write_text(json.dumps({"command": command, "threads": torch.get_num_threads(),
-                                                  "rows": table}, indent=1))
-    (out / "rel_pos.md").write_text(text + "\n")
-    plot(table, out / "rel_pos.png")
+    bench.write_report(args.out, "rel_pos", argv, {"rows": table}, text, lambda path: plot(table, path))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ model at the same token counts. Writes rope.json, rope.md and rope.png.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import sys
 from unittest import mock
 
 import torch
@@ -112,16 +110,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = rows()
     text = markdown(table)
     print(text)
-    command = "python benchmarks/rope.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "rope.json").write_text(json.dumps({"command": command, "threads": torch.get_num_threads(),
-                                               "rows": table}, indent=1))
-    (out / "rope.md").write_text(text + "\n")
-    plot(table, out / "rope.png")
+    bench.write_report(args.out, "rope", argv, {"rows": table}, text, lambda path: plot(table, path))
 
 
 if __name__ == "__main__":

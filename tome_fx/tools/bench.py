@@ -258,3 +258,21 @@ def plot_speedup(rows: list[Row], path) -> None:
         ax.set_xlabel("r (tokens merged per block)")
         ax.set_ylabel("speedup over the original")
         ax.set_title("measured (solid) vs FLOP bound (dashed)")
+
+
+def write_report(out, name: str, argv, report: dict, text: str, plot=None) -> None:
+    """A benchmark script's results under ``out``: ``name``.json (the command that made them,
+    the threads, and ``report``), ``name``.md (``text``) and, with ``plot`` (called with the
+    path), ``name``.png. ``argv``: the script's arguments (None: the command line's)."""
+    import json
+    import pathlib
+    import sys
+
+    folder = pathlib.Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (folder / f"{name}.json").write_text(json.dumps({"command": command, "threads": torch.get_num_threads(),
+                                                     **report}, indent=1))
+    (folder / f"{name}.md").write_text(text + "\n")
+    if plot is not None:
+        plot(folder / f"{name}.png")
