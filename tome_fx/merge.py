@@ -262,12 +262,13 @@ def restage_key_mask(mask: Tensor, positions: Tensor, tokens: int, inner: int = 
 
 
 def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, batch_dim: int, token_dim: int,
-                  start: int, rule: str, lead: int = 0, trail: int = 0) -> Tensor:
+                  start: int, rule: str, lead: int = 0, trail: int = 0, inner: int = 1) -> Tensor:
     """A table of one row per original token from ``start`` on (rotary cos/sin), laid out to
     broadcast against an ``ndim``-dim tensor, as one row per current token: [B, ..] with the
     batch on ``batch_dim`` and the tokens on ``token_dim``. ``rule="mean"``: the size-weighted
     mean of each group's rows; ``"representative"``: the row of each group's first token.
-    ``lead``/``trail``: rows of another stream's tokens joined before/after (text), kept."""
+    ``lead``/``trail``: rows of another stream's tokens joined before/after (text), kept.
+    ``inner`` > 1: the batch dim folds that many entries (heads) inside each sample."""
     t = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim((batch_dim, token_dim), (0, 1))
     rest = t.shape[2:]
     t = t.reshape(1, t.shape[1], -1)
@@ -286,6 +287,8 @@ def restage_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, bat
         raise ValueError(f"rope rule is 'mean' or 'representative', not {rule!r}")
     if lead or trail:
         rows = torch.cat([before.expand(batch, -1, -1), rows, after.expand(batch, -1, -1)], dim=1)
+    if inner > 1:
+        rows, batch = rows.repeat_interleave(inner, 0), batch * inner
     return rows.reshape(batch, lead + tokens - start + trail, *rest).movedim((0, 1), (batch_dim, token_dim))
 
 
@@ -444,8 +447,8 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     """tomesd's matching on an ``h`` x ``w`` grid of tokens ``metric`` [B, N, C]: one receiving
     (dst) token in each ``sy`` x ``sx`` cell -- its top-left one, or with ``rand`` a random one
     (global RNG) -- every other token a source; each source pairs with its most similar dst
-    by cosine similarity (all-zero tokens: 1 with each other, 0 with the rest), and the ``r``
-    best pairs merge. Kept tokens are ordered
+    by cosine similarity (all-zero tokens: 1 with each other, below any cosine with the rest),
+    and the ``r`` best pairs merge. Kept tokens are ordered
     ``[unmerged sources by position, dst tokens]``."""
     metric = metric.flatten(1, -2)  # a grid [B, h, w, C] as its h * w tokens
     device = metric.device
@@ -462,10 +465,11 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     norm = metric.norm(dim=-1, keepdim=True)
     metric = metric / norm.clamp_min(torch.finfo(norm.dtype).tiny)
     scores = metric[:, src_set] @ metric[:, dst_set].transpose(1, 2)
-    # all-zero tokens (the padding of SAM's windows) match each other best and nothing else:
+    # all-zero tokens (the padding of SAM's windows) match each other best, and a real token last:
     # their cosine is undefined, and a NaN score would merge them into arbitrary tokens first
     blank = norm[..., 0] == 0
-    scores = scores.masked_fill(blank[:, src_set, None] & blank[:, None, dst_set], 1.0)
+    blank_src, blank_dst = blank[:, src_set, None], blank[:, None, dst_set]
+    scores = scores.masked_fill(blank_src & blank_dst, 1.0).masked_fill(blank_src ^ blank_dst, -2.0)
     r = min(r, src_set.shape[0])
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)

@@ -32,7 +32,7 @@ def _describe(plan: BranchPlan) -> str:
     text = f"  {plan.name}: {plan.tokens} tokens" + (f", {plan.r} merged away in {', '.join(whole)}" if whole else "")
     if plan.windows:
         count, tokens, r = plan.windows
-        text += f"; attn: {r} of {tokens} merged away in each of {count} windows"
+        text += f"; attn: {r} of {tokens} merged away in " + (f"each of {count} windows" if count > 1 else "its window")
     return text
 
 

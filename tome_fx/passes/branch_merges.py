@@ -196,15 +196,17 @@ def _window_point(branch: Branch, point: Node) -> Node | None:
     norm) make on the way to the attention; None where it attends over the whole grid. It
     merges there, within each window, so windows keep equal token counts and merged tokens
     never cross a window border."""
-    node, found = point, None
+    node, found, cut = point, None, False
     while True:
         users = [u for u in node.users if u in branch.nodes]
-        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PARTITION:
-            break
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PARTITION or (
+                users[0].target == aten.permute.default and list(users[0].args[1])[-1] % len(shape_of(node)) != len(shape_of(node)) - 1):
+            break  # (a permute must keep the channels last)
         node = users[0]
-        if len(shape_of(node)) == 4 and shape_of(node)[-1] == shape_of(point)[-1]:
+        cut = cut or len(shape_of(node)) != 4  # through a view such as [B, h/w', w', w/w', w', C]: a partition
+        if cut and len(shape_of(node)) == 4 and shape_of(node)[-1] == shape_of(point)[-1]:
             found = node
-    return found if found is not None and shape_of(found) != shape_of(point) else None
+    return found
 
 
 def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]]:
@@ -272,7 +274,9 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     stage_changes = []
     blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes)
     if not blocks:
-        raise UnsupportedModelError("no attention block was found: the model has no self-attention to merge")
+        why = (f"every attention changes the token grid ({len(stage_changes)} stage changes, as in Hiera)"
+               if stage_changes else "the model has no self-attention to merge")
+        raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}
     for block in blocks:
@@ -280,7 +284,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         tokens = h * w
         r = int(tokens * settings.ratio)
         chosen = [b for b in find_branches(block, attentions - {block.attention}) if b.kind in settings.kinds]
-        if h == 0 or r <= 0 or not chosen:
+        if h == 0 or r <= 0 or not chosen or (h // settings.sy) * (w // settings.sx) == 0:
             continue
         # a token grid's attention may run per window or with heads folded in the batch: its branch
         # merges within what it attends over, and the token-flow analysis proves what follows
@@ -295,12 +299,15 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand))
         if matchings is not None:
             order = _stored(gm, order, len(plans), own.meta["val"], (h, w, settings.sx, settings.sy, r), matchings)
-        windows = None
+        windows, merging = None, []
         for branch in chosen:
             point = _merge_point(branch)
             point_shape, stream_shape = shape_of(point), shape_of(block.stream)
             window = _window_point(branch, point) if settings.grid_stream and branch.kind == "attn" else None
             if window is not None:  # merge within each window the attention runs over
+                wh, ww = shape_of(window)[1:3]
+                if (wh // settings.sy) * (ww // settings.sx) == 0 or int(wh * ww * settings.ratio) <= 0:
+                    continue  # windows too small to merge in (the plan leaves this branch out)
                 point, point_shape = window, shape_of(window)
                 branch_order, windows = _window_order(graph, window, stream_shape[0], settings)
             elif len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
@@ -329,9 +336,11 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             roles = (BATCH, TOKEN, None) if len(point_shape) == 3 else (BATCH, TOKEN, GRID_INNER, None)
             seeds[merged] = Layout(roles, size=size, positions=positions, lead=lead, trail=trail)
             closing.append((block, branch, restored))
-        if not order.users and matchings is None:  # only windows merge
+            merging.append(branch.kind)
+        if not order.users and matchings is None:  # only windows merge, or none
             graph.erase_node(order)
-        plans.append((block, BranchPlan(block.name, tokens, r, tuple(b.kind for b in chosen), windows)))
+        if merging:
+            plans.append((block, BranchPlan(block.name, tokens, r, tuple(merging), windows)))
 
     flow = analyze_token_flow(graph, seeds, protected=0)
     for block, branch, restored in closing:

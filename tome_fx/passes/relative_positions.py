@@ -25,6 +25,7 @@ from .graph_utils import aten, depends_on_inputs, einsum_letters, shape_of
 from .token_flow import FlowPass, TokenFlow
 
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+_FLATTENS = _RESHAPES | {aten.reshape_as.default}  # how the 5-d bias is flattened to its pairs (HF eager: reshape_as)
 
 
 def _add_leaves(node: Node, root: Node) -> list[Node]:
@@ -73,7 +74,8 @@ def _bias(reshape: Node) -> tuple[Node, Node, Node, Node | None] | None:
     logits = None
     if rest:  # the logits, viewed as [B, h, w, kh, kw]
         view = rest[0]
-        if view.target not in _RESHAPES or len(view.users) != 1 or len(shape_of(view.args[0])) != 3:
+        if (view.target not in _RESHAPES or len(view.users) != 1 or len(shape_of(view.args[0])) != 3
+                or shape_of(view) != shape_of(total)):
             return None
         logits = view.args[0]
     batch, h, w, _ = shape_of(grid)
@@ -84,9 +86,9 @@ def _bias(reshape: Node) -> tuple[Node, Node, Node, Node | None] | None:
     return grid, table_h, table_w, logits
 
 
-def _erase_dead(graph, node: Node) -> None:
-    """Erase ``node`` if nothing uses it, then whatever it alone used."""
-    stack, erased = [node], set()
+def _erase_dead(graph, *nodes: Node) -> None:
+    """Erase each of ``nodes`` that nothing uses, then whatever they alone used."""
+    stack, erased = list(nodes), set()
     while stack:
         current = stack.pop()
         if current not in erased and current.op == "call_function" and not current.users and not current.is_impure():
@@ -101,7 +103,7 @@ class RelativePositionBias(PassBase):
 
     def call(self, gm: GraphModule) -> PassResult:
         graph, found = gm.graph, 0
-        for reshape in [n for n in graph.nodes if n.op == "call_function" and n.target in _RESHAPES]:
+        for reshape in [n for n in graph.nodes if n.op == "call_function" and n.target in _FLATTENS]:
             matched = _bias(reshape)
             if matched is None:
                 continue
@@ -115,8 +117,11 @@ class RelativePositionBias(PassBase):
                     bias = graph.call_function(aten.add.Tensor, (logits, bias))
                     bias.meta["val"] = logits.meta["val"]
             total = reshape.args[0]
-            reshape.replace_input_with(total, bias)
-            _erase_dead(graph, total)
+            if reshape.target == aten.reshape_as.default and shape_of(reshape) == shape_of(bias):
+                reshape.replace_all_uses_with(bias)  # flattened to the shape it already has
+            else:
+                reshape.replace_input_with(total, bias)
+            _erase_dead(graph, reshape, total)
             found += 1
         if found:
             graph.lint()

@@ -36,10 +36,11 @@ class RestageTables(FlowPass):
             if not layout.merged:
                 continue
             (token_dim,) = layout.dims(TOKEN)
+            batch_dim, inner = layout.batch_axis()
             with graph.inserting_before(node):
                 current = graph.call_function(merge.restage_table, (
-                    table, layout.positions, layout.size, len(layout.roles), layout.batch_dim(), token_dim,
-                    layout.start, self.rule, layout.lead, layout.trail))
+                    table, layout.positions, layout.size, len(layout.roles), batch_dim, token_dim,
+                    layout.start, self.rule, layout.lead, layout.trail, inner))
             node.replace_input_with(table, current)
             modified = True
         return PassResult(gm, modified)

@@ -515,7 +515,8 @@ class _Analysis:
             return False
         offset = len(layout.roles) - _ndim(table)
         dims = [d for d in range(_ndim(table)) if shape_of(table)[d] != 1]
-        if (layout.batch_dim() is None or len(layout.dims(TOKEN)) != 1 or layout.batch_dim() - offset in dims
+        batch = layout.batch_axis()  # (heads may be folded inside it: timm's samvit)
+        if (batch is None or len(layout.dims(TOKEN)) != 1 or batch[0] - offset in dims
                 or any(layout.roles[offset + d] == GRID_INNER for d in dims)
                 or [offset + d for d in dims if holds(layout.roles[offset + d], TOKEN)] != layout.dims(TOKEN)):
             return False
@@ -719,6 +720,8 @@ class _Analysis:
         batch = query.batch_axis()
         if batch is None or batch[0] != 0 or query.roles[1:] != (TOKEN, None) or query.start:
             raise _Refuse("its queries are not [batch (heads folded inside), tokens, channels] over every token")
+        if shape_of(node.args[0])[1] != node.args[3] * node.args[4]:
+            raise _Refuse(f"its queries are not the {node.args[3]} x {node.args[4]} grid its tables are for")
         self.flow.relative_positions.append((node, query))
         return replace(query, roles=(query.roles[0], TOKEN, TOKEN))
 
