@@ -29,7 +29,7 @@ import tome_fx  # noqa: F401 (before timm)
 from tome_fx import merge, sam
 from tome_fx.tools import bench, evaluate, fashion_mnist
 
-RATIOS = [0.0, 0.25, 0.5, 0.625, 0.75]
+RATIOS = [0.0, 0.25, 0.5, 0.75]
 VARIANTS = ("mlp", "attn, mean", "attn, representative", "attn, no positions")
 
 
