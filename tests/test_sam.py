@@ -305,7 +305,7 @@ def _sam2_encoder(seed: int = 0):
     from sam2.modeling.position_encoding import PositionEmbeddingSine
 
     torch.manual_seed(seed)
-    trunk = Hiera(embed_dim=16, num_heads=1, stages=(2, 2, 2, 2), global_att_blocks=(5,), window_spec=(4, 4, 4, 2),
+    trunk = Hiera(embed_dim=64, num_heads=1, stages=(2, 2, 2, 2), global_att_blocks=(5,), window_spec=(4, 4, 4, 2),
                   window_pos_embed_bkg_spatial_size=(4, 4))
     neck = FpnNeck(PositionEmbeddingSine(num_pos_feats=32, normalize=True), d_model=32,
                    backbone_channel_list=trunk.channel_list, fpn_top_down_levels=[2, 3], fpn_interp_model="nearest")
@@ -326,7 +326,7 @@ def test_sam2_hiera_merging_is_exact_for_duplicate_tokens(attn):
     and say so."""
     encoder = _sam2_encoder()
     torch.manual_seed(1)
-    x = torch.randn(2, 16, 2, 1, 2, 1, dtype=torch.float64).expand(-1, -1, -1, 16, -1, 16).reshape(2, 16, 32, 32)
+    x = torch.randn(2, 64, 2, 1, 2, 1, dtype=torch.float64).expand(-1, -1, -1, 16, -1, 16).reshape(2, 64, 32, 32)
     with torch.no_grad():
         expected = encoder(x)
         fast = sam.apply(encoder, 0.5, attn=attn)
@@ -334,12 +334,12 @@ def test_sam2_hiera_merging_is_exact_for_duplicate_tokens(attn):
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     (plan,) = fast.plans.values()
-    merging = [p for p in plan if not p.unmerged]
+    merging = [p for p in plan if p.merged]
     assert [p.name for p in merging] == [f"trunk.blocks.{i}" for i in (0, 1, 3, 5, 7)]
     assert [p.tokens for p in merging] == [1024, 1024, 256, 64, 16]
     expected_windows = [(64, 16, 8), (64, 16, 8), (16, 16, 8), None, (4, 4, 2)] if attn else [None] * 5
     assert [p.windows for p in merging] == expected_windows
-    assert [p.name for p in plan if p.unmerged] == [f"trunk.blocks.{i}" for i in (2, 4, 6)]
+    assert [p.name for p in plan if not p.merged] == [f"trunk.blocks.{i}" for i in (2, 4, 6)]
     assert "trunk.blocks.2: not merged: its block changes the token grid" in fast.summary()
 
 
@@ -400,3 +400,19 @@ def test_timm_samvit_with_rotary_terms_merges_attention():
     assert out.shape == expected.shape and (out - expected).abs().max() > 0  # approximate: positions differ
     (runner, _), = fast._graphs.values()
     assert sum(n.target is tome_fx.merge.restage_table for n in runner.graph.nodes) == 8  # cos, sin; q, k; 2 blocks
+
+
+def test_a_grid_too_large_for_its_width_leaves_whole_grid_branches_unmerged():
+    """Matching scores every source against every dst: on a grid of many narrow tokens (SAM 2's
+    first stage) that costs more than the MLP saves, so those branches stay unmerged and the
+    summary says why; attention per window still merges (its matching is per window)."""
+    encoder = _sam2_encoder()
+    encoder.trunk.patch_embed = _Tokens()
+    x = torch.randn(1, 64, 64, 64, dtype=torch.float64)  # 4096 tokens of width 64 in stage 1
+    fast = sam.apply(encoder, 0.5, attn=True)
+    with torch.no_grad():
+        fast(x)
+    (plan,) = fast.plans.values()
+    first = plan[0]
+    assert first.name == "trunk.blocks.0" and first.merged == ("attn",) and first.windows == (256, 16, 8)
+    assert "mlp not merged: matching its 4096 tokens costs" in fast.summary()

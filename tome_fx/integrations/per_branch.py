@@ -26,14 +26,14 @@ from .match_reuse import MatchReuse
 def _describe(plan: BranchPlan) -> str:
     """One line of ``summary``: what a block's branches merge (an attention branch that merges
     per window, separately)."""
-    if plan.unmerged:
+    if plan.unmerged and not plan.merged:
         return f"  {plan.name}: not merged: {plan.unmerged}"
     whole = [k for k in plan.merged if not (plan.windows and k == "attn")]
     text = f"  {plan.name}: {plan.tokens} tokens" + (f", {plan.r} merged away in {', '.join(whole)}" if whole else "")
     if plan.windows:
         count, tokens, r = plan.windows
         text += f"; attn: {r} of {tokens} merged away in " + (f"each of {count} windows" if count > 1 else "its window")
-    return text
+    return text + (f"; {plan.unmerged}" if plan.unmerged else "")
 
 
 class PerBranchToMe(torch.nn.Module):
@@ -86,7 +86,7 @@ class PerBranchToMe(torch.nn.Module):
         """The plans as text: per input shape, each merging block and its branches."""
         lines = []
         for shapes, plan in self.plans.items():
-            lines.append(f"inputs {shapes}: {sum(not p.unmerged for p in plan)} blocks merge")
+            lines.append(f"inputs {shapes}: {sum(bool(p.merged) for p in plan)} blocks merge")
             lines += [_describe(p) for p in plan]
         return "\n".join(lines) or "no call yet: plans are made per input shape, on the first call"
 

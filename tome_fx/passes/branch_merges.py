@@ -209,6 +209,23 @@ def _window_point(branch: Branch, point: Node) -> Node | None:
     return found
 
 
+def _matching_costs_more(block: AttentionBlock, branches: list[Branch], h: int, w: int, r: int,
+                         settings: BranchSettings) -> str | None:
+    """Why a token grid's branches over its whole grid should not merge, or None: the matching
+    scores every source against every dst (O(tokens^2 x channels)), more multiply-adds than
+    the ``r`` tokens save in those branches' linear layers (SAM 2's 256 x 256 first stage)."""
+    if not settings.grid_stream or not branches:
+        return None
+    cells, channels = (h // settings.sy) * (w // settings.sx), shape_of(block.stream)[-1]
+    matching = (h * w - cells) * cells * channels
+    saved = r * sum(math.prod(shape_of(n.args[1])) for b in branches for n in b.nodes
+                    if n.op == "call_function" and n.target == aten.linear.default)
+    if matching <= saved:
+        return None
+    return (f"{', '.join(b.kind for b in branches)} not merged: matching its {h * w} tokens costs "
+            f"{matching / 1e6:.0f}M multiply-adds, more than the {saved / 1e6:.0f}M merging saves")
+
+
 def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]]:
     """The matching within each window of ``window`` [windows * batch, h', w', channels] (the
     same number of merges in each), and (windows, tokens in each, merged away in each)."""
@@ -293,6 +310,13 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         if block.why_not_joined and block.joined == (0, 0):
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
+        windows_at = {b: _window_point(b, _merge_point(b)) for b in chosen if settings.grid_stream and b.kind == "attn"}
+        costly = _matching_costs_more(block, [b for b in chosen if windows_at.get(b) is None], h, w, r, settings)
+        if costly:  # (a token grid's branches over the whole grid; those per window match per window)
+            chosen = [b for b in chosen if windows_at.get(b) is not None]
+            if not chosen:
+                plans.append((block, BranchPlan(block.name, tokens, 0, (), unmerged=costly)))
+                continue
         lead, trail = block.joined
         own = block.own_input if block.own_input is not None else block.stream  # FLUX's single blocks: its piece
         with graph.inserting_after(block.stream):
@@ -303,7 +327,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         for branch in chosen:
             point = _merge_point(branch)
             point_shape, stream_shape = shape_of(point), shape_of(block.stream)
-            window = _window_point(branch, point) if settings.grid_stream and branch.kind == "attn" else None
+            window = windows_at.get(branch)
             if window is not None:  # merge within each window the attention runs over
                 wh, ww = shape_of(window)[1:3]
                 if (wh // settings.sy) * (ww // settings.sx) == 0 or int(wh * ww * settings.ratio) <= 0:
@@ -340,7 +364,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         if not order.users and matchings is None:  # only windows merge, or none
             graph.erase_node(order)
         if merging:
-            plans.append((block, BranchPlan(block.name, tokens, r, tuple(merging), windows)))
+            plans.append((block, BranchPlan(block.name, tokens, r, tuple(merging), windows, unmerged=costly)))
 
     flow = analyze_token_flow(graph, seeds, protected=0)
     for block, branch, restored in closing:
