@@ -15,7 +15,9 @@ residual add.
   read per merged pair by the ``rel_pos`` rule (``passes.relative_positions``).
   Approximate: a merged token stands for patches at several positions. Exact where the
   merged tokens are duplicates and the relative positions are zero.
-- Hiera's pooled stage changes merge nothing (``summary`` lists them).
+- Hiera's pooled stage changes merge nothing, and neither do whole-grid branches where the
+  matching (every source against every dst) costs more than they save: SAM 2's first
+  stages, 65,536 narrow tokens at 1024 px (``summary`` lists both, with the reason).
 """
 
 from __future__ import annotations
