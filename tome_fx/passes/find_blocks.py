@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
-from .graph_utils import (aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
+from .graph_utils import (VIEWS, aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
                           module_path, tensor_meta)
 
 SDPA = {aten.scaled_dot_product_attention.default}
@@ -29,7 +29,6 @@ EINSUM = aten.einsum.default
 _LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
 _PASS_THROUGH = {aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default}
 # views of the logits (SAM adds its decomposed relative positions on a [q_h, q_w, k_h, k_w] view)
-_LOGIT_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
 
 
@@ -138,7 +137,7 @@ def manual_attention(softmax: Node) -> ManualAttention | None:
     """The parts of ``matmul -> softmax -> matmul`` (or einsums) around ``softmax``, or None.
     The weights may have other users too (a returned attention map): the token-flow analysis
     rules on them."""
-    scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | _LOGIT_VIEWS)
+    scores, masks = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | VIEWS)
     found = _scores_operands(scores)
     if found is None:
         return None

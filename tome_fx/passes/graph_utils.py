@@ -12,6 +12,8 @@ from torch.fx import Graph, GraphModule, Node
 from ..errors import UnsupportedModelError
 
 aten = torch.ops.aten
+# ops that only reinterpret a tensor's shape (reshape, view): the same data, other dims
+VIEWS = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default})
 
 # stands in for a symbolic (batch) size when shapes are compared by their products
 _SYMBOL_STAND_IN = 1_000_003

@@ -21,11 +21,10 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import merge
-from .graph_utils import aten, depends_on_inputs, einsum_letters, shape_of
+from .graph_utils import VIEWS, aten, depends_on_inputs, einsum_letters, shape_of
 from .token_flow import FlowPass, TokenFlow
 
-_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-_FLATTENS = _RESHAPES | {aten.reshape_as.default}  # how the 5-d bias is flattened to its pairs (HF eager: reshape_as)
+_FLATTENS = VIEWS | {aten.reshape_as.default}  # how the 5-d bias is flattened to its pairs (HF eager: reshape_as)
 
 
 def _add_leaves(node: Node, root: Node) -> list[Node]:
@@ -74,12 +73,12 @@ def _bias(reshape: Node) -> tuple[Node, Node, Node, Node | None] | None:
     logits = None
     if rest:  # the logits, viewed as [B, h, w, kh, kw]
         view = rest[0]
-        if (view.target not in _RESHAPES or len(view.users) != 1 or len(shape_of(view.args[0])) != 3
+        if (view.target not in VIEWS or len(view.users) != 1 or len(shape_of(view.args[0])) != 3
                 or shape_of(view) != shape_of(total)):
             return None
         logits = view.args[0]
     batch, h, w, _ = shape_of(grid)
-    if grid.target not in _RESHAPES or shape_of(grid.args[0]) != (batch, h * w, shape_of(grid)[3]):
+    if grid.target not in VIEWS or shape_of(grid.args[0]) != (batch, h * w, shape_of(grid)[3]):
         return None
     if shape_of(table_h)[:2] != (h, h) or shape_of(table_w)[:2] != (w, w):
         return None  # queries and keys on different grids: not self-attention over one grid

@@ -38,9 +38,8 @@ from torch.fx.passes.infra.pass_base import PassBase
 from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import query_key_paths
-from .graph_utils import (aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
-                          reads_values,
-                          shape_of, tensor_meta)
+from .graph_utils import (VIEWS, aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
+                          reads_values, shape_of, tensor_meta)
 
 BATCH, TOKEN = "batch", "token"
 
@@ -199,7 +198,6 @@ _POINTWISE_EXTRA = {
 }
 # pointwise ops linear in their first operand: weights over tokens stay weights through them
 _SCALING = _POINTWISE_EXTRA | {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
-_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 # reshapes whose arguments never spell out the token count
 _FLATTENS = {aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim}
 
@@ -725,7 +723,7 @@ class _Analysis:
         self.flow.relative_positions.append((node, query))
         return replace(query, roles=(query.roles[0], TOKEN, TOKEN))
 
-    @_rule(*_RESHAPES, *_FLATTENS)
+    @_rule(*VIEWS, *_FLATTENS)
     def reshape(self, node: Node) -> Layout:
         """Exact where the token axis stays whole (folded with others at most): its shape entry
         follows the merged count."""
@@ -768,7 +766,7 @@ class _Analysis:
 
     def token_shape_arg(self, node: Node, position: int, role: Role, token_dims: list[int], src: Layout) -> None:
         """Record that the view's entry ``position`` holds the token count, for RepairShapes."""
-        if node.target not in _RESHAPES:
+        if node.target not in VIEWS:
             return
         (token_dim,) = token_dims
         if role == TOKEN and src.roles[token_dim] == TOKEN:
