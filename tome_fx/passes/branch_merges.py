@@ -20,7 +20,7 @@ from .. import merge
 from ..errors import UnsupportedModelError
 from .functional_writes import FunctionalWrites
 from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
-from .graph_utils import aten, ancestors, descendants, describe, reads_values, shape_of
+from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention
 from .relative_positions import RelativePositionBias, RestageRelativePositions
 from .repair_shapes import RepairShapes
@@ -30,7 +30,6 @@ from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
 KINDS = ("attn", "crossattn", "mlp")
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _NORMS = {aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.default}
 
 
@@ -149,7 +148,7 @@ def _stream_operand(add: Node, stream: Node) -> Node | None:
 
 def _view_of(node: Node) -> Node:
     """``node`` seen through a chain of views and dtype casts that are its only user."""
-    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS | CASTS:
+    while len(node.users) == 1 and next(iter(node.users)).target in VIEWS | CASTS:
         node = next(iter(node.users))
     return node
 
@@ -186,7 +185,7 @@ def _merge_point(branch: Branch) -> Node:
     return branch.reads
 
 
-_PARTITION = _VIEWS | {aten.permute.default, aten.contiguous.default, aten.clone.default, aten.pad.default,
+_PARTITION = VIEWS | {aten.permute.default, aten.contiguous.default, aten.clone.default, aten.pad.default,
                        aten.constant_pad_nd.default}
 
 
@@ -226,11 +225,15 @@ def _matching_costs_more(block: AttentionBlock, branches: list[Branch], h: int, 
             f"{matching / 1e6:.0f}M multiply-adds, more than the {saved / 1e6:.0f}M merging saves")
 
 
-def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]]:
+def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]] | None:
     """The matching within each window of ``window`` [windows * batch, h', w', channels] (the
-    same number of merges in each), and (windows, tokens in each, merged away in each)."""
+    same number of merges in each), and (windows, tokens in each, merged away in each); None
+    where windows are too small to merge in (no whole cell, or ``ratio`` rounds to no token)."""
     count, h, w, _ = shape_of(window)
-    r = min(int(h * w * settings.ratio), h * w - (h // settings.sy) * (w // settings.sx))
+    cells, wanted = (h // settings.sy) * (w // settings.sx), int(h * w * settings.ratio)
+    if cells == 0 or wanted <= 0:
+        return None
+    r = min(wanted, h * w - cells)
     with graph.inserting_after(window):
         order = graph.call_function(merge.grid_order, (window, h, w, settings.sx, settings.sy, r, settings.rand))
     return order, (count // batch, h * w, r)
@@ -329,11 +332,11 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             point_shape, stream_shape = shape_of(point), shape_of(block.stream)
             window = windows_at.get(branch)
             if window is not None:  # merge within each window the attention runs over
-                wh, ww = shape_of(window)[1:3]
-                if (wh // settings.sy) * (ww // settings.sx) == 0 or int(wh * ww * settings.ratio) <= 0:
-                    continue  # windows too small to merge in (the plan leaves this branch out)
+                windowed = _window_order(graph, window, stream_shape[0], settings)
+                if windowed is None:
+                    continue  # (the plan leaves this branch out)
                 point, point_shape = window, shape_of(window)
-                branch_order, windows = _window_order(graph, window, stream_shape[0], settings)
+                branch_order, windows = windowed
             elif len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
                 stream_shape[0], stream_shape[-1], tokens + lead + trail
             ):
