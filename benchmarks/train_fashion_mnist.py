@@ -1,6 +1,6 @@
 """Train the Fashion-MNIST reference ViT (tome_fx.fashion_mnist) on CPU and save it.
 
-    python benchmarks/train_fashion_mnist.py [--arch vit|rope] [--epochs 10] [--tome R] [--out FILE]
+    python benchmarks/train_fashion_mnist.py [--arch vit|rope|samvit|samvit_abs] [--epochs 10] [--tome R] [--out FILE]
 
 ``--arch rope`` trains the rotary twin (tome_fx/tools/assets/vit_rope_fashion_mnist.safetensors) with
 the same recipe, for choosing how merged tokens rotate. ``--tome 16`` (or ``16,-1``) trains
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
-    parser.add_argument("--arch", choices=("vit", "rope", "samvit"), default="vit")
+    parser.add_argument("--arch", choices=("vit", "rope", "samvit", "samvit_abs"), default="vit")
     parser.add_argument("--out", help="default: the shipped checkpoint of --arch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", help="start from these weights (a further cosine cycle) instead of random init")
@@ -84,7 +84,8 @@ def main(argv=None) -> None:
           f"{steps_per_epoch} steps/epoch", flush=True)
 
     out = pathlib.Path(args.out or {"vit": fashion_mnist.CHECKPOINT, "rope": fashion_mnist.ROPE_CHECKPOINT,
-                                       "samvit": fashion_mnist.SAMVIT_CHECKPOINT}[args.arch])
+                                       "samvit": fashion_mnist.SAMVIT_CHECKPOINT,
+                                       "samvit_abs": fashion_mnist.SAMVIT_ABS_CHECKPOINT}[args.arch])
     out.parent.mkdir(parents=True, exist_ok=True)
     began = time.time()
     best, history = (evaluate(net, test_x, test_y) if args.init else 0.0), []

@@ -287,3 +287,37 @@ def test_grid_matching_merges_zero_padding_with_padding_first():
     src, dst = matching.a[matching.src_idx], matching.b[matching.dst_idx]
     padded = flat.abs().sum(-1) == 0
     assert padded.gather(1, src).all() and padded.gather(1, dst).all()  # the 9 padding sources, into padding
+
+
+@pytest.mark.parametrize("h, w, k, rand", [(8, 12, 2, False), (12, 6, 3, True), (8, 8, 4, False)])
+def test_tiled_grid_matching_is_the_whole_grid_matching_restricted_to_each_tile(h, w, k, rand):
+    """``grid_order(..., tile=k)``: each source's dst is its best within its tile of k x k cells
+    (padding rules as untiled), and the r best pairs over the whole grid merge; one tile over
+    the whole grid is the untiled matching."""
+    torch.manual_seed(0)
+    x = torch.randn(3, h, w, 5, dtype=torch.float64)
+    x[0, -2:] = 0  # padding
+    r = h * w // 3
+    matching = merge.grid_order(x, h, w, 2, 2, r, rand, tile=k)
+    unit = torch.nn.functional.normalize(x.flatten(1, 2), dim=-1)
+    blank = x.flatten(1, 2).abs().sum(-1) == 0
+
+    def tile(t):
+        return (t // w // (2 * k)) * (w // (2 * k)) + t % w // (2 * k)
+
+    for i in range(3):
+        scores = unit[i, matching.a] @ unit[i, matching.b].T
+        bs, bd = blank[i, matching.a, None], blank[i, None, matching.b]
+        scores = scores.masked_fill(bs & bd, 1.0).masked_fill(bs ^ bd, -2.0)
+        best, dst = scores.masked_fill(tile(matching.a)[:, None] != tile(matching.b)[None], -9).max(-1)
+        order = best.argsort(descending=True, stable=True)
+        assert torch.equal(best[matching.src_idx[i]], best[order[:r]])  # (ties may order either way)
+        assert torch.equal(matching.dst_idx[i], dst[matching.src_idx[i]])
+    if h == w == 2 * k:
+        torch.manual_seed(1)
+        whole = merge.grid_order(x, h, w, 2, 2, r, rand)
+        torch.manual_seed(1)
+        tiled = merge.grid_order(x, h, w, 2, 2, r, rand, tile=k)
+        assert all(torch.equal(a, b) for a, b in zip(whole[:3] + whole[4:], tiled[:3] + tiled[4:]))
+    with pytest.raises(ValueError, match="not whole tiles"):
+        merge.grid_order(x, h, w, 2, 2, r, rand, tile=k + 1)

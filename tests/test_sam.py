@@ -222,7 +222,7 @@ def test_transform_points_to_sam_apply():
 class _GridBlock(torch.nn.Module):
     """A block on a [B, h, w, C] stream whose MLP branch ends in ``tail`` (an op to prove)."""
 
-    def __init__(self, tail, dim=8, w=4):
+    def __init__(self, tail, dim=32, w=4):  # (wide enough that matching its 16 tokens pays)
         super().__init__()
         self.tail, self.norm1, self.norm2 = tail, torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
         self.qkv, self.proj, self.mlp = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
@@ -253,7 +253,7 @@ def test_a_merged_grid_only_meets_per_token_ops(tail):
     reads its inner axis as the grid's width is refused, never run on the wrong axis."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(_GridBlock(GRID_TAILS[tail]), _GridBlock(GRID_TAILS[tail])).eval()
-    x = torch.randn(2, 4, 4, 8)
+    x = torch.randn(2, 4, 4, 32)
     encoder = sam.apply(model, 0.5)
     if tail.endswith("(accepted)"):
         assert encoder(x).shape == x.shape and not torch.allclose(encoder(x), model(x))
@@ -339,6 +339,7 @@ def test_sam2_hiera_merging_is_exact_for_duplicate_tokens(attn):
     assert [p.tokens for p in merging] == [1024, 1024, 256, 64, 16]
     expected_windows = [(64, 16, 8), (64, 16, 8), (16, 16, 8), None, (4, 4, 2)] if attn else [None] * 5
     assert [p.windows for p in merging] == expected_windows
+    assert [p.tile for p in merging] == [(16, 16)] * 2 + [None] * 3  # (the first stage's width-64 MLPs)
     assert [p.name for p in plan if not p.merged] == [f"trunk.blocks.{i}" for i in (2, 4, 6)]
     assert "trunk.blocks.2: not merged: its block changes the token grid" in fast.summary()
 
@@ -402,17 +403,34 @@ def test_timm_samvit_with_rotary_terms_merges_attention():
     assert sum(n.target is tome_fx.merge.restage_table for n in runner.graph.nodes) == 8  # cos, sin; q, k; 2 blocks
 
 
-def test_a_grid_too_large_for_its_width_leaves_whole_grid_branches_unmerged():
+def test_a_large_grid_of_narrow_tokens_is_matched_within_tiles():
     """Matching scores every source against every dst: on a grid of many narrow tokens (SAM 2's
-    first stage) that costs more than the MLP saves, so those branches stay unmerged and the
-    summary says why; attention per window still merges (its matching is per window)."""
+    first stage) that costs more than merging the MLP saves, so its tokens match within tiles
+    of the grid, and the summary says so; attention per window still merges per window."""
     encoder = _sam2_encoder()
-    encoder.trunk.patch_embed = _Tokens()
     x = torch.randn(1, 64, 64, 64, dtype=torch.float64)  # 4096 tokens of width 64 in stage 1
     fast = sam.apply(encoder, 0.5, attn=True)
     with torch.no_grad():
         fast(x)
     (plan,) = fast.plans.values()
     first = plan[0]
-    assert first.name == "trunk.blocks.0" and first.merged == ("attn",) and first.windows == (256, 16, 8)
-    assert "mlp not merged: matching its 4096 tokens costs" in fast.summary()
+    assert first.name == "trunk.blocks.0" and first.merged == ("attn", "mlp") and first.windows == (256, 16, 8)
+    assert first.tile == (16, 16) and first.r == 2048
+    assert "2048 merged away in mlp (matched within 16 x 16-token tiles)" in fast.summary()
+
+
+def test_a_grid_that_no_tiling_makes_cheap_enough_stays_unmerged():
+    """22 x 22 tokens (11 x 11 cells: no tiling but the whole grid) of width 64, where whole-grid
+    matching costs more than a quarter of what merging the MLP saves: the MLPs stay unmerged,
+    the call warns that it merges nothing, and the summary says why."""
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=176, patch_size=8, embed_dim=64, depth=2, num_heads=2, out_chans=32,
+                              use_rel_pos=True, window_size=4, global_attn_indexes=(1,)).eval()
+    fast = sam.apply(encoder, 0.5)
+    x = torch.randn(1, 3, 176, 176)
+    with torch.no_grad(), pytest.warns(UserWarning, match="merges no token .* matching its 484 tokens costs"):
+        torch.testing.assert_close(fast(x), encoder(x))
+    (plan,) = fast.plans.values()
+    assert [(p.name, p.merged) for p in plan] == [("blocks.0", ()), ("blocks.1", ())]
+    assert "blocks.0: not merged: mlp not merged: matching its 484 tokens costs" in fast.summary()
+    assert "no tiling of its grid brings that under 25%" in fast.summary()

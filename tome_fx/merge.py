@@ -443,12 +443,15 @@ def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start
     return (x.to(accumulation_dtype(x.dtype)) * weight).to(x.dtype)
 
 
-def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: bool) -> Matching:
+def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: bool, tile: int = 0) -> Matching:
     """tomesd's matching on an ``h`` x ``w`` grid of tokens ``metric`` [B, N, C]: one receiving
     (dst) token in each ``sy`` x ``sx`` cell -- its top-left one, or with ``rand`` a random one
     (global RNG) -- every other token a source; each source pairs with its most similar dst
     by cosine similarity (all-zero tokens: 1 with each other, below any cosine with the rest),
-    and the ``r`` best pairs merge. Kept tokens are ordered
+    and the ``r`` best pairs merge. ``tile`` > 0: a source looks for its dst only within its
+    tile of ``tile`` x ``tile`` cells (the grid must be whole tiles), so scoring costs
+    O(tokens x tile^2) instead of O(tokens^2) on large grids (SAM 2's first stages); the ``r``
+    best pairs are still chosen over the whole grid. Kept tokens are ordered
     ``[unmerged sources by position, dst tokens]``."""
     metric = metric.flatten(1, -2)  # a grid [B, h, w, C] as its h * w tokens
     device = metric.device
@@ -464,17 +467,52 @@ def grid_order(metric: Tensor, h: int, w: int, sx: int, sy: int, r: int, rand: b
     metric = metric.detach()
     norm = metric.norm(dim=-1, keepdim=True)
     metric = metric / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-    scores = metric[:, src_set] @ metric[:, dst_set].transpose(1, 2)
-    # all-zero tokens (the padding of SAM's windows) match each other best, and a real token last:
-    # their cosine is undefined, and a NaN score would merge them into arbitrary tokens first
     blank = norm[..., 0] == 0
-    blank_src, blank_dst = blank[:, src_set, None], blank[:, None, dst_set]
-    scores = scores.masked_fill(blank_src & blank_dst, 1.0).masked_fill(blank_src ^ blank_dst, -2.0)
+    if tile:
+        if h % (tile * sy) or w % (tile * sx):
+            raise ValueError(f"a {h} x {w} grid is not whole tiles of {tile} x {tile} cells of {sy} x {sx}")
+        node_max, node_idx = _tiled_best_dst(metric, blank, src_set, dst_set, w, tile * sy, tile * sx)
+    else:
+        node_max, node_idx = _best_dst(metric[:, src_set], metric[:, dst_set], blank[:, src_set], blank[:, dst_set])
     r = min(r, src_set.shape[0])
-    node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src = edge_idx[:, :r]
     return Matching(edge_idx[:, r:].sort(dim=-1).values, src, node_idx.gather(1, src), 0, src_set, dst_set)
+
+
+def _best_dst(src: Tensor, dst: Tensor, blank_src: Tensor, blank_dst: Tensor) -> tuple[Tensor, Tensor]:
+    """Each source's best cosine over ``dst`` [..., D, C] and which dst it is (unit-norm rows)."""
+    scores = src @ dst.transpose(-1, -2)
+    # all-zero tokens (the padding of SAM's windows) match each other best, and a real token last:
+    # their cosine is undefined, and a NaN score would merge them into arbitrary tokens first
+    blank_src, blank_dst = blank_src[..., :, None], blank_dst[..., None, :]
+    return scores.masked_fill(blank_src & blank_dst, 1.0).masked_fill(blank_src ^ blank_dst, -2.0).max(dim=-1)
+
+
+def _tiled_best_dst(metric: Tensor, blank: Tensor, src_set: Tensor, dst_set: Tensor, w: int, th: int,
+                    tw: int) -> tuple[Tensor, Tensor]:
+    """``_best_dst`` with each source's dsts those of its ``th`` x ``tw`` tile: sources and
+    dsts are grouped by tile (each tile holds as many of each), scored per tile, and the
+    results put back in ``src_set``'s order, dsts as indices into ``dst_set``."""
+    tiles_per_row = w // tw
+
+    def by_tile(tokens: Tensor) -> Tensor:
+        tile_of = (tokens // w // th) * tiles_per_row + tokens % w // tw
+        return tile_of.argsort(stable=True)
+
+    src_by_tile, dst_by_tile = by_tile(src_set), by_tile(dst_set)
+    count = (w // tw) * (metric.shape[1] // w // th)
+    src_tokens, dst_tokens = src_set[src_by_tile], dst_set[dst_by_tile]
+
+    def grouped(x: Tensor, tokens: Tensor) -> Tensor:
+        return x[:, tokens].unflatten(1, (count, -1))
+
+    best, local = _best_dst(grouped(metric, src_tokens), grouped(metric, dst_tokens),
+                            grouped(blank, src_tokens), grouped(blank, dst_tokens))
+    per_tile = dst_set.shape[0] // count
+    chosen = dst_by_tile[local + torch.arange(count, device=local.device)[:, None] * per_tile]
+    back = src_by_tile.argsort()  # tile-grouped order -> src_set's
+    return best.flatten(1)[:, back], chosen.flatten(1)[:, back]
 
 
 def remember(matching: Matching, *store: Tensor) -> Matching:
@@ -495,9 +533,9 @@ def _matching_tensors(matching: Matching) -> tuple[Tensor, ...]:
     return matching.unm_idx, matching.src_idx, matching.dst_idx, matching.a, matching.b
 
 
-def matching_store(batch: int, h: int, w: int, sx: int, sy: int, r: int, device) -> tuple[Tensor, ...]:
+def matching_store(batch: int, h: int, w: int, sx: int, sy: int, r: int, tile: int, device) -> tuple[Tensor, ...]:
     """Buffers shaped like ``grid_order``'s matching for a batch of ``h`` x ``w`` grids."""
-    probe = grid_order(torch.zeros(batch, h * w, 1, device=device), h, w, sx, sy, r, False)
+    probe = grid_order(torch.zeros(batch, h * w, 1, device=device), h, w, sx, sy, r, False, tile)
     return tuple(torch.zeros_like(t) for t in _matching_tensors(probe))
 
 

@@ -30,6 +30,8 @@ def _describe(plan: BranchPlan) -> str:
         return f"  {plan.name}: not merged: {plan.unmerged}"
     whole = [k for k in plan.merged if not (plan.windows and k == "attn")]
     text = f"  {plan.name}: {plan.tokens} tokens" + (f", {plan.r} merged away in {', '.join(whole)}" if whole else "")
+    if whole and plan.tile:
+        text += f" (matched within {plan.tile[0]} x {plan.tile[1]}-token tiles)"
     if plan.windows:
         count, tokens, r = plan.windows
         text += f"; attn: {r} of {tokens} merged away in " + (f"each of {count} windows" if count > 1 else "its window")

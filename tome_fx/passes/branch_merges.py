@@ -67,7 +67,8 @@ class BranchPlan:
     """A merging block: its tokens, the tokens its branches merge away, which branches merge;
     ``windows``: (windows, tokens in each, merged away in each) where its attention branch
     merges within the windows it attends over (SAM's windowed blocks); ``unmerged``: why a
-    block merges nothing (a stage change that pools the grid: Hiera's)."""
+    block merges nothing (a stage change that pools the grid: Hiera's); ``tile``: the tiles its
+    large grid is matched within (``_matching_tile``)."""
 
     name: str
     tokens: int
@@ -75,6 +76,7 @@ class BranchPlan:
     merged: tuple[str, ...]
     windows: tuple[int, int, int] | None = None
     unmerged: str | None = None
+    tile: tuple[int, int] | None = None  # (h, w) tokens: its grid is matched within tiles this size
 
 
 def _is_attention(node: Node) -> bool:
@@ -208,21 +210,36 @@ def _window_point(branch: Branch, point: Node) -> Node | None:
     return found
 
 
-def _matching_costs_more(block: AttentionBlock, branches: list[Branch], h: int, w: int, r: int,
-                         settings: BranchSettings) -> str | None:
-    """Why a token grid's branches over its whole grid should not merge, or None: the matching
-    scores every source against every dst (O(tokens^2 x channels)), more multiply-adds than
-    the ``r`` tokens save in those branches' linear layers (SAM 2's 256 x 256 first stage)."""
+_MATCHING_SHARE = 0.25  # of the multiply-adds merging saves, the most a grid's matching may cost
+
+
+def _matching_tile(block: AttentionBlock, branches: list[Branch], h: int, w: int, r: int,
+                   settings: BranchSettings) -> tuple[int, str | None]:
+    """How a token grid's whole-grid branches match: (0, None) over the whole grid, (k, None)
+    within tiles of k x k cells (``merge.grid_order``'s ``tile``), or (0, why) not at all.
+    Matching scores every source against every dst it may pair with: O(tokens^2 x channels)
+    over the whole grid (90G multiply-adds on SAM 2's 256 x 256 first stage, against the 3G
+    that merging its MLP saves). It may cost at most ``_MATCHING_SHARE`` of what the ``r``
+    merged tokens save in the branches' linear layers: over the whole grid where that holds,
+    else within the largest tiles for which it does."""
     if not settings.grid_stream or not branches:
-        return None
+        return 0, None
     cells, channels = (h // settings.sy) * (w // settings.sx), shape_of(block.stream)[-1]
-    matching = (h * w - cells) * cells * channels
     saved = r * sum(math.prod(shape_of(n.args[1])) for b in branches for n in b.nodes
                     if n.op == "call_function" and n.target == aten.linear.default)
-    if matching <= saved:
-        return None
-    return (f"{', '.join(b.kind for b in branches)} not merged: matching its {h * w} tokens costs "
-            f"{matching / 1e6:.0f}M multiply-adds, more than the {saved / 1e6:.0f}M merging saves")
+    budget = saved * _MATCHING_SHARE
+
+    def cost(k: int) -> int:  # multiply-adds of matching with k x k cells per tile (0: the whole grid)
+        return (h * w - cells) * (k * k if k else cells) * channels
+
+    if cost(0) <= budget:
+        return 0, None
+    for k in range(math.isqrt(cells), 1, -1):
+        if h % (k * settings.sy) == 0 and w % (k * settings.sx) == 0 and cost(k) <= budget:
+            return k, None
+    return 0, (f"{', '.join(b.kind for b in branches)} not merged: matching its {h * w} tokens costs "
+               f"{cost(0) / 1e6:.0f}M multiply-adds, and no tiling of its grid brings that under "
+               f"{_MATCHING_SHARE:.0%} of the {saved / 1e6:.0f}M merging saves")
 
 
 def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]] | None:
@@ -270,8 +287,10 @@ def _downsample(block: AttentionBlock, settings: BranchSettings) -> int:
     return max(1, math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // (shape_of(block.stream)[1] - sum(block.joined)))))
 
 
-def _why_nothing_merges(blocks: list[AttentionBlock], settings: BranchSettings) -> str:
+def _why_nothing_merges(blocks: list[AttentionBlock], plans: list, settings: BranchSettings) -> str:
     """Why no block merged, and what would make one merge."""
+    if plans:  # every block that would merge matches at a cost above what it saves
+        return plans[0][1].unmerged
     if not settings.grid_stream and all(_downsample(b, settings) > settings.max_downsample for b in blocks):
         lowest = min(_downsample(b, settings) for b in blocks)
         return (f"every attention block is at least {lowest}x below full resolution (SDXL's first level has no "
@@ -314,7 +333,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
         windows_at = {b: _window_point(b, _merge_point(b)) for b in chosen if settings.grid_stream and b.kind == "attn"}
-        costly = _matching_costs_more(block, [b for b in chosen if windows_at.get(b) is None], h, w, r, settings)
+        tile, costly = _matching_tile(block, [b for b in chosen if windows_at.get(b) is None], h, w, r, settings)
         if costly:  # (a token grid's branches over the whole grid; those per window match per window)
             chosen = [b for b in chosen if windows_at.get(b) is not None]
             if not chosen:
@@ -323,9 +342,9 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         lead, trail = block.joined
         own = block.own_input if block.own_input is not None else block.stream  # FLUX's single blocks: its piece
         with graph.inserting_after(block.stream):
-            order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand))
+            order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand, tile))
         if matchings is not None:
-            order = _stored(gm, order, len(plans), own.meta["val"], (h, w, settings.sx, settings.sy, r), matchings)
+            order = _stored(gm, order, len(plans), own.meta["val"], (h, w, settings.sx, settings.sy, r, tile), matchings)
         windows, merging = None, []
         for branch in chosen:
             point = _merge_point(branch)
@@ -367,7 +386,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         if not order.users and matchings is None:  # only windows merge, or none
             graph.erase_node(order)
         if merging:
-            plans.append((block, BranchPlan(block.name, tokens, r, tuple(merging), windows, unmerged=costly)))
+            plans.append((block, BranchPlan(block.name, tokens, r, tuple(merging), windows, unmerged=costly,
+                                            tile=(tile * settings.sy, tile * settings.sx) if tile else None)))
 
     flow = analyze_token_flow(graph, seeds, protected=0)
     for block, branch, restored in closing:
@@ -411,4 +431,5 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     gm.recompile()
     kept = tuple(BranchPlan(change.name, 0, 0, (), unmerged="its block changes the token grid (a stage change: the "
                             "residual is a projection or pooling of the block's input)") for change in stage_changes)
-    return tuple(plan for _, plan in plans) + kept, None if plans else _why_nothing_merges(blocks, settings)
+    merging = [plan for _, plan in plans if plan.merged]
+    return tuple(plan for _, plan in plans) + kept, None if merging else _why_nothing_merges(blocks, plans, settings)

@@ -25,6 +25,7 @@ ASSETS = pathlib.Path(__file__).parent / "assets"
 CHECKPOINT = ASSETS / "vit_fashion_mnist.safetensors"
 ROPE_CHECKPOINT = ASSETS / "vit_rope_fashion_mnist.safetensors"
 SAMVIT_CHECKPOINT = ASSETS / "samvit_fashion_mnist.safetensors"
+SAMVIT_ABS_CHECKPOINT = ASSETS / "samvit_abs_fashion_mnist.safetensors"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # per-channel statistics of the training images, so inputs are roughly zero-mean unit-variance
@@ -64,6 +65,8 @@ def create_model(checkpoint: str | pathlib.Path | None = CHECKPOINT, *, arch: st
     to 16 x 16, as SAM pads 64 to 70; global attention in blocks 2 and 5; relative positions
     and no absolute table, so positions come from the rule under test alone; a conv neck
     and an average-pooled head) with the same stem, width, depth and heads.
+    ``arch="samvit_abs"`` is the same SAM encoder with an absolute position table instead of
+    relative positions: the reference beside which the relative-position rules are judged.
     """
     import timm
     from safetensors.torch import load_file
@@ -76,16 +79,16 @@ def create_model(checkpoint: str | pathlib.Path | None = CHECKPOINT, *, arch: st
         model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, pretrained_cfg_overlay=cfg,
                                   **MODEL_KWARGS)
         _stemmed(model.patch_embed)
-    elif arch == "samvit":
+    elif arch in ("samvit", "samvit_abs"):
         from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-        sam = {k: v for k, v in MODEL_KWARGS.items()}
-        model = VisionTransformerSAM(**sam, use_abs_pos=False, use_rel_pos=True, window_size=8,
+        relative = arch == "samvit"
+        model = VisionTransformerSAM(**MODEL_KWARGS, use_abs_pos=not relative, use_rel_pos=relative, window_size=8,
                                      global_attn_indexes=(2, 5), neck_chans=64, global_pool="avg")
         model.pretrained_cfg = cfg
         _stemmed(model.patch_embed)
     else:
-        raise ValueError(f"arch is 'vit', 'rope' or 'samvit', not {arch!r}")
+        raise ValueError(f"arch is 'vit', 'rope', 'samvit' or 'samvit_abs', not {arch!r}")
     if checkpoint is not None:
         path = pathlib.Path(checkpoint)
         if not path.is_file():
