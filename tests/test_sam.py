@@ -434,3 +434,27 @@ def test_a_grid_that_no_tiling_makes_cheap_enough_stays_unmerged():
     assert [(p.name, p.merged) for p in plan] == [("blocks.0", ()), ("blocks.1", ())]
     assert "blocks.0: not merged: mlp not merged: matching its 484 tokens costs" in fast.summary()
     assert "no tiling of its grid brings that under 25%" in fast.summary()
+
+
+def test_a_relative_position_bias_in_another_form_is_refused_naming_it(monkeypatch):
+    """The bias computed by broadcast products instead of einsums: not recognised, so attention
+    cannot merge, and the refusal says it is the relative-position bias (not an op deep in it);
+    MLP branches still merge."""
+    import segment_anything.modeling.image_encoder as image_encoder
+
+    def products(attn, q, rel_pos_h, rel_pos_w, q_size, k_size):
+        (q_h, q_w), (k_h, k_w) = q_size, k_size
+        table_h = image_encoder.get_rel_pos(q_h, k_h, rel_pos_h)
+        table_w = image_encoder.get_rel_pos(q_w, k_w, rel_pos_w)
+        grid = q.reshape(q.shape[0], q_h, q_w, -1)[:, :, :, None, :]
+        rel_h, rel_w = (grid * table_h[None, :, None]).sum(-1), (grid * table_w[None, None]).sum(-1)
+        logits = attn.view(q.shape[0], q_h, q_w, k_h, k_w) + rel_h[..., None] + rel_w[..., None, :]
+        return logits.view(q.shape[0], q_h * q_w, k_h * k_w)
+
+    monkeypatch.setattr(image_encoder, "add_decomposed_rel_pos", products)
+    model = _model("segment_anything")
+    x = torch.randn(1, 3, IMG, IMG, dtype=torch.float64)
+    with pytest.raises(tome_fx.UnsupportedModelError, match=r"block blocks\.0: its attention cannot merge: .* "
+                       r"relative-position bias in a form tome_fx does not recognise"):
+        _embed("segment_anything", sam.apply(model, 0.5, attn=True), x)
+    assert _embed("segment_anything", sam.apply(model, 0.5), x).shape == _embed("segment_anything", model, x).shape

@@ -22,7 +22,7 @@ from .functional_writes import FunctionalWrites
 from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention
-from .relative_positions import RelativePositionBias, RestageRelativePositions
+from .relative_positions import RelativePositionBias, RestageRelativePositions, pair_grid
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
 from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, analyze_token_flow, is_weights
@@ -329,6 +329,13 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         # merges within what it attends over, and the token-flow analysis proves what follows
         if block.not_one_sequence and not settings.grid_stream and any(b.kind == "attn" for b in chosen):
             raise UnsupportedModelError(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}")
+        unrecognised = next((pair_grid(b.nodes) for b in chosen if b.kind == "attn" and pair_grid(b.nodes)), None)
+        if unrecognised is not None:
+            raise UnsupportedModelError(
+                f"block {block.name}: its attention cannot merge: {describe(unrecognised)} views its logits as a "
+                "[batch, h, w, kh, kw] grid of query and key positions, a relative-position bias in a form tome_fx "
+                "does not recognise (it reads the einsum form of segment_anything, HF SamModel and timm samvit); "
+                "merge the other branches alone (SAM: attn=False)")
         if block.why_not_joined and block.joined == (0, 0):
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))

@@ -96,6 +96,22 @@ def _erase_dead(graph, *nodes: Node) -> None:
             erased.add(current)
 
 
+def pair_grid(nodes) -> Node | None:
+    """A view among ``nodes`` between attention pairs [B, q, k] and their positions' grid
+    [B, h, w, kh, kw] (h * w = q, kh * kw = k): what is left of a relative-position bias that
+    ``RelativePositionBias`` did not recognise. Merged queries form no grid, so its attention
+    cannot merge, and the refusal should say why."""
+    for node in nodes:
+        if node.op != "call_function" or node.target not in _FLATTENS or not isinstance(node.args[0], Node):
+            continue
+        shapes = sorted((shape_of(node.args[0]), shape_of(node)), key=len)
+        if [len(s) for s in shapes] == [3, 5]:
+            (batch, q, k), grid = shapes
+            if grid[0] == batch and grid[1] * grid[2] == q and grid[3] * grid[4] == k:
+                return node
+    return None
+
+
 class RelativePositionBias(PassBase):
     """Rewrites each decomposed relative-position bias as ``merge.rel_pos_bias`` (added to the
     logits it was added to), so the token-flow analysis sees it as one op with a rule."""
