@@ -194,6 +194,18 @@ def test_prop_attn_can_be_switched_off(tiny):
     assert not torch.allclose(with_prop, without)
 
 
+def test_prop_attn_forms_agree_and_a_bad_one_is_refused(tiny):
+    """``"flash"`` (log(size) folded into a key column, no mask: FlashAttention can run) equals
+    ``"bias"`` (a float mask); True picks ``"bias"`` on CPU."""
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        outs = {form: tome_fx.transform(tiny, 16, prop_attn=form)(images) for form in (True, "bias", "flash")}
+    assert torch.equal(outs[True], outs["bias"])
+    torch.testing.assert_close(outs["flash"], outs["bias"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prop_attn is True, False or one of"):
+        tome_fx.transform(tiny, 16, prop_attn="flsh")
+
+
 class _SeparateQKVBlock(nn.Module):
     """Separate q/k/v linears and a hand-written softmax attention, as users write them."""
 

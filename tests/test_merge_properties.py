@@ -321,3 +321,22 @@ def test_tiled_grid_matching_is_the_whole_grid_matching_restricted_to_each_tile(
         assert all(torch.equal(a, b) for a, b in zip(whole[:3] + whole[4:], tiled[:3] + tiled[4:]))
     with pytest.raises(ValueError, match="not whole tiles"):
         merge.grid_order(x, h, w, 2, 2, r, rand, tile=k + 1)
+
+
+@pytest.mark.parametrize("inner, lead, trail, start, gqa, head_dim", [(1, 0, 0, 0, False, 64), (2, 1, 2, 1, False, 7),
+                                                                   (1, 0, 0, 0, True, 16)])
+def test_the_flash_form_of_proportional_attention_equals_the_bias_form(inner, lead, trail, start, gqa, head_dim):
+    """[q, 1].[k, log(size) / s].s = q.k.s + log(size): the key-column form (no mask, head dims
+    padded to 8) gives the bias form's output, with heads folded in the batch (``inner``),
+    joined tokens (``lead``/``trail``), tokens before ``start``, grouped keys, any head dim."""
+    torch.manual_seed(0)
+    batch, tokens = 2, 6
+    keys = lead + tokens - start + trail
+    q = torch.randn(batch * inner, 4 if gqa else 2, 5, head_dim, dtype=torch.float64)
+    k = torch.randn(batch * inner, 2, keys, head_dim, dtype=torch.float64)
+    v = torch.randn(batch * inner, 2, keys, 3, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, tokens)).to(torch.float64)
+    args = (q, k, v, size, 0, start, inner, lead, trail, 0.0, False, 0.3 if gqa else None, gqa)
+    torch.testing.assert_close(merge.proportional_sdpa(*args, "flash"), merge.proportional_sdpa(*args, "bias"),
+                               rtol=0, atol=1e-12)
+    assert merge.proportional_sdpa(*args, "auto").equal(merge.proportional_sdpa(*args, "bias"))  # (on CPU)

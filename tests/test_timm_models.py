@@ -89,11 +89,13 @@ def test_deit_small_compiled_fullgraph_matches_reference_in_float64():
     torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("form", ["bias", "flash"])
 @pytest.mark.parametrize("pool", ["avg", "map", "map_manual"])
-def test_exact_duplicate_patches_merge_without_changing_the_output(pool):
+def test_exact_duplicate_patches_merge_without_changing_the_output(pool, form):
     """Whole model: patches that are exact copies merge, and logits stay the same. With
     ``global_pool="map"`` (SigLIP's attention-pool head, sdpa or its manual path) the latent
-    query attends over the merged tokens with proportional attention."""
+    query attends over the merged tokens with proportional attention; in either form of it
+    (``prop_attn="flash"``: log(size) as a key column, not a mask)."""
     model = timm.create_model(
         "vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, num_classes=5, global_pool=pool[:3]
     ).eval().double()
@@ -107,7 +109,7 @@ def test_exact_duplicate_patches_merge_without_changing_the_output(pool):
     for j in range(1, 32):  # token positions (2j, 2j+1) hold patches (2j-1, 2j): A and B
         flat[:, :, 2 * j] = flat[:, :, 2 * j - 1]
     patches.copy_(flat.reshape(2, 3, 8, 8, 4, 4))
-    fast = tome_fx.transform(model, [31])
+    fast = tome_fx.transform(model, [31], prop_attn=form)
     with torch.no_grad():
         torch.testing.assert_close(fast(images), model(images), rtol=1e-10, atol=1e-10)
     assert fast.token_counts == [65, 34, 34, 34]

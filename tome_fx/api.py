@@ -17,6 +17,7 @@ from .capture import batch_mask, batched_tensors, capture, normalize_example_inp
 from .errors import UnsupportedModelError
 from .graphs import TREE, GraphsPerMode, InstanceSignature, in_mode, mode_of, with_signature
 from .passes import TomePlan, apply_tome
+from .passes.proportional_attention import form_of
 from .passes.rotary_tables import RULES
 from .schedule import Schedule, resolve_schedule
 
@@ -34,7 +35,7 @@ class TokenState(NamedTuple):
 @dataclass(frozen=True)
 class _Options:
     r: Schedule
-    prop_attn: bool
+    prop_attn: bool | str
     trace_source: bool
     unmerge_outputs: bool
     scope: tuple[str, ...] = ()
@@ -144,7 +145,7 @@ class ToMeModel(GraphsPerMode):
                 for t, batched in zip(tensors_of(inputs), self._batched)]
 
     @property
-    def prop_attn(self) -> bool:
+    def prop_attn(self) -> bool | str:
         return self._options.prop_attn
 
     @property
@@ -248,7 +249,7 @@ def transform(
     r: Schedule,
     *,
     example_inputs=None,
-    prop_attn: bool = True,
+    prop_attn: bool | str = True,
     trace_source: bool = False,
     unmerge_outputs: bool = True,
     scope: str | list[str] | None = None,
@@ -271,6 +272,10 @@ def transform(
     that generates (HF ``GenerationMixin``: a VLM), each scoped part is transformed where the
     model calls it and swapped into a shallow copy of the model (same class, parameters
     shared), so ``generate()`` and the key/value cache work as before.
+    ``prop_attn``: proportional attention (log(size) added to the logits of merged keys, which
+    ToMe needs to stay exact); ``"bias"`` passes it to ``scaled_dot_product_attention`` as a
+    float mask, ``"flash"`` folds it into one extra key column so FlashAttention can still run,
+    and True (``"auto"``) picks ``"flash"`` where that kernel would run (CUDA, half precision).
     ``rope``: the rotary terms of a merged token in RoPE models (EVA-02, DINOv3), which no
     rule makes exact: ``"mean"``, the size-weighted mean of its patches' cos/sin rows (the
     better on the Fashion-MNIST RoPE model), or ``"representative"``, its first patch's.
@@ -292,6 +297,7 @@ def transform(
     scope = _scope(model, scope)
     if rope not in RULES:
         raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
+    form_of(prop_attn)  # (a bad value raises before capture)
     args, kwargs = normalize_example_inputs(model, example_inputs)
     options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model))
     if scope and submodules.generates(model):

@@ -417,6 +417,43 @@ def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, st
     return size_bias(size, like.dim(), batch_dim, token_dim, start, inner, lead, trail).log().to(like.dtype)
 
 
+PROP_ATTN_FORMS = ("auto", "bias", "flash")
+
+
+def proportional_sdpa(query: Tensor, key: Tensor, value: Tensor, size: Tensor, batch_dim: int, start: int = 0,
+                      inner: int = 1, lead: int = 0, trail: int = 0, dropout_p: float = 0.0, is_causal: bool = False,
+                      scale: float | None = None, enable_gqa: bool = False, form: str = "auto") -> Tensor:
+    """``scaled_dot_product_attention`` over merged keys with proportional attention (log(size)
+    added to each key's logits; ``size_bias`` says how ``size`` lays out). ``form="bias"``
+    passes it as a float mask, which rules out FlashAttention on CUDA. ``"flash"`` folds it
+    into the product instead: q.k.s + log(size) = [q, 1].[k, log(size) / s].s, so one column
+    appended to the queries (ones) and keys, zeros to the values, head dims padded to a
+    multiple of 8 and the scale passed explicitly leave no mask. ``"auto"``: ``"flash"`` where
+    that lets FlashAttention run (CUDA, half precision, head dim <= 256), else ``"bias"``."""
+    head_dim = query.shape[-1]
+    if form == "auto":
+        flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and head_dim < 256
+        form = "flash" if flash else "bias"
+    if form == "bias":
+        bias = log_size_bias(size, query, batch_dim, query.dim() - 1, start, inner, lead, trail)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa)
+    scale = head_dim ** -0.5 if scale is None else scale
+    column = size_bias(size, key.dim(), batch_dim, key.dim() - 2, start, inner, lead, trail).log() / scale
+    width = -(-(head_dim + 1) // 8) * 8
+
+    def widened(x: Tensor, last: Tensor | None) -> Tensor:
+        if last is not None:
+            x = torch.cat([x, last.to(x.dtype).expand(*x.shape[:-1], 1)], dim=-1)
+        return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        widened(query, query.new_ones(())), widened(key, column), widened(value, None) if value.shape[-1] <= width
+        else value, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out[..., : value.shape[-1]]
+
+
 def add_attention_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
     """Combine an optional ``scaled_dot_product_attention`` mask (bool or additive) with ``bias``."""
     if mask is None:

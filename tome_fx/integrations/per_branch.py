@@ -43,7 +43,8 @@ class PerBranchToMe(torch.nn.Module):
     proportional attention in merged self-attention; ``reuse`` > 1: each matching is reused
     for that many steps (``match_reuse``)."""
 
-    def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool = False, reuse: int = 1):
+    def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool | str = False,
+                 reuse: int = 1):
         super().__init__()
         self.model = model
         self.__dict__.update(settings=settings, prop_attn=prop_attn, reuse=reuse, _graphs={}, _compile_kwargs=None)

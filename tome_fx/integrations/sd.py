@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..call_spec import CallSpec
 from ..passes.branch_merges import BranchSettings
+from ..passes.proportional_attention import form_of
 from ..passes.rotary_tables import RULES
 from .per_branch import PerBranchToMe
 
@@ -27,7 +28,8 @@ class ToMeUNet(PerBranchToMe):
     its transformer blocks; called, and read (``config``, ``dtype``, ``device``...), like the
     model it wraps, whose parameters it shares."""
 
-    def __init__(self, unet: torch.nn.Module, settings: BranchSettings, use_rand: bool, prop_attn: bool, reuse: int):
+    def __init__(self, unet: torch.nn.Module, settings: BranchSettings, use_rand: bool, prop_attn: bool | str,
+                 reuse: int):
         super().__init__(unet, settings, prop_attn, reuse)
         self.__dict__.update(use_rand=use_rand)
 
@@ -82,7 +84,7 @@ def apply(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
-    prop_attn: bool = False,
+    prop_attn: bool | str = False,
     reuse: int = 1,
     rope: str = "mean",
 ):
@@ -98,7 +100,7 @@ def apply(
     ``torch.manual_seed`` makes it reproducible; off for odd batches, as in tomesd);
     ``merge_attn`` / ``merge_crossattn`` / ``merge_mlp``: the branches that merge.
     Not in tomesd: ``prop_attn``, proportional attention in merged self-attention, which makes
-    merging exact for duplicate tokens; ``reuse=k``, each block's matching is computed at one
+    merging exact for duplicate tokens (True, ``"bias"`` or ``"flash"``, as in ``tome_fx.transform``); ``reuse=k``, each block's matching is computed at one
     denoising step and reused for the next k - 1 (steps told apart by the ``timestep``
     argument; the prompted and unprompted calls of one step each keep their own); ``rope``:
     the rotary terms of a merged token (FLUX, Wan), as in ``tome_fx.transform``.
@@ -109,6 +111,7 @@ def apply(
         raise ValueError(f"reuse must be an int >= 1 (1: match at every step), got {reuse!r}")
     if rope not in RULES:
         raise ValueError(f"rope must be one of {RULES}, got {rope!r}")
+    form_of(prop_attn)  # (a bad value raises here)
     kinds = frozenset(k for k, on in (("attn", merge_attn), ("crossattn", merge_crossattn), ("mlp", merge_mlp)) if on)
     settings = BranchSettings(ratio, (0, 0), max_downsample, sx, sy, False, kinds, rope=rope)
     if isinstance(pipe_or_unet, PerBranchToMe):

@@ -21,7 +21,7 @@ from ..errors import UnsupportedModelError
 from .functional_writes import FunctionalWrites
 from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
-from .proportional_attention import ProportionalAttention
+from .proportional_attention import ProportionalAttention, form_of
 from .relative_positions import RelativePositionBias, RestageRelativePositions, pair_grid
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
@@ -300,7 +300,7 @@ def _why_nothing_merges(blocks: list[AttentionBlock], plans: list, settings: Bra
     return f"ratio={settings.ratio} of each block's tokens rounds down to no token"
 
 
-def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool,
+def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: bool | str,
                       matchings: str | None = None) -> tuple[tuple[BranchPlan, ...], str | None]:
     """Rewrite ``gm`` in place; its outputs keep their shapes (the stream is never merged).
     Returns the merging blocks' plans and, where no block merges, why not. ``matchings``:
@@ -430,8 +430,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     RepairShapes(flow)(gm)
     RestageTables(flow, settings.rope)(gm)
     RestageRelativePositions(flow, settings.rel_pos)(gm)
-    if prop_attn:
-        ProportionalAttention(flow)(gm)
+    if form_of(prop_attn):
+        ProportionalAttention(flow, form_of(prop_attn))(gm)
     WeightedReductions(flow)(gm)
     Unmerge(flow, outputs=False)(gm)
     graph.lint()

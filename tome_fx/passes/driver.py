@@ -27,7 +27,7 @@ from .find_blocks import (EINSUM, MATMUL, SOFTMAX, AttentionBlock, SeparateChain
                           manual_attention)
 from .graph_utils import ancestors, aten, depends_on_inputs, describe, graph_copy, module_path, shape_of, tensor_meta
 from .insert_merges import InsertMerges
-from .proportional_attention import ProportionalAttention
+from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
@@ -89,7 +89,7 @@ class TomePlan:
         return int(per_image * batch)
 
 
-def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs: bool,
+def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_outputs: bool,
                scope: tuple[str, ...] = (), rope: str = "mean", checkpoint: bool = False) -> TomePlan:
     """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
     ``r`` is a schedule, or a function of (blocks, tokens, protected tokens) that makes one
@@ -155,8 +155,8 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool, unmerge_outputs
     RepairShapes(flow)(gm)
     RestageTables(flow, rope)(gm)
     RestageMasks(flow, mask)(gm)
-    if prop_attn:
-        ProportionalAttention(flow)(gm)
+    if form_of(prop_attn):
+        ProportionalAttention(flow, form_of(prop_attn))(gm)
     WeightedReductions(flow)(gm)
     unmerge = Unmerge(flow, outputs=unmerge_outputs, state=(insert.result.size, insert.result.positions))
     unmerge(gm)

@@ -1,7 +1,9 @@
 """Proportional attention: add log(size) to the logits of every attention over merged tokens.
 
-For ``scaled_dot_product_attention`` the bias goes into ``attn_mask`` (combined with a
-mask already there); for a manual attention it is added to the softmax input.
+For ``scaled_dot_product_attention`` with a mask the bias is added to the mask; without one
+the call becomes ``merge.proportional_sdpa``, which adds it as a mask or (``form="flash"``,
+chosen by ``"auto"`` where FlashAttention would run) folds it into the keys, since a float
+mask rules that kernel out. For a manual attention it is added to the softmax input.
 """
 
 from __future__ import annotations
@@ -11,10 +13,29 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
 from .graph_utils import aten, tensor_meta
-from .token_flow import FlowPass
+from .token_flow import FlowPass, TokenFlow
+
+
+def form_of(prop_attn: bool | str) -> str | None:
+    """The sdpa form that ``prop_attn`` (True, False, or one of ``merge.PROP_ATTN_FORMS``) asks
+    for: None for off, ``"auto"`` for True."""
+    if prop_attn is True or prop_attn is False:
+        return "auto" if prop_attn else None
+    if prop_attn not in merge.PROP_ATTN_FORMS:
+        raise ValueError(f"prop_attn is True, False or one of {list(merge.PROP_ATTN_FORMS)}, not {prop_attn!r}")
+    return prop_attn
+
+
+def _argument(node, index: int, name: str, default):
+    """An sdpa argument given by position or keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 class ProportionalAttention(FlowPass):
+    def __init__(self, flow: TokenFlow, form: str = "auto"):
+        super().__init__(flow)
+        self.form = form  # of sdpa without a mask (``merge.PROP_ATTN_FORMS``)
+
     def call(self, gm: GraphModule) -> PassResult:
         graph, modified = gm.graph, False
         for softmax, dim in self.flow.softmaxes:
@@ -35,8 +56,16 @@ class ProportionalAttention(FlowPass):
             layout = self.flow.layouts[keys]
             if not layout.merged:
                 continue
-            mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+            mask = _argument(sdpa, 3, "attn_mask", None)
             batch_dim, inner = layout.batch_axis()
+            modified = True
+            if mask is None:
+                sdpa.target = merge.proportional_sdpa
+                sdpa.args = (query, keys, sdpa.args[2], layout.size, batch_dim, layout.start, inner, layout.lead,
+                             layout.trail, _argument(sdpa, 4, "dropout_p", 0.0), _argument(sdpa, 5, "is_causal", False),
+                             sdpa.kwargs.get("scale"), sdpa.kwargs.get("enable_gqa", False), self.form)
+                sdpa.kwargs = {}
+                continue
             with graph.inserting_before(sdpa):
                 bias = graph.call_function(
                     merge.log_size_bias,
@@ -48,5 +77,4 @@ class ProportionalAttention(FlowPass):
                 sdpa.update_arg(3, mask)
             else:
                 sdpa.update_kwarg("attn_mask", mask)
-            modified = True
         return PassResult(gm, modified)
