@@ -77,6 +77,10 @@ def _load(args) -> zoo.LoadedModel:
         raise SystemExit(f"tome-fx: {error}") from None
 
 
+def _with_form(form: str, model: torch.nn.Module, schedule) -> torch.nn.Module:
+    return tome_fx.transform(model, schedule, prop_attn=form)
+
+
 def _bench(args) -> None:
     from tqdm import tqdm
 
@@ -85,14 +89,16 @@ def _bench(args) -> None:
     configs = [(m, b, mode) for m in args.models for b in args.batch for mode in args.modes]
     for name, batch, mode in tqdm(configs, desc="bench", unit="config"):
         loaded = zoo.load(name, checkpoint=None)
+        forms = {f"prop_attn={form}": partial(_with_form, form) for form in args.prop_attn}
         rows += bench.run(name, loaded.model, loaded.input_size, [0, *args.r], batch=batch, mode=mode,
-                          repeats=args.repeats, merge_share=args.merge_share, device=args.device,
+                          repeats=args.repeats, merge_share=args.merge_share, peers=forms, device=args.device,
                           dtype=getattr(torch, args.dtype), compile_kwargs=_compile_kwargs(args))
     table = bench.markdown(rows)
     print(f"{where}, medians of {args.repeats} interleaved calls after warm-up")
     print(table)
-    print("attention kernels:\n" + "\n".join(sorted({f"  {r.model} {r.mode} r={r.schedule}: {r.sdpa or 'none'}"
-                                                    for r in rows})))
+    print("attention kernels:\n" + "\n".join(sorted({
+        f"  {r.model} {r.mode} r={r.schedule}{'' if r.impl == 'tome_fx' else f' ({r.impl})'}: {r.sdpa or 'none'}"
+        for r in rows})))
     if args.merge_share:
         print("merge share: 1 - time(stand-in whose merges just drop r tokens) / time(ToMe model)")
     if args.out:
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile with inductor's C++ wrapper: less Python per call, for CPU at small batch")
     p.add_argument("--merge-share", action="store_true",
                    help="also time a stand-in of each variant whose merges just drop tokens: the merge's share")
+    p.add_argument("--prop-attn", nargs="+", choices=["bias", "flash"], default=[],
+                   help="also time each schedule with proportional attention in this form (a float mask, or "
+                   "folded into a key column so FlashAttention can run); the default form is 'auto'")
     p.add_argument("--out", help="folder for bench.json, bench.md and speedup.png")
 
     p = commands.add_parser("bench-grid", help="merging timed at full size: SD UNet, SD3/FLUX/Wan blocks, SAM encoders",
