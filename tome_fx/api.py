@@ -41,6 +41,7 @@ class _Options:
     scope: tuple[str, ...] = ()
     rope: str = "mean"
     checkpoint: bool = False  # each block under torch.utils.checkpoint
+    method: str = "tome"  # the merge policy (``merge.POLICIES``)
 
 
 _CACHE_OUTPUT = re.compile(r"Found <class '[\w.]*Cache'> in output")  # torch.export's words for an HF cache
@@ -53,7 +54,7 @@ def _build(model: torch.nn.Module, call: CallSpec, options: _Options, mode: bool
     with in_mode(model, mode):
         graph_module = capture(model, call)
     plan = apply_tome(graph_module, options.r, prop_attn=options.prop_attn, unmerge_outputs=options.unmerge_outputs,
-                      scope=options.scope, rope=options.rope, checkpoint=options.checkpoint)
+                      scope=options.scope, rope=options.rope, checkpoint=options.checkpoint, method=options.method)
     return graph_module, plan
 
 
@@ -165,6 +166,10 @@ class ToMeModel(GraphsPerMode):
         return self._options.rope
 
     @property
+    def method(self) -> str:
+        return self._options.method
+
+    @property
     def schedule(self) -> list[int]:
         """Tokens each block merges away (after clamping)."""
         return self.plan.schedule
@@ -211,7 +216,8 @@ class ToMeModel(GraphsPerMode):
         return (
             f"ToMeModel(schedule={self.schedule}, tokens={self.token_counts}, protected={self.plan.protected}, "
             f"prop_attn={self.prop_attn}, trace_source={self.trace_source}, unmerge_outputs={self.unmerge_outputs}, "
-            f"rope={self.rope!r}" + (f", scope={list(self.scope)}" if self.scope else "")
+            f"rope={self.rope!r}" + (f", method={self.method!r}" if self.method != "tome" else "")
+            + (f", scope={list(self.scope)}" if self.scope else "")
             + (", grad_checkpointing=True)" if self.grad_checkpointing else ")")
         )
 
@@ -254,6 +260,7 @@ def transform(
     unmerge_outputs: bool = True,
     scope: str | list[str] | None = None,
     rope: str = "mean",
+    method: str = "tome",
 ) -> ToMeModel:
     """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
 
@@ -276,6 +283,10 @@ def transform(
     ToMe needs to stay exact); ``"bias"`` passes it to ``scaled_dot_product_attention`` as a
     float mask, ``"flash"`` folds it into one extra key column so FlashAttention can still run,
     and True (``"auto"``) picks ``"flash"`` where that kernel would run (CUDA, half precision).
+    ``method``: the merge policy (``merge.POLICIES``): ``"tome"``, ToMe's bipartite matching;
+    ``"pitome"``, PiToMe's, which keeps isolated (informative) tokens apart and merges within
+    clusters; ``"prune_merge"``, ToMe's matching pruning in the first half of the blocks and
+    merging after (ToFu's split). ``docs/policies.md`` compares them.
     ``rope``: the rotary terms of a merged token in RoPE models (EVA-02, DINOv3), which no
     rule makes exact: ``"mean"``, the size-weighted mean of its patches' cos/sin rows (the
     better on the Fashion-MNIST RoPE model), or ``"representative"``, its first patch's.
@@ -297,9 +308,11 @@ def transform(
     scope = _scope(model, scope)
     if rope not in RULES:
         raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
+    if method not in merge.POLICIES:
+        raise ValueError(f"method is one of {list(merge.POLICIES)}, not {method!r}")
     form_of(prop_attn)  # (a bad value raises before capture)
     args, kwargs = normalize_example_inputs(model, example_inputs)
-    options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model))
+    options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model), method)
     if scope and submodules.generates(model):
         return _transform_parts(model, args, kwargs, options)
     return _transform(model, args, kwargs, options)
@@ -362,9 +375,9 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
     it compiles once more the first time it sees a single-sample batch). ``compile_kwargs``
     go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``,
-    ``unmerge_outputs``, ``scope`` and ``rope``."""
-    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope", "rope")
-               if k in compile_kwargs}
+    ``unmerge_outputs``, ``scope``, ``rope`` and ``method``."""
+    options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope", "rope",
+                                                  "method") if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
     return with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
 

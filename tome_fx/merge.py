@@ -9,7 +9,7 @@ and keep their places at the front; the order of the other tokens is
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,8 +26,9 @@ class Matching(NamedTuple):
     src_idx: Tensor  # [B, r] set-A tokens merged away
     dst_idx: Tensor  # [B, r] set-B token each of them merges into
     protected: int
-    a: slice | Tensor = EVEN
+    a: slice | Tensor = EVEN  # (index tensors: [N] shared by the batch, or [B, N] per sample)
     b: slice | Tensor = ODD
+    keep_dst: bool = False  # a merged token keeps its dst's value (pruning the source), sizes still add
 
 
 def max_merges(tokens: int, protected: int) -> int:
@@ -92,6 +93,87 @@ def descending_order(values: Tensor) -> Tensor:
     return torch.zeros_like(rank).scatter(-1, rank, index.expand_as(rank))
 
 
+def energy_matching(metric: Tensor, r: int, protected: int = 0, compatible: Tensor | None = None,
+                    first: Tensor | None = None, depth: float = 0.0) -> Matching:
+    """PiToMe's matching (Tran et al., NeurIPS 2024): a token's energy is the mean over all
+    tokens of ELU(cosine - margin), high in a large cluster of alike tokens and low for an
+    isolated, informative one; the ``2r`` most energetic tokens are split alternately (in
+    energy order) into sources and dsts, and every source merges into its most similar dst;
+    the rest are kept. The margin falls with ``depth`` (the block's index over the block
+    count) from 0.9 to 0, as PiToMe's ViT code sets it. Masks are [B, N, N] over all tokens
+    (``mask_pairs`` with ``ALL``): ``first`` puts padding first, in pairs (an odd one out last:
+    no padding is left for it), and ``compatible`` rules pairs out and limits each token's
+    energy to the tokens it may pair with."""
+    batch, tokens, _ = metric.shape
+    if not 0 <= r <= max_merges(tokens, protected):
+        raise ValueError(f"r={r} merges are impossible with {tokens} tokens, {protected} protected")
+    arange = torch.arange(tokens, device=metric.device)
+    if r == 0:
+        none = arange[:0].expand(batch, 0)
+        return Matching(arange.expand(batch, tokens), none, none, 0, arange, none)
+    metric = metric.detach()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    metric = metric[:, protected:]
+    similarity = metric @ metric.transpose(1, 2)
+    terms = torch.nn.functional.elu(similarity - 0.9 * (1 - depth))
+    if compatible is None:
+        energy = terms.mean(-1)
+    else:  # over the tokens the mask treats alike: padding's content never moves a real token's energy
+        alike = compatible[:, protected:, protected:]
+        energy = (terms * alike).sum(-1) / alike.sum(-1).clamp_min(1)
+    if first is not None:  # padding (inert) merges first, in pairs; an odd one out never merges
+        dead = first.diagonal(dim1=1, dim2=2)[:, protected:]
+        rank = dead.cumsum(-1)
+        paired = dead & (rank <= rank[:, -1:] // 2 * 2)
+        energy = energy.masked_fill(paired, torch.inf).masked_fill(dead & ~paired, -torch.inf)
+    order = descending_order(energy)
+    src, dst = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]
+    scores = _take(similarity, src).gather(2, dst[:, None, :].expand(-1, r, -1))  # [B, r sources, r dsts]
+    if compatible is not None:
+        pairs = _take(compatible[:, protected:, protected:], src).gather(2, dst[:, None, :].expand(-1, r, -1))
+        scores = scores.masked_fill(~pairs, -torch.inf)
+        torch._assert_async((scores.amax(-1) > -torch.inf).all(),
+                            f"PiToMe: a source of this batch has no dst the attention mask treats alike; use a "
+                            f"smaller r than {r} or pad to a longer length")
+    kept = order[:, 2 * r :].sort(dim=-1).values + protected
+    a = torch.cat([arange[:protected].expand(batch, -1), kept, src + protected], dim=1)
+    unmerged = tokens - 2 * r
+    return Matching(arange[:unmerged].expand(batch, -1), arange[unmerged : unmerged + r].expand(batch, -1),
+                    scores.argmax(-1), 0, a, dst + protected)
+
+
+def prune_merge_matching(metric: Tensor, r: int, protected: int = 0, compatible: Tensor | None = None,
+                         first: Tensor | None = None, depth: float = 0.0) -> Matching:
+    """ToMe's matching, pruning in the first half of the blocks (``depth`` < 0.5: a merged
+    source is dropped and its dst keeps its value, only their sizes add) and merging (the
+    size-weighted average) after it: ToFu's split (Kim et al., WACV 2024), with ToMe's
+    average in place of its norm-preserving interpolation."""
+    return bipartite_soft_matching(metric, r, protected, compatible, first)._replace(keep_dst=depth < 0.5)
+
+
+class Policy(NamedTuple):
+    """A merge policy: ``match(metric, r, protected, compatible, first, depth)`` gives the
+    ``Matching`` that ``merge_matched`` carries out; its pair masks cover ``sets`` (A, B)."""
+
+    match: Callable[..., Matching]
+    sets: tuple[slice, slice]
+    exact: str  # what it keeps exact: the oracle each is tested by
+
+
+ALL = slice(None)
+POLICIES = {
+    "tome": Policy(lambda metric, r, protected, compatible, first, depth: bipartite_soft_matching(
+        metric, r, protected, compatible, first), (EVEN, ODD),
+        "duplicate tokens merge first (cosine 1 ranks first), averaged: outputs unchanged"),
+    "pitome": Policy(energy_matching, (ALL, ALL),
+                     "duplicates merge exactly where they are the 2r most energetic tokens (every token has a "
+                     "twin, or r no larger than the pairs that outrank every lone token): each source merges "
+                     "into its most similar dst, even when that is not its twin"),
+    "prune_merge": Policy(prune_merge_matching, (EVEN, ODD),
+                          "as ToMe: a pruned duplicate's dst already holds its value, and sizes still add"),
+}
+
+
 def _take(t: Tensor, idx: Tensor) -> Tensor:
     """Rows ``idx`` [B, M] of ``t`` [B, N, ...] (advanced indexing: one pass, faster than an
     expanded ``gather`` on CPU)."""
@@ -122,14 +204,15 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor,
     toward each token i merged into it by i's share of the new size, b + sum_i s_i (x_i - b)
     / (s_b + sum_i s_i), which is their weighted mean; every other token is copied bit for bit."""
     acc, p = accumulation_dtype(x.dtype), m.protected
-    xa, xb = x[:, m.a], x[:, m.b]
-    sa, sb = size[:, m.a].to(acc), size[:, m.b].to(acc)
+    xa, xb = _select(x, m.a), _select(x, m.b)
+    sa, sb = _select(size, m.a).to(acc), _select(size, m.b).to(acc)
     src_size = sa.gather(1, m.src_idx)
     sb = sb.scatter_add(1, m.dst_idx, src_size)
-    share = (src_size / sb.gather(1, m.dst_idx))[..., None]
-    dst = _rows(m.dst_idx, x)
-    step = (xa.gather(1, _rows(m.src_idx, x)).to(acc) - xb.gather(1, dst).to(acc)) * share
-    xb = xb.to(acc).scatter_add(1, dst, step).to(x.dtype)
+    if not m.keep_dst:
+        share = (src_size / sb.gather(1, m.dst_idx))[..., None]
+        dst = _rows(m.dst_idx, x)
+        step = (xa.gather(1, _rows(m.src_idx, x)).to(acc) - xb.gather(1, dst).to(acc)) * share
+        xb = xb.to(acc).scatter_add(1, dst, step).to(x.dtype)
     merged = _protected_first(xa.gather(1, _rows(m.unm_idx, x)), xb, p)
     new_size = _protected_first(sa.gather(1, m.unm_idx), sb, p)
     # new index of each old token: set A by rank among the unmerged (or its partner's), set B after them
@@ -144,12 +227,25 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor,
         new_index[:, m.b].copy_(b_index)
         a_index = new_index[:, m.a]
     else:  # index sets: filled apart, then written
-        new_index[:, m.b] = b_index
+        _put(new_index, m.b, b_index.expand(batch, -1))
         a_index = new_index.new_empty(batch, xa.shape[1])
     a_index.scatter_(1, m.unm_idx, rank.expand(batch, -1)).scatter_(1, m.src_idx, b_index[m.dst_idx])
     if not isinstance(m.a, slice):
-        new_index[:, m.a] = a_index
+        _put(new_index, m.a, a_index)
     return merged, new_size, new_index
+
+
+def _select(t: Tensor, tokens: slice | Tensor) -> Tensor:
+    """Tokens ``tokens`` of ``t`` [B, N, ...]: a slice or [M] index shared by the batch, or [B, M]."""
+    return _take(t, tokens) if isinstance(tokens, Tensor) and tokens.dim() == 2 else t[:, tokens]
+
+
+def _put(t: Tensor, tokens: Tensor, values: Tensor) -> None:
+    """``t[:, tokens] = values`` [B, M] in place, for ``tokens`` [M] or [B, M]."""
+    if tokens.dim() == 2:
+        t.scatter_(1, tokens, values)
+    else:
+        t[:, tokens] = values
 
 
 def initial_size(x: Tensor) -> Tensor:
@@ -344,19 +440,22 @@ def merged_rel_pos_bias(q: Tensor, table_h: Tensor, table_w: Tensor, h: int, w: 
     return bias.to(q.dtype)
 
 
-def mask_pairs(mask: Tensor, positions: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
-    """[B, Na, Nb] bool pairs of set-A and set-B tokens: ``compatible`` where the mask treats them
-    alike (equal columns as keys, equal rows as queries), so padding never joins a real token;
-    ``inert`` where both are keys no query may attend to (padding), which merge first."""
+def mask_pairs(mask: Tensor, positions: Tensor, tokens: int, sets: tuple[slice, slice] = (EVEN, ODD)
+               ) -> tuple[Tensor, Tensor]:
+    """[B, Na, Nb] bool pairs of set-A and set-B tokens (``sets``; ToMe's even and odd ones):
+    ``compatible`` where the mask treats them alike (equal columns as keys, equal rows as
+    queries), so padding never joins a real token; ``inert`` where both are keys no query may
+    attend to (padding), which merge first."""
+    a, b = sets
     current = restage_mask(mask, positions, tokens)  # [B, H, Q, N]
     cols = current.permute(0, 3, 1, 2).flatten(2)  # [B, N, H*Q]
-    compatible = (cols[:, ::2, None] == cols[:, None, 1::2]).all(-1)
+    compatible = (cols[:, a, None] == cols[:, None, b]).all(-1)
     if current.shape[2] != 1:
         rows = current.transpose(1, 2).flatten(2)  # [B, N, H*N]
-        compatible &= (rows[:, ::2, None] == rows[:, None, 1::2]).all(-1)
+        compatible &= (rows[:, a, None] == rows[:, None, b]).all(-1)
     blocked = ~cols if cols.dtype == torch.bool else cols <= torch.finfo(cols.dtype).min / 2
     dead = blocked.all(-1)  # [B, N]
-    return compatible, dead[:, ::2, None] & dead[:, None, 1::2]
+    return compatible, dead[:, a, None] & dead[:, None, b]
 
 
 def tome_merge(
@@ -371,21 +470,26 @@ def tome_merge(
     key_masks: tuple[tuple[Tensor, int], ...] = (),
     lead: int = 0,
     trail: int = 0,
+    method: str = "tome",
+    depth: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One ToMe step as inserted into a graph: match on ``keys``, merge ``x`` and ``size``,
-    and follow the merge in ``positions``. With an attention ``mask`` over the original
-    tokens, only tokens the mask treats alike are merged, padding first; so too for each of
-    ``key_masks``, masks over the tokens as keys (``restage_key_mask``'s, with its ``inner``).
-    ``lead``/``trail``: keys of other streams joined before/after the tokens' own (left out)."""
-    tokens = x.shape[1]
+    """One merge step as inserted into a graph: match on ``keys`` by the policy ``method``
+    (``POLICIES``; ``depth``: the block's index over the block count), merge ``x`` and
+    ``size``, and follow the merge in ``positions``. With an attention ``mask`` over the
+    original tokens, only tokens the mask treats alike are merged, padding first; so too for
+    each of ``key_masks``, masks over the tokens as keys (``restage_key_mask``'s, with its
+    ``inner``). ``lead``/``trail``: keys of other streams joined before/after the tokens' own
+    (left out)."""
+    tokens, policy = x.shape[1], POLICIES[method]
+    a, b = policy.sets
     if lead or trail:
         keys = keys.narrow(token_dim, lead, keys.shape[token_dim] - lead - trail)
-    compatible, inert = (None, None) if mask is None else mask_pairs(mask, positions, tokens)
+    compatible, inert = (None, None) if mask is None else mask_pairs(mask, positions, tokens, policy.sets)
     for key_mask, inner in key_masks:
         cols = restage_key_mask(key_mask, positions, tokens, inner).reshape(x.shape[0], -1, tokens).transpose(1, 2)
-        alike = (cols[:, ::2, None] == cols[:, None, 1::2]).all(-1)
+        alike = (cols[:, a, None] == cols[:, None, b]).all(-1)
         compatible = alike if compatible is None else compatible & alike
-    matching = bipartite_soft_matching(key_metric(keys, token_dim), r, protected, compatible, inert)
+    matching = policy.match(key_metric(keys, token_dim), r, protected, compatible, inert, depth)
     x, size, new_index = merge_matched(matching, x, size)
     return x, size, new_index.gather(1, positions)
 

@@ -90,13 +90,14 @@ class TomePlan:
 
 
 def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_outputs: bool,
-               scope: tuple[str, ...] = (), rope: str = "mean", checkpoint: bool = False) -> TomePlan:
+               scope: tuple[str, ...] = (), rope: str = "mean", checkpoint: bool = False,
+               method: str = "tome") -> TomePlan:
     """Rewrite ``gm`` in place; its outputs become ``(original outputs, size, positions)``.
     ``r`` is a schedule, or a function of (blocks, tokens, protected tokens) that makes one
     (a schedule that depends on the model: ``tome_fx.vlm``'s tokens kept).
     With ``scope`` (module paths), only the blocks under it merge; ``rope``: how a merged
     token's rotary terms are chosen (``rotary_tables.RULES``); ``checkpoint``: each block
-    runs under ``torch.utils.checkpoint``."""
+    runs under ``torch.utils.checkpoint``; ``method``: the merge policy (``merge.POLICIES``)."""
     FunctionalWrites()(gm)
     try:
         blocks = find_attention_blocks(gm.graph, scope)
@@ -142,7 +143,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
                 f"block {block.name}: its attention's keys hold {keys} tokens and its residual stream {tokens}, and "
                 "they are not the stream's keys joined with another's by a cat along the tokens (joint attention), "
                 "so the merge cannot tell which keys are the stream's")
-    insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()))
+    insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()), method)
     insert(gm)
     flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask, frozenset(key_masks))
     attended = flow.attended

@@ -30,9 +30,10 @@ class MergeNodes:
 
 class InsertMerges(PassBase):
     def __init__(self, blocks: list[AttentionBlock], schedule: list[int], protected: int, mask: Node | None,
-                 key_masks: tuple[tuple[Node, int], ...] = ()):
+                 key_masks: tuple[tuple[Node, int], ...] = (), method: str = "tome"):
         super().__init__()
         self.blocks, self.schedule, self.protected, self.mask = blocks, schedule, protected, mask
+        self.method = method  # the merge policy (``merge.POLICIES``)
         self.key_masks = key_masks  # (mask over keys outside the blocks, entries per sample on its first dim)
         self.result: MergeNodes | None = None
 
@@ -44,12 +45,12 @@ class InsertMerges(PassBase):
             size = graph.call_function(merge.initial_size, (stream,))
         with graph.inserting_after(size):
             positions = graph.call_function(merge.initial_positions, (stream,))
-        for block, r in zip(self.blocks, self.schedule):
+        for index, (block, r) in enumerate(zip(self.blocks, self.schedule)):
             if r == 0:
                 continue
             residual = block.merge_point
             args = (residual, block.keys, size, positions, r, self.protected, block.key_token_dim, self.mask,
-                    self.key_masks, *block.key_span)
+                    self.key_masks, *block.key_span, self.method, index / len(self.blocks))
             with graph.inserting_after(residual):
                 step = graph.call_function(merge.tome_merge, args)
             with graph.inserting_after(step):

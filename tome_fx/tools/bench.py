@@ -189,7 +189,8 @@ def peak_rss(run, *args, every_s: float = 5e-4) -> int:
     return max(peak[0], resident()) - start
 
 
-def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None, key_masks=(), lead=0, trail=0):
+def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None, key_masks=(), lead=0, trail=0,
+                 method="tome", depth=0.0):
     """``merge.tome_merge``'s stand-in: the same output shapes, no matching or merging."""
     tokens = x.shape[1] - r
     return x[:, :tokens], size[:, :tokens], positions.clamp_max(tokens - 1)
