@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import merge, submodules
+from . import auto, merge, submodules
 from .call_spec import CallSpec
 from .capture import batch_mask, batched_tensors, capture, normalize_example_inputs, tensors_of
 from .errors import UnsupportedModelError
@@ -261,11 +261,21 @@ def transform(
     scope: str | list[str] | None = None,
     rope: str = "mean",
     method: str = "tome",
+    speedup: float | None = None,
+    flops: float | None = None,
+    latency: float | None = None,
+    measure: bool = False,
 ) -> ToMeModel:
     """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
 
     ``r``: tokens merged per block -- an int, a list (one per block, padded with 0), or
-    ``(r, inflection)`` with inflection in [-1, 1]. ``example_inputs``: a tensor, a tuple
+    ``(r, inflection)`` with inflection in [-1, 1]; or ``"auto"`` with one target,
+    ``speedup=`` (over the original), ``flops=`` (the share of the original's FLOPs to spend)
+    or ``latency=`` (seconds per call on the example inputs): the least constant r the cost
+    model predicts to meet it, or with ``measure=True`` the least measured to meet it on the
+    example inputs and device, never one measured or predicted slower than the original
+    (``r=0`` then, with a warning); ``auto_choice`` on the result says how (``tome_fx.auto``).
+    ``example_inputs``: a tensor, a tuple
     of positional args or a dict of keyword args; optional where the model states its
     input size. The batch size stays dynamic; other input dims, and every non-tensor
     argument, are fixed by the example.
@@ -304,7 +314,9 @@ def transform(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _refuse_tome_models(model)
-    resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
+    target = _auto_target(r, speedup, flops, latency, measure)
+    if target is None:
+        resolve_schedule(r, 1 if not isinstance(r, list) else max(len(r), 1))  # type errors before capture
     scope = _scope(model, scope)
     if rope not in RULES:
         raise ValueError(f"rope is one of {list(RULES)}, not {rope!r}")
@@ -314,8 +326,44 @@ def transform(
     args, kwargs = normalize_example_inputs(model, example_inputs)
     options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model), method)
     if scope and submodules.generates(model):
+        if target is not None:
+            raise ValueError('r="auto" needs one captured graph, and a model that generates is transformed in parts: '
+                             "give its scope an r")
         return _transform_parts(model, args, kwargs, options)
+    if target is not None:
+        return _transform_auto(model, args, kwargs, options, target)
     return _transform(model, args, kwargs, options)
+
+
+def _auto_target(r, speedup, flops, latency, measure) -> auto.Target | None:
+    """The target of ``r="auto"``; None for a schedule, which takes no target."""
+    if isinstance(r, str):
+        if r != "auto":
+            raise ValueError(f'r is a schedule or "auto", not {r!r}')
+        return auto.Target(speedup, flops, latency, measure)
+    if (speedup, flops, latency) != (None, None, None) or measure:
+        raise TypeError('speedup=, flops=, latency= and measure= choose r: they go with r="auto"')
+    return None
+
+
+def _transform_auto(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options,
+                    target: auto.Target) -> ToMeModel:
+    """``r="auto"``: captured at r=0 for the plan; each r that ``auto.choose`` times is
+    transformed in turn, and the one chosen is returned."""
+    probe = _transform(model, args, kwargs, replace(options, r=0))
+    built = {0: probe}
+
+    def build(r: int):
+        built[r] = _transform(model, args, kwargs, replace(options, r=r))
+        return lambda: built[r](*args, **kwargs)
+
+    choice = auto.choose(probe.plan, build, lambda: model(*args, **kwargs), target)
+    fast = built.get(choice.r) or _transform(model, args, kwargs, replace(options, r=choice.r))
+    if choice.r == 0 or not choice.met:
+        what = "merges no token" if choice.r == 0 else f"does not meet the target, r={choice.r}"
+        warnings.warn(f'{type(model).__name__}: r="auto" {what}: {choice.why}', stacklevel=3)
+    fast.__dict__["auto_choice"] = choice
+    return fast
 
 
 def _transform_parts(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options) -> torch.nn.Module:

@@ -12,7 +12,7 @@ torch.utils.checkpoint.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
@@ -76,6 +76,17 @@ class TomePlan:
         lines += [f"  {b.name}: {b.tokens_in} tokens in, {b.r} merged, {b.tokens_out} out" for b in self.blocks]
         lines += [f"  un-merged before {where}" for where in self.unmerged_at]
         return "\n".join(lines)
+
+    def rescheduled(self, r: Schedule) -> TomePlan:
+        """This plan with schedule ``r`` (clamped as a capture would clamp it): what another
+        ``r`` would cost, without capturing again (``r="auto"``)."""
+        requested = resolve_schedule(r, len(self.blocks))
+        schedule = clamp_schedule(requested, self.blocks[0].tokens_in, self.protected)
+        blocks, tokens = [], self.blocks[0].tokens_in
+        for block, merged in zip(self.blocks, schedule):
+            blocks.append(replace(block, tokens_in=tokens, r=merged))
+            tokens -= merged
+        return replace(self, blocks=tuple(blocks), requested=tuple(requested))
 
     def predicted_flops(self, batch: int = 1, merging: bool = True) -> int:
         """The attention blocks' FLOPs by the cost model (``tome_fx.cost``); ``merging=False``:
