@@ -13,7 +13,6 @@ block). Writes policies.json, policies.md and policies.png.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import tome_fx
@@ -71,15 +70,5 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
         ax.set_title("Fashion-MNIST: accuracy drop per merge policy")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    table = rows()
-    text = markdown(table)
-    print(text)
-    bench.write_report(args.out, "policies", argv, {"rows": table}, text, lambda path: plot(table, path))
-
-
 if __name__ == "__main__":
-    main()
+    bench.table_script(__file__, __doc__, rows, markdown, plot)

@@ -11,14 +11,17 @@ images with ``tome_fx.sam.apply`` at each ratio:
 - ``attn, mean`` / ``attn, representative``: attention branches merge too, with each
   ``rel_pos`` rule (``merge.REL_POS_RULES``);
 - ``attn, no positions``: measured here only, the bias of merged pairs dropped (zero), to
-  show how much the rule carries.
+  show how much the rule carries;
+- ``reference, mlp`` / ``reference, attn``: the absolute-position reference, the same SAM
+  encoder with an absolute position table instead of relative positions
+  (``arch="samvit_abs"``, trained by ``train_fashion_mnist.py --arch samvit_abs``), merged
+  the same way: where no rule is needed, what merging alone costs.
 
 Writes rel_pos.json, rel_pos.md and rel_pos.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import pathlib
 from unittest import mock
@@ -30,7 +33,7 @@ from tome_fx import merge, sam
 from tome_fx.tools import bench, evaluate, fashion_mnist
 
 RATIOS = [0.0, 0.25, 0.5, 0.75]
-VARIANTS = ("mlp", "attn, mean", "attn, representative", "attn, no positions")
+VARIANTS = ("mlp", "attn, mean", "attn, representative", "attn, no positions", "reference, mlp", "reference, attn")
 
 
 def _no_positions(q, table_h, table_w, h, w, positions, size, inner, rule):
@@ -41,8 +44,10 @@ def _no_positions(q, table_h, table_w, h, w, positions, size, inner, rule):
 def _variant(model, ratio: float, name: str, probe: torch.Tensor):
     """``sam.apply`` for the variant ``name``, captured on ``probe``'s shape (the stand-in is
     built into the graph then, so it stays after the patch is undone)."""
-    if name == "mlp":
+    if name.endswith("mlp"):
         fast = sam.apply(model, ratio)
+    elif name.startswith("reference"):
+        fast = sam.apply(model, ratio, attn=True)
     else:
         rule = name.split(", ")[1]
         fast = sam.apply(model, ratio, attn=True, rel_pos="mean" if rule == "no positions" else rule)
@@ -53,18 +58,22 @@ def _variant(model, ratio: float, name: str, probe: torch.Tensor):
 
 
 def rows(batch: int = 500) -> list[dict]:
-    model = fashion_mnist.create_model(fashion_mnist.SAMVIT_CHECKPOINT, arch="samvit")
+    models = {"": fashion_mnist.create_model(fashion_mnist.SAMVIT_CHECKPOINT, arch="samvit"),
+              "reference": fashion_mnist.create_model(fashion_mnist.SAMVIT_ABS_CHECKPOINT, arch="samvit_abs")}
     images, labels = fashion_mnist.load_split("test")
-    variants = {"original": model}
+    variants = {"original": models[""], "reference original": models["reference"]}
     for ratio in RATIOS[1:]:
         for name in VARIANTS:
+            model = models["reference" if name.startswith("reference") else ""]
             variants[f"{name} {ratio}"] = _variant(model, ratio, name, images[:batch])
     top1 = evaluate.top1(variants, evaluate.chunks(images, labels, batch), len(images))
     table = []
     for ratio in RATIOS:
         row = {"ratio": ratio}
-        row.update({name: top1["original"] if ratio == 0 else top1[f"{name} {ratio}"] for name in VARIANTS})
-        row.update({f"{name}_drop": top1["original"] - row[name] for name in VARIANTS})
+        for name in VARIANTS:
+            original = top1["reference original" if name.startswith("reference") else "original"]
+            row[name] = original if ratio == 0 else top1[f"{name} {ratio}"]
+            row[f"{name}_drop"] = original - row[name]
         table.append(row)
     return table
 
@@ -86,15 +95,5 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
         ax.set_title("Fashion-MNIST SAM-encoder twin: accuracy drop per relative-position rule")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    table = rows()
-    text = markdown(table)
-    print(text)
-    bench.write_report(args.out, "rel_pos", argv, {"rows": table}, text, lambda path: plot(table, path))
-
-
 if __name__ == "__main__":
-    main()
+    bench.table_script(__file__, __doc__, rows, markdown, plot)

@@ -16,7 +16,6 @@ model at the same token counts. Writes rope.json, rope.md and rope.png.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 from unittest import mock
 
@@ -106,15 +105,5 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
         ax.set_title("Fashion-MNIST: accuracy drop by schedule, per rotary rule")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    table = rows()
-    text = markdown(table)
-    print(text)
-    bench.write_report(args.out, "rope", argv, {"rows": table}, text, lambda path: plot(table, path))
-
-
 if __name__ == "__main__":
-    main()
+    bench.table_script(__file__, __doc__, rows, markdown, plot)

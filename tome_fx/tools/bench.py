@@ -261,6 +261,23 @@ def plot_speedup(rows: list[Row], path) -> None:
         ax.set_title("measured (solid) vs FLOP bound (dashed)")
 
 
+def table_script(script: str, doc: str, rows, markdown, plot=None, argv=None) -> None:
+    """The ``main`` of a benchmark script that makes one table: ``--out`` (default: the
+    ``results`` folder beside ``script``, its ``__file__``; ``doc``, its docstring), ``rows()``
+    printed as ``markdown(rows)`` and written by ``write_report`` (with ``plot(rows, path)``)."""
+    import argparse
+    import pathlib
+
+    path = pathlib.Path(script)
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=str(path.parent / "results"))
+    args = parser.parse_args(argv)
+    table = rows()
+    text = markdown(table)
+    print(text)
+    write_report(args.out, path.stem, argv, {"rows": table}, text, plot and (lambda out: plot(table, out)))
+
+
 def write_report(out, name: str, argv, report: dict, text: str, plot=None) -> None:
     """A benchmark script's results under ``out``: ``name``.json (the command that made them,
     the threads, and ``report``), ``name``.md (``text``) and, with ``plot`` (called with the
