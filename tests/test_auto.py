@@ -99,3 +99,9 @@ def test_bad_targets_are_refused_before_capture(small, r, kwargs, error, match):
     model, x = small
     with pytest.raises(error, match=match):
         tome_fx.transform(model, r, example_inputs=x, **kwargs)
+
+
+def test_compile_takes_the_auto_target(small):
+    model, x = small
+    fast = tome_fx.compile(model, "auto", example_inputs=x, speedup=1.5)
+    assert fast.model.auto_choice.met

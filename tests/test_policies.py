@@ -122,3 +122,23 @@ def test_an_unknown_method_is_refused_before_capture():
     model, _ = _twinned_vit()
     with pytest.raises(ValueError, match="method is one of"):
         tome_fx.transform(model, 8, method="tofu")
+
+
+def test_a_token_alone_in_its_mask_group_is_kept_not_forced_to_merge():
+    """A mask that sets one token apart (alike to none but itself): ToMe merges around it, and
+    PiToMe no longer picks it as a source with no dst to go to (its energy would be its own)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 9, 8)
+    group = torch.zeros(1, 9, dtype=torch.long)
+    group[0, 8] = 1
+    compatible = group[:, :, None] == group[:, None, :]
+    for r in (1, 2, 3):
+        m = merge.energy_matching(x, r, 1, compatible)
+        assert 8 in m.a[0, m.unm_idx[0]].tolist()
+
+
+def test_the_cost_model_counts_pitomes_matching_over_every_pair():
+    model, _ = _twinned_vit()
+    tome, pitome = (tome_fx.transform(model, 8, method=m) for m in ("tome", "pitome"))
+    assert pitome.predicted_flops() > tome.predicted_flops()
+    assert pitome.predicted_flops(merging=False) == tome.predicted_flops(merging=False)

@@ -293,6 +293,9 @@ def transform(
     ToMe needs to stay exact); ``"bias"`` passes it to ``scaled_dot_product_attention`` as a
     float mask, ``"flash"`` folds it into one extra key column so FlashAttention can still run,
     and True (``"auto"``) picks ``"flash"`` where that kernel would run (CUDA, half precision).
+    The form applies to sdpa calls without a mask of their own; one with a mask (padding, a
+    relative-position bias), which rules FlashAttention out anyway, and a hand-written softmax
+    take the bias.
     ``method``: the merge policy (``merge.POLICIES``): ``"tome"``, ToMe's bipartite matching;
     ``"pitome"``, PiToMe's, which keeps isolated (informative) tokens apart and merges within
     clusters; ``"prune_merge"``, ToMe's matching pruning in the first half of the blocks and
@@ -423,9 +426,11 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
     it compiles once more the first time it sees a single-sample batch). ``compile_kwargs``
     go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``,
-    ``unmerge_outputs``, ``scope``, ``rope`` and ``method``."""
+    ``unmerge_outputs``, ``scope``, ``rope``, ``method`` and ``r="auto"``'s ``speedup``,
+    ``flops``, ``latency`` and ``measure``."""
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope", "rope",
-                                                  "method") if k in compile_kwargs}
+                                                  "method", "speedup", "flops", "latency", "measure")
+               if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
     return with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
 

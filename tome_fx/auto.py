@@ -102,18 +102,25 @@ def choose(plan: TomePlan, build: Callable[[int], Callable[[], object]], origina
                               f"comes closest (bound {bounds[fastest]:.2f}x)", False)
         return AutoChoice(target, meeting[0], bounds, {}, f"the least r whose FLOP bound meets the target "
                           f"({bounds[meeting[0]]:.2f}x)")
-    # the least r measured to meet the target, by bisection over [the predicted r, the most]
-    # (more merging assumed no slower); each candidate is timed beside the original
+    # the least r measured to meet the target: the predicted r, else the most, then bisection
+    # between them (more merging assumed no slower); each r is timed beside the original
     wanted_measured = 1.0 if target.flops is not None else wanted  # (a FLOP budget: only never slower)
-    low, high, measured = (meeting[0] if meeting else fastest) - 1, max(bounds), {}
-    while not measured or (high - low > 1 and len(measured) < LADDER):
-        r = low + 1 if not measured else (low + high + 1) // 2
-        timed = time_calls({0: original, r: build(r)})
-        measured[r] = timed[0] / timed[r]
-        low, high = (low, r) if measured[r] >= wanted_measured and measured[r] > 1 else (r, high)
-    met = [r for r, speedup in measured.items() if speedup >= wanted_measured and speedup > 1]
+    measured = {}
+
+    def meets(r: int) -> bool:
+        if r not in measured:
+            timed = time_calls({0: original, r: build(r)})
+            measured[r] = timed[0] / timed[r]
+        return measured[r] >= wanted_measured and measured[r] > 1
+
+    low, high = (meeting[0] if meeting else fastest), max(bounds)
+    if not meets(low) and low < high and meets(high):
+        while high - low > 1 and len(measured) < LADDER:
+            middle = (low + high) // 2
+            low, high = (low, middle) if meets(middle) else (middle, high)
+    met = [r for r in measured if meets(r)]
     if met:
-        return AutoChoice(target, min(met), bounds, measured, f"the least r measured to meet the target "
+        return AutoChoice(target, min(met), bounds, measured, f"the least r of those timed that meets the target "
                           f"({measured[min(met)]:.2f}x)")
     best = max(measured, key=measured.get)
     if measured[best] <= 1:

@@ -31,13 +31,16 @@ mlp_ratio = sympy.Symbol("m", positive=True)
 r, block = sympy.symbols("r l", nonnegative=True, integer=True)  # tokens merged per block; block index
 
 
-def block_flops(n, c=width, m=mlp_ratio, r_=0, d=head_dim):
+def block_flops(n, c=width, m=mlp_ratio, r_=0, d=head_dim, every_pair=False):
     """One block receiving ``n`` tokens and merging ``r_`` of them, merge included, per image."""
-    return 8 * n * c**2 + 4 * n**2 * c + 4 * m * (n - r_) * c**2 + (merge_flops(n, d) if r_ else 0)
+    return 8 * n * c**2 + 4 * n**2 * c + 4 * m * (n - r_) * c**2 + (merge_flops(n, d, every_pair) if r_ else 0)
 
 
-def merge_flops(n, d=head_dim):
-    """Similarity matrix of one merge over ``n`` tokens with ``d``-wide keys, per image."""
+def merge_flops(n, d=head_dim, every_pair=False):
+    """Similarity matrix of one merge over ``n`` tokens with ``d``-wide keys, per image: set A
+    against set B (ToMe's), or ``every_pair`` of tokens (PiToMe's energy, ``n^2``)."""
+    if every_pair:
+        return 2 * sympy.sympify(n) ** 2 * d
     half = sympy.sympify(n) / 2
     return 2 * sympy.ceiling(half) * sympy.floor(half) * d
 

@@ -121,6 +121,7 @@ def energy_matching(metric: Tensor, r: int, protected: int = 0, compatible: Tens
     else:  # over the tokens the mask treats alike: padding's content never moves a real token's energy
         alike = compatible[:, protected:, protected:]
         energy = (terms * alike).sum(-1) / alike.sum(-1).clamp_min(1)
+        energy = energy.masked_fill(alike.sum(-1) <= 1, -torch.inf)  # alike to none but itself: never merges
     if first is not None:  # padding (inert) merges first, in pairs; an odd one out never merges
         dead = first.diagonal(dim1=1, dim2=2)[:, protected:]
         rank = dead.cumsum(-1)
@@ -133,8 +134,9 @@ def energy_matching(metric: Tensor, r: int, protected: int = 0, compatible: Tens
         pairs = _take(compatible[:, protected:, protected:], src).gather(2, dst[:, None, :].expand(-1, r, -1))
         scores = scores.masked_fill(~pairs, -torch.inf)
         torch._assert_async((scores.amax(-1) > -torch.inf).all(),
-                            f"PiToMe: a source of this batch has no dst the attention mask treats alike; use a "
-                            f"smaller r than {r} or pad to a longer length")
+                            f"PiToMe: among the {2 * r} tokens chosen to merge, a source has no dst the attention "
+                            "mask treats alike (the mask splits the tokens into many small groups); merge fewer "
+                            "tokens per block or use method='tome', which merges only pairs the mask allows")
     kept = order[:, 2 * r :].sort(dim=-1).values + protected
     a = torch.cat([arange[:protected].expand(batch, -1), kept, src + protected], dim=1)
     unmerged = tokens - 2 * r
@@ -151,6 +153,9 @@ def prune_merge_matching(metric: Tensor, r: int, protected: int = 0, compatible:
     return bipartite_soft_matching(metric, r, protected, compatible, first)._replace(keep_dst=depth < 0.5)
 
 
+ALL = slice(None)
+
+
 class Policy(NamedTuple):
     """A merge policy: ``match(metric, r, protected, compatible, first, depth)`` gives the
     ``Matching`` that ``merge_matched`` carries out; its pair masks cover ``sets`` (A, B)."""
@@ -159,8 +164,11 @@ class Policy(NamedTuple):
     sets: tuple[slice, slice]
     exact: str  # what it keeps exact: the oracle each is tested by
 
+    @property
+    def every_pair(self) -> bool:
+        """Whether it scores every pair of tokens (the cost model counts its matching so)."""
+        return self.sets == (ALL, ALL)
 
-ALL = slice(None)
 POLICIES = {
     "tome": Policy(lambda metric, r, protected, compatible, first, depth: bipartite_soft_matching(
         metric, r, protected, compatible, first), (EVEN, ODD),
@@ -533,7 +541,7 @@ def proportional_sdpa(query: Tensor, key: Tensor, value: Tensor, size: Tensor, b
     into the product instead: q.k.s + log(size) = [q, 1].[k, log(size) / s].s, so one column
     appended to the queries (ones) and keys, zeros to the values, head dims padded to a
     multiple of 8 and the scale passed explicitly leave no mask. ``"auto"``: ``"flash"`` where
-    that lets FlashAttention run (CUDA, half precision, head dim <= 256), else ``"bias"``."""
+    that lets FlashAttention run (CUDA, half precision, head dim under 256), else ``"bias"``."""
     head_dim = query.shape[-1]
     if form == "auto":
         flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and head_dim < 256

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from .. import cost
+from .. import cost, merge
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
@@ -59,6 +59,7 @@ class TomePlan:
     requested: tuple[int | float, ...]  # the schedule before clamping (a float: a fraction of the tokens)
     width: int  # channels of the residual stream
     unmerged_at: tuple[str, ...] = ()  # reshapes back to a grid that read the tokens un-merged
+    method: str = "tome"  # the merge policy: PiToMe scores every pair of tokens, ToMe half of them
 
     @property
     def schedule(self) -> list[int]:
@@ -91,9 +92,9 @@ class TomePlan:
     def predicted_flops(self, batch: int = 1, merging: bool = True) -> int:
         """The attention blocks' FLOPs by the cost model (``tome_fx.cost``); ``merging=False``:
         the same blocks as the original runs them, every one on all the tokens."""
-        tokens = self.blocks[0].tokens_in
+        tokens, every_pair = self.blocks[0].tokens_in, merge.POLICIES[self.method].every_pair
         per_image = sum(
-            cost.block_flops(b.tokens_in, self.width, b.mlp_ratio, b.r, b.key_width) if merging
+            cost.block_flops(b.tokens_in, self.width, b.mlp_ratio, b.r, b.key_width, every_pair) if merging
             else cost.block_flops(tokens, self.width, b.mlp_ratio, 0, b.key_width)
             for b in self.blocks
         )
@@ -178,7 +179,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
     plans = _plans(gm, blocks, schedule, tokens, stream_shape[-1])
     if checkpoint:
         CheckpointBlocks(blocks)(gm)
-    return TomePlan(tuple(plans), protected, tuple(requested), stream_shape[-1], unmerged_at)
+    return TomePlan(tuple(plans), protected, tuple(requested), stream_shape[-1], unmerged_at, method)
 
 
 def _plans(gm: GraphModule, blocks: list[AttentionBlock], schedule: list[int], tokens: int, width: int):

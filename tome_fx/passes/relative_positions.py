@@ -107,7 +107,9 @@ def pair_grid(nodes) -> Node | None:
         shapes = sorted((shape_of(node.args[0]), shape_of(node)), key=len)
         if [len(s) for s in shapes] == [3, 5]:
             (batch, q, k), grid = shapes
-            if grid[0] == batch and grid[1] * grid[2] == q and grid[3] * grid[4] == k:
+            # self-attention over one grid: keys on the queries' grid (a view of tokens as
+            # [B, h, w, heads, head_dim] matches only if heads == h and head_dim == w)
+            if grid[0] == batch and grid[1] * grid[2] == q == k and tuple(grid[1:3]) == tuple(grid[3:5]):
                 return node
     return None
 
