@@ -28,18 +28,26 @@ def _timer(monkeypatch, speedup):
     return calls
 
 
-def test_a_speedup_target_takes_the_least_r_whose_flop_bound_meets_it(small):
+@pytest.fixture
+def timer(monkeypatch):
+    """The stub every test runs under unless it sets its own: each r twice as fast as the bound
+    needs, so a choice by the cost model passes its check."""
+    return _timer(monkeypatch, lambda r: 1 + r)
+
+
+def test_a_speedup_target_takes_the_least_r_whose_flop_bound_meets_it(small, timer):
     model, x = small
     fast = tome_fx.transform(model, "auto", example_inputs=x, speedup=1.5)
     choice = fast.auto_choice
     assert choice.met and fast.schedule == [choice.r] * 4
+    assert timer == [[0, choice.r]]  # timed once beside the original
     assert fast.predicted_flops(merging=False) / fast.predicted_flops() >= 1.5
     assert choice.bounds[choice.r - 1] < 1.5 <= choice.bounds[choice.r]
     with torch.no_grad():
         assert fast(x).shape == model(x).shape
 
 
-def test_a_flop_budget_is_a_share_of_the_original(small):
+def test_a_flop_budget_is_a_share_of_the_original(small, timer):
     model, x = small
     fast = tome_fx.transform(model, "auto", example_inputs=x, flops=0.6)
     assert fast.predicted_flops() <= 0.6 * fast.predicted_flops(merging=False)
@@ -60,12 +68,15 @@ def test_measure_finds_the_least_r_measured_to_meet_the_target(small, monkeypatc
     assert fast.schedule[0] == choice.r
 
 
-def test_a_model_never_comes_back_slower_than_the_original(small, monkeypatch):
-    """Every r measured slower (per-op overhead on a narrow model at batch 1): r=0 and a warning."""
+@pytest.mark.parametrize("measure", [False, True])
+def test_a_model_never_comes_back_slower_than_the_original(small, monkeypatch, measure):
+    """Every r measured slower (per-op overhead on a narrow model at batch 1): r=0 and a warning,
+    whether r came from the cost model (its one check timing) or from the search."""
     model, x = small
     _timer(monkeypatch, lambda r: 0.9)
-    with pytest.warns(UserWarning, match='r="auto" merges no token: every r timed .* no faster than the original'):
-        fast = tome_fx.transform(model, "auto", example_inputs=x, speedup=1.2, measure=True)
+    why = "every r timed .* no faster than the original" if measure else "r=.*, was measured 0.90x the original's speed"
+    with pytest.warns(UserWarning, match='r="auto" merges no token: ' + why):
+        fast = tome_fx.transform(model, "auto", example_inputs=x, speedup=1.2, measure=measure)
     assert not any(fast.schedule) and not fast.auto_choice.met
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
@@ -80,7 +91,7 @@ def test_a_latency_target_measures_the_original_first(small, monkeypatch):
     assert fast.auto_choice.met and fast.auto_choice.r >= 10
 
 
-def test_an_unreachable_target_warns_and_takes_the_closest(small):
+def test_an_unreachable_target_warns_and_takes_the_closest(small, timer):
     model, x = small
     with pytest.warns(UserWarning, match="does not meet the target"):
         fast = tome_fx.transform(model, "auto", example_inputs=x, speedup=50.0)
@@ -101,7 +112,17 @@ def test_bad_targets_are_refused_before_capture(small, r, kwargs, error, match):
         tome_fx.transform(model, r, example_inputs=x, **kwargs)
 
 
-def test_compile_takes_the_auto_target(small):
+def test_compile_takes_the_auto_target(small, timer):
     model, x = small
     fast = tome_fx.compile(model, "auto", example_inputs=x, speedup=1.5)
     assert fast.model.auto_choice.met
+
+
+def test_a_choice_by_the_cost_model_that_measures_short_of_the_target_warns(small, monkeypatch):
+    """The bound says r meets 1.5x; its check timing says 1.2x: that r comes back (faster than
+    the original), with a warning that the target is not met and measure=True would search."""
+    model, x = small
+    _timer(monkeypatch, lambda r: 1.2)
+    with pytest.warns(UserWarning, match="does not meet the target.*measured 1.20x; measure=True searches larger r"):
+        fast = tome_fx.transform(model, "auto", example_inputs=x, speedup=1.5)
+    assert fast.auto_choice.r > 0 and not fast.auto_choice.met

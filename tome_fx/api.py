@@ -272,9 +272,10 @@ def transform(
     ``(r, inflection)`` with inflection in [-1, 1]; or ``"auto"`` with one target,
     ``speedup=`` (over the original), ``flops=`` (the share of the original's FLOPs to spend)
     or ``latency=`` (seconds per call on the example inputs): the least constant r the cost
-    model predicts to meet it, or with ``measure=True`` the least measured to meet it on the
-    example inputs and device, never one measured or predicted slower than the original
-    (``r=0`` then, with a warning); ``auto_choice`` on the result says how (``tome_fx.auto``).
+    model predicts to meet it (timed once beside the original), or with ``measure=True`` the
+    least measured to meet it on the example inputs and device; never one measured slower
+    than the original (``r=0`` then, with a warning); ``auto_choice`` on the result says how
+    (``tome_fx.auto``).
     ``example_inputs``: a tensor, a tuple
     of positional args or a dict of keyword args; optional where the model states its
     input size. The batch size stays dynamic; other input dims, and every non-tensor

@@ -7,10 +7,10 @@ attention blocks and merges, as ``predicted_flops`` counts them) or ``latency`` 
 call on the example inputs; the original is timed once to know how far it is). Candidates
 are constant ``r`` (ToMe's schedule): the least merging predicted to meet the target wins,
 since more merging costs accuracy. The FLOP bound ignores the per-op overhead of the merge,
-which dominates at batch 1 and on narrow models; ``measure=True`` times the original and a
-ladder of candidates from that ``r`` up, interleaved, and takes the least merging measured to
-meet the target, else the fastest measured. Never a model measured slower than the original,
-nor one the cost model predicts slower: ``r=0`` then, with a warning that says why.
+which dominates at batch 1 and on narrow models, so the r it picks is timed once beside the
+original; ``measure=True`` searches instead, timing candidates from that ``r`` up, and takes
+the least merging measured to meet the target, else the fastest measured. Never a model
+measured slower than the original: ``r=0`` then, with a warning that says why.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from .merge import max_merges
 from .passes import TomePlan
 
-LADDER = 5  # candidates timed with measure=True (each beside the original)
+LADDER = 7  # candidates timed with measure=True (each beside the original)
 REPEATS = 5  # interleaved timed calls of each, after one warm-up call
 
 
@@ -97,11 +97,25 @@ def choose(plan: TomePlan, build: Callable[[int], Callable[[], object]], origina
     if not target.measure:
         if bounds[fastest] <= 1:
             return AutoChoice(target, 0, bounds, {}, "the cost model predicts no r faster than the original", False)
+        r = meeting[0] if meeting else fastest
+        # the bound cannot see the merge's per-op overhead: one timing beside the original makes
+        # sure the model returned is not slower
+        timed = time_calls({0: original, r: build(r)})
+        measured = {r: timed[0] / timed[r]}
+        if measured[r] <= 1:
+            return AutoChoice(target, 0, bounds, measured, f"r={r}, the least whose FLOP bound meets the target "
+                              f"({bounds[r]:.2f}x), was measured {measured[r]:.2f}x the original's speed (the "
+                              "merge's per-op overhead, at small batch or width); measure=True searches larger r",
+                              False)
         if not meeting:
-            return AutoChoice(target, fastest, bounds, {}, f"no r reaches the target by the cost model; r={fastest} "
-                              f"comes closest (bound {bounds[fastest]:.2f}x)", False)
-        return AutoChoice(target, meeting[0], bounds, {}, f"the least r whose FLOP bound meets the target "
-                          f"({bounds[meeting[0]]:.2f}x)")
+            return AutoChoice(target, r, bounds, measured, f"no r reaches the target by the cost model; r={r} comes "
+                              f"closest (bound {bounds[r]:.2f}x, measured {measured[r]:.2f}x)", False)
+        if target.flops is None and measured[r] < wanted:  # (a FLOP budget is the cost model's to meet)
+            return AutoChoice(target, r, bounds, measured, f"r={r}, the least whose FLOP bound meets the target "
+                              f"({bounds[r]:.2f}x), was measured {measured[r]:.2f}x; measure=True searches larger r",
+                              False)
+        return AutoChoice(target, r, bounds, measured, f"the least r whose FLOP bound meets the target "
+                          f"({bounds[r]:.2f}x; measured {measured[r]:.2f}x)")
     # the least r measured to meet the target: the predicted r, else the most, then bisection
     # between them (more merging assumed no slower); each r is timed beside the original
     wanted_measured = 1.0 if target.flops is not None else wanted  # (a FLOP budget: only never slower)
