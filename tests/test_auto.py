@@ -104,7 +104,7 @@ def test_an_unreachable_target_warns_and_takes_the_closest(small, timer):
     ("auto", {"speedup": 1.0}, ValueError, "above 1"),
     ("auto", {"flops": 1.5}, ValueError, "below 1"),
     (8, {"speedup": 1.5}, TypeError, 'go with r="auto"'),
-    ("fast", {}, ValueError, 'a schedule or "auto"'),
+    ("fast", {}, TypeError, 'tuple or "auto", got str'),
 ])
 def test_bad_targets_are_refused_before_capture(small, r, kwargs, error, match):
     model, x = small

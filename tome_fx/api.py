@@ -343,7 +343,8 @@ def _auto_target(r, speedup, flops, latency, measure) -> auto.Target | None:
     """The target of ``r="auto"``; None for a schedule, which takes no target."""
     if isinstance(r, str):
         if r != "auto":
-            raise ValueError(f'r is a schedule or "auto", not {r!r}')
+            raise TypeError(f'r must be an int, a fraction in (0, 1), a list of ints, an (r, inflection) tuple or '
+                            f'"auto", got str {r!r}')
         return auto.Target(speedup, flops, latency, measure)
     if (speedup, flops, latency) != (None, None, None) or measure:
         raise TypeError('speedup=, flops=, latency= and measure= choose r: they go with r="auto"')
