@@ -419,21 +419,29 @@ def test_a_large_grid_of_narrow_tokens_is_matched_within_tiles():
     assert "2048 merged away in mlp (matched within 16 x 16-token tiles)" in fast.summary()
 
 
-def test_a_grid_that_no_tiling_makes_cheap_enough_stays_unmerged():
-    """22 x 22 tokens (11 x 11 cells: no tiling but the whole grid) of width 64, where whole-grid
-    matching costs more than a quarter of what merging the MLP saves: the MLPs stay unmerged,
-    the call warns that it merges nothing, and the summary says why."""
+@pytest.mark.parametrize("width, merges", [(64, True), (16, False)])
+def test_a_grid_that_no_tiling_makes_cheap_enough_merges_only_where_matching_pays(width, merges):
+    """22 x 22 tokens (11 x 11 cells: no tiling but the whole grid), whole-grid matching above a
+    quarter of what merging the MLP saves: at width 64 it still costs less than it saves, so the
+    grid matches as a whole; at width 16 it costs more, so the MLPs stay unmerged, the call
+    warns that it merges nothing, and the summary says why."""
     torch.manual_seed(0)
-    encoder = ImageEncoderViT(img_size=176, patch_size=8, embed_dim=64, depth=2, num_heads=2, out_chans=32,
+    encoder = ImageEncoderViT(img_size=176, patch_size=8, embed_dim=width, depth=2, num_heads=2, out_chans=32,
                               use_rel_pos=True, window_size=4, global_attn_indexes=(1,)).eval()
     fast = sam.apply(encoder, 0.5)
+    if merges:
+        with torch.no_grad():
+            fast(torch.randn(1, 3, 176, 176))
+        (plan,) = fast.plans.values()
+        assert [(p.merged, p.tile) for p in plan] == [(("mlp",), None)] * 2
+        return
     x = torch.randn(1, 3, 176, 176)
     with torch.no_grad(), pytest.warns(UserWarning, match="merges no token .* matching its 484 tokens costs"):
         torch.testing.assert_close(fast(x), encoder(x))
     (plan,) = fast.plans.values()
     assert [(p.name, p.merged) for p in plan] == [("blocks.0", ()), ("blocks.1", ())]
     assert "blocks.0: not merged: mlp not merged: matching its 484 tokens costs" in fast.summary()
-    assert "no tiling of its grid brings that under 25%" in fast.summary()
+    assert "more than the" in fast.summary() and "no tiling of its grid brings that under 25%" in fast.summary()
 
 
 def test_a_relative_position_bias_in_another_form_is_refused_naming_it(monkeypatch):

@@ -219,9 +219,10 @@ def _matching_tile(block: AttentionBlock, branches: list[Branch], h: int, w: int
     within tiles of k x k cells (``merge.grid_order``'s ``tile``), or (0, why) not at all.
     Matching scores every source against every dst it may pair with: O(tokens^2 x channels)
     over the whole grid (90G multiply-adds on SAM 2's 256 x 256 first stage, against the 3G
-    that merging its MLP saves). It may cost at most ``_MATCHING_SHARE`` of what the ``r``
+    that merging its MLP saves). It should cost at most ``_MATCHING_SHARE`` of what the ``r``
     merged tokens save in the branches' linear layers: over the whole grid where that holds,
-    else within the largest tiles for which it does."""
+    else within the largest tiles for which it does; where no tiling does (a prime number of
+    cells per side), over the whole grid if that still costs less than it saves."""
     if not settings.grid_stream or not branches:
         return 0, None
     cells, channels = (h // settings.sy) * (w // settings.sx), shape_of(block.stream)[-1]
@@ -237,9 +238,11 @@ def _matching_tile(block: AttentionBlock, branches: list[Branch], h: int, w: int
     for k in range(math.isqrt(cells), 1, -1):
         if h % (k * settings.sy) == 0 and w % (k * settings.sx) == 0 and cost(k) <= budget:
             return k, None
+    if cost(0) <= saved:
+        return 0, None
     return 0, (f"{', '.join(b.kind for b in branches)} not merged: matching its {h * w} tokens costs "
-               f"{cost(0) / 1e6:.0f}M multiply-adds, and no tiling of its grid brings that under "
-               f"{_MATCHING_SHARE:.0%} of the {saved / 1e6:.0f}M merging saves")
+               f"{cost(0) / 1e6:.0f}M multiply-adds, more than the {saved / 1e6:.0f}M merging saves, and no "
+               f"tiling of its grid brings that under {_MATCHING_SHARE:.0%} of it")
 
 
 def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]] | None:
