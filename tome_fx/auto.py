@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -120,8 +120,9 @@ def energy_matching(metric: Tensor, r: int, protected: int = 0, compatible: Tens
         energy = terms.mean(-1)
     else:  # over the tokens the mask treats alike: padding's content never moves a real token's energy
         alike = compatible[:, protected:, protected:]
-        energy = (terms * alike).sum(-1) / alike.sum(-1).clamp_min(1)
-        energy = energy.masked_fill(alike.sum(-1) <= 1, -torch.inf)  # alike to none but itself: never merges
+        count = alike.sum(-1)
+        energy = (terms * alike).sum(-1) / count.clamp_min(1)
+        energy = energy.masked_fill(count <= 1, -torch.inf)  # alike to none but itself: never merges
     if first is not None:  # padding (inert) merges first, in pairs; an odd one out never merges
         dead = first.diagonal(dim1=1, dim2=2)[:, protected:]
         rank = dead.cumsum(-1)
@@ -168,6 +169,7 @@ class Policy(NamedTuple):
     def every_pair(self) -> bool:
         """Whether it scores every pair of tokens (the cost model counts its matching so)."""
         return self.sets == (ALL, ALL)
+
 
 POLICIES = {
     "tome": Policy(lambda metric, r, protected, compatible, first, depth: bipartite_soft_matching(
@@ -534,23 +536,28 @@ PROP_ATTN_FORMS = ("auto", "bias", "flash")
 
 def proportional_sdpa(query: Tensor, key: Tensor, value: Tensor, size: Tensor, batch_dim: int, start: int = 0,
                       inner: int = 1, lead: int = 0, trail: int = 0, dropout_p: float = 0.0, is_causal: bool = False,
-                      scale: float | None = None, enable_gqa: bool = False, form: str = "auto") -> Tensor:
+                      scale: float | None = None, enable_gqa: bool = False, form: str = "auto",
+                      attn_mask: Tensor | None = None) -> Tensor:
     """``scaled_dot_product_attention`` over merged keys with proportional attention (log(size)
     added to each key's logits; ``size_bias`` says how ``size`` lays out). ``form="bias"``
-    passes it as a float mask, which rules out FlashAttention on CUDA. ``"flash"`` folds it
-    into the product instead: q.k.s + log(size) = [q, 1].[k, log(size) / s].s, so one column
-    appended to the queries (ones) and keys, zeros to the values, head dims padded to a
-    multiple of 8 and the scale passed explicitly leave no mask. ``"auto"``: ``"flash"`` where
-    that lets FlashAttention run (CUDA, half precision, head dim under 256), else ``"bias"``."""
+    passes it as a float mask (added to ``attn_mask``), which rules out FlashAttention on CUDA.
+    ``"flash"`` folds it into the product instead: q.k.s + log(size) = [q, 1].[k, log(size) /
+    s].s, so one column appended to the queries (ones) and keys, zeros to the values, head dims
+    padded to a multiple of 8 and the scale passed explicitly leave no mask. ``"auto"``:
+    ``"flash"`` where that lets FlashAttention run (CUDA, half precision, head dim under 256),
+    else ``"bias"``. With an ``attn_mask`` of its own, which rules that kernel out anyway, the
+    bias form always."""
     head_dim = query.shape[-1]
-    if form == "auto":
+    if attn_mask is not None:
+        form = "bias"
+    elif form == "auto":
         flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and head_dim < 256
         form = "flash" if flash else "bias"
     if form == "bias":
         bias = log_size_bias(size, query, batch_dim, query.dim() - 1, start, inner, lead, trail)
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa)
+            query, key, value, attn_mask=add_attention_bias(attn_mask, bias), dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = head_dim ** -0.5 if scale is None else scale
     column = size_bias(size, key.dim(), batch_dim, key.dim() - 2, start, inner, lead, trail).log() / scale
     width = -(-(head_dim + 1) // 8) * 8

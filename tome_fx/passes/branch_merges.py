@@ -332,7 +332,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         # merges within what it attends over, and the token-flow analysis proves what follows
         if block.not_one_sequence and not settings.grid_stream and any(b.kind == "attn" for b in chosen):
             raise UnsupportedModelError(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}")
-        unrecognised = next((pair_grid(b.nodes) for b in chosen if b.kind == "attn" and pair_grid(b.nodes)), None)
+        unrecognised = next((found for b in chosen if b.kind == "attn" and (found := pair_grid(b.nodes))), None)
         if unrecognised is not None:
             raise UnsupportedModelError(
                 f"block {block.name}: its attention cannot merge: {describe(unrecognised)} views its logits as a "
@@ -433,8 +433,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     RepairShapes(flow)(gm)
     RestageTables(flow, settings.rope)(gm)
     RestageRelativePositions(flow, settings.rel_pos)(gm)
-    if form_of(prop_attn):
-        ProportionalAttention(flow, form_of(prop_attn))(gm)
+    if form := form_of(prop_attn):
+        ProportionalAttention(flow, form)(gm)
     WeightedReductions(flow)(gm)
     Unmerge(flow, outputs=False)(gm)
     graph.lint()

@@ -168,8 +168,8 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
     RepairShapes(flow)(gm)
     RestageTables(flow, rope)(gm)
     RestageMasks(flow, mask)(gm)
-    if form_of(prop_attn):
-        ProportionalAttention(flow, form_of(prop_attn))(gm)
+    if form := form_of(prop_attn):
+        ProportionalAttention(flow, form)(gm)
     WeightedReductions(flow)(gm)
     unmerge = Unmerge(flow, outputs=unmerge_outputs, state=(insert.result.size, insert.result.positions))
     unmerge(gm)

@@ -1,9 +1,9 @@
 """Proportional attention: add log(size) to the logits of every attention over merged tokens.
 
-For ``scaled_dot_product_attention`` with a mask the bias is added to the mask; without one
-the call becomes ``merge.proportional_sdpa``, which adds it as a mask or (``form="flash"``,
-chosen by ``"auto"`` where FlashAttention would run) folds it into the keys, since a float
-mask rules that kernel out. For a manual attention it is added to the softmax input.
+A ``scaled_dot_product_attention`` call becomes ``merge.proportional_sdpa``, which adds it to
+the mask (the call's own, if any) or, without one, folds it into the keys (``form="flash"``,
+chosen by ``"auto"`` where FlashAttention would run), since a float mask rules that kernel
+out. For a manual attention it is added to the softmax input.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
-from .graph_utils import aten, tensor_meta
+from .graph_utils import aten
 from .token_flow import FlowPass, TokenFlow
 
 
@@ -56,25 +56,12 @@ class ProportionalAttention(FlowPass):
             layout = self.flow.layouts[keys]
             if not layout.merged:
                 continue
-            mask = _argument(sdpa, 3, "attn_mask", None)
             batch_dim, inner = layout.batch_axis()
+            sdpa.target = merge.proportional_sdpa
+            sdpa.args = (query, keys, sdpa.args[2], layout.size, batch_dim, layout.start, inner, layout.lead,
+                         layout.trail, _argument(sdpa, 4, "dropout_p", 0.0), _argument(sdpa, 5, "is_causal", False),
+                         sdpa.kwargs.get("scale"), sdpa.kwargs.get("enable_gqa", False), self.form,
+                         _argument(sdpa, 3, "attn_mask", None))
+            sdpa.kwargs = {}
             modified = True
-            if mask is None:
-                sdpa.target = merge.proportional_sdpa
-                sdpa.args = (query, keys, sdpa.args[2], layout.size, batch_dim, layout.start, inner, layout.lead,
-                             layout.trail, _argument(sdpa, 4, "dropout_p", 0.0), _argument(sdpa, 5, "is_causal", False),
-                             sdpa.kwargs.get("scale"), sdpa.kwargs.get("enable_gqa", False), self.form)
-                sdpa.kwargs = {}
-                continue
-            with graph.inserting_before(sdpa):
-                bias = graph.call_function(
-                    merge.log_size_bias,
-                    (layout.size, query, batch_dim, tensor_meta(query).dim() - 1, layout.start, inner,
-                     layout.lead, layout.trail),
-                )
-                mask = graph.call_function(merge.add_attention_bias, (mask, bias))
-            if len(sdpa.args) > 3:
-                sdpa.update_arg(3, mask)
-            else:
-                sdpa.update_kwarg("attn_mask", mask)
         return PassResult(gm, modified)
