@@ -325,3 +325,49 @@ def test_a_cache_in_the_outputs_is_left_out_and_said():
     torch.testing.assert_close(fast(*inputs), model(*inputs, use_cache=False))  # called as before, no cache
     with pytest.raises(ValueError, match="use_cache"):
         fast(*inputs, use_cache=True)
+
+
+def _merges(graph_module):
+    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is tome_fx.merge.tome_merge]
+
+
+def test_forward_follows_no_positions_that_nothing_reads(tiny):
+    """A classifier's logits read no positions: ``forward``'s graph drops them from every merge
+    (fewer ops per merge, what batch-1 latency is made of), with the same outputs."""
+    fast = tome_fx.transform(tiny, 8)
+    lean = _merges(fast.forward_graph_module)
+    assert lean and all(step.args[3] is None for step in lean)
+    assert tome_fx.merge.initial_positions not in [n.target for n in fast.forward_graph_module.graph.nodes]
+    assert all(step.args[3] is not None for step in _merges(fast.graph_module))
+    images = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        out, state = fast.forward_with_tokens(images)
+        assert torch.equal(fast(images), out)
+    assert state.positions.shape == (3, 197)
+
+
+def test_forward_follows_positions_where_they_are_read(tiny):
+    """Per-token outputs are un-merged (they read the last positions), so every merge follows them."""
+    tokens = timm.create_model("deit_tiny_patch16_224", depth=2, num_classes=0, global_pool="").eval()
+    fast = tome_fx.transform(tokens, 8)
+    assert all(step.args[3] is not None for step in _merges(fast.forward_graph_module))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(fast(images), fast.forward_with_tokens(images)[0])
+
+
+def test_forward_follows_positions_that_a_masked_merge_reads():
+    """A merge under an attention mask reads the positions (to restage the mask), even where
+    the outputs (a classifier's logits) read none."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                          intermediate_size=64, num_labels=3)
+    model = T.BertForSequenceClassification(config).eval()
+    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    batch = {"input_ids": torch.randint(1, 50, (2, 12)) * mask, "attention_mask": mask}
+    fast = tome_fx.transform(model, 2, example_inputs=batch)
+    assert all(step.args[3] is not None for step in _merges(fast.forward_graph_module))
+    with torch.no_grad():
+        assert torch.equal(fast(**batch).logits, fast.forward_with_tokens(**batch)[0].logits)

@@ -19,6 +19,7 @@ from .graphs import TREE, GraphsPerMode, InstanceSignature, in_mode, mode_of, wi
 from .passes import TomePlan, apply_tome
 from .passes.proportional_attention import form_of
 from .passes.rotary_tables import RULES
+from .passes.untracked_positions import forward_graph
 from .schedule import Schedule, resolve_schedule
 
 
@@ -92,7 +93,7 @@ class ToMeModel(GraphsPerMode):
         # which inputs hold the batch, and the shapes the graph was captured for: fixed at
         # capture (a move to another dtype or device keeps them), read on every call
         batched = batch_mask(call.arguments)
-        self.__dict__.update(_call=call, _options=options, plan=plan, _batched=batched)
+        self.__dict__.update(_call=call, _options=options, plan=plan, _batched=batched, _forward_graphs={})
         self.__dict__["_captured_shapes"] = self._shapes(call.arguments)
         super().__init__(source, graph_module, mode)
 
@@ -109,6 +110,23 @@ class ToMeModel(GraphsPerMode):
                 f"{self.plan.protected} in the mode it was transformed in (e.g. tokens dropped only in training)"
             )
         return graph_module
+
+    def _attach(self, mode: bool | None, graph_module: torch.fx.GraphModule) -> None:
+        """Attach ``graph_module`` and the graph ``forward`` runs, derived from it: no token
+        state returned, no positions followed that nothing reads (``untracked_positions``)."""
+        super()._attach(mode, graph_module)
+        lean = forward_graph(graph_module)
+        self._share_weights(lean)
+        self._forward_graphs[mode] = lean
+
+    @property
+    def forward_graph_module(self) -> torch.fx.GraphModule:
+        """The graph ``forward`` runs: ``graph_module`` without the token state."""
+        return self._forward_graphs[self._mode]
+
+    def _recapture(self) -> None:
+        self._forward_graphs.clear()
+        super()._recapture()
 
     def _retarget(self, dtype: torch.dtype, device: torch.device) -> None:
         """Example inputs follow the weights, so the next capture traces at their dtype and device."""
@@ -210,7 +228,8 @@ class ToMeModel(GraphsPerMode):
         return outputs, TokenState(size, positions, source)
 
     def forward(self, *args, **kwargs):
-        return self.forward_with_tokens(*args, **kwargs)[0]
+        args, kwargs = self._graph_inputs(args, kwargs)
+        return self.forward_graph_module(*args, **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -477,20 +496,22 @@ class CompiledToMe(torch.nn.Module):
         self.model._apply(fn, recurse)
         return self
 
-    def _graph(self):
-        graph_module = self.model.graph_module  # one per mode, and again after .to(dtype)
+    def _run(self, graph_module: torch.fx.GraphModule, args, kwargs):
+        """``graph_module`` compiled (the first time it runs: one per mode and graph, and again
+        after ``.to(dtype)``) and called, with the inputs' batch dimension marked dynamic."""
         if graph_module not in self._compiled:
             self._compiled[graph_module] = torch.compile(graph_module, **self._compile_kwargs)
-        return self._compiled[graph_module]
+        for tensor in batched_tensors((args, kwargs), self.model._batched):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return self._compiled[graph_module](*args, **kwargs)
 
     def forward_with_tokens(self, *args, **kwargs) -> tuple[Any, TokenState]:
         args, kwargs = self.model._graph_inputs(args, kwargs)
-        for tensor in batched_tensors((args, kwargs), self.model._batched):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return self.model._with_tokens(self._graph()(*args, **kwargs))
+        return self.model._with_tokens(self._run(self.model.graph_module, args, kwargs))
 
     def forward(self, *args, **kwargs):
-        return self.forward_with_tokens(*args, **kwargs)[0]
+        args, kwargs = self.model._graph_inputs(args, kwargs)
+        return self._run(self.model.forward_graph_module, args, kwargs)
 
     def __deepcopy__(self, memo):
         return type(self)(copy.deepcopy(self.model, memo), **self._compile_kwargs)

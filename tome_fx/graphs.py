@@ -98,11 +98,15 @@ class GraphsPerMode(torch.nn.Module):
         """The weights moved to ``dtype``/``device``: adapt what the next capture reads."""
 
     def _attach(self, mode: bool | None, graph_module: torch.fx.GraphModule) -> None:
+        """Run ``graph_module`` in ``mode``, reading this model's weights."""
+        self._share_weights(graph_module)
+        self._graphs[mode] = graph_module
+
+    def _share_weights(self, graph_module: torch.fx.GraphModule) -> None:
         """Make ``graph_module`` read every parameter, buffer and submodule from this model."""
         for attr in TREE:
             object.__setattr__(graph_module, attr, getattr(self, attr))
         graph_module._modules.update(self._modules)
-        self._graphs[mode] = graph_module
 
     def _recapture(self) -> None:
         """Drop every graph and capture the current mode's again."""

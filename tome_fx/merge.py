@@ -204,10 +204,11 @@ def _protected_first(a: Tensor, b: Tensor, protected: int) -> Tensor:
     return torch.cat([*front, a[:, (protected + 1) // 2 :], b[:, protected // 2 :]], 1)
 
 
-def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def merge_matched(m: Matching, x: Tensor, size: Tensor, index: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """Merge ``x`` [B, N, C] as ``m`` says, each merged token the size-weighted average of
     its tokens (``size`` [B, N] counts patches per token): ``(merged x, new sizes, new index
-    of every old token)``, the tokens ordered ``[protected, unmerged set A, set B]``.
+    of every old token)``, the tokens ordered ``[protected, unmerged set A, set B]``;
+    ``index=False``: None for the index, where nothing follows the tokens' positions.
 
     Computed in the sets' own layout (views for ToMe's even/odd sets), so a merge costs few
     ops: eager latency at small batch is set by their count. A receiving token b moves
@@ -215,34 +216,46 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor,
     / (s_b + sum_i s_i), which is their weighted mean; every other token is copied bit for bit."""
     acc, p = accumulation_dtype(x.dtype), m.protected
     xa, xb = _select(x, m.a), _select(x, m.b)
-    sa, sb = _select(size, m.a).to(acc), _select(size, m.b).to(acc)
+    sa, sb = _to(_select(size, m.a), acc), _to(_select(size, m.b), acc)
     src_size = sa.gather(1, m.src_idx)
     sb = sb.scatter_add(1, m.dst_idx, src_size)
     if not m.keep_dst:
         share = (src_size / sb.gather(1, m.dst_idx))[..., None]
         dst = _rows(m.dst_idx, x)
-        step = (xa.gather(1, _rows(m.src_idx, x)).to(acc) - xb.gather(1, dst).to(acc)) * share
-        xb = xb.to(acc).scatter_add(1, dst, step).to(x.dtype)
+        step = (_to(xa.gather(1, _rows(m.src_idx, x)), acc) - _to(xb.gather(1, dst), acc)) * share
+        xb = _to(_to(xb, acc).scatter_add(1, dst, step), x.dtype)
     merged = _protected_first(xa.gather(1, _rows(m.unm_idx, x)), xb, p)
     new_size = _protected_first(sa.gather(1, m.unm_idx), sb, p)
-    # new index of each old token: set A by rank among the unmerged (or its partner's), set B after them
+    return merged, new_size, new_index(m, x.shape[1], xb.shape[1]) if index else None
+
+
+def new_index(m: Matching, tokens: int, kept_b: int) -> Tensor:
+    """[B, tokens]: where each of the ``tokens`` tokens before merge ``m`` is after it: set A
+    by rank among the unmerged (or its partner's place), set B after them."""
     batch, kept_a = m.unm_idx.shape
-    rank = torch.arange(kept_a, device=x.device)
-    b_index = torch.arange(kept_a, kept_a + xb.shape[1], device=x.device)
-    if p > 1:  # the first p // 2 set-B tokens sit among the protected ones in front
-        rank = rank + rank.clamp_max(p // 2)
-        b_index = torch.where(b_index < kept_a + p // 2, 2 * (b_index - kept_a) + 1, b_index)
-    new_index = torch.empty(batch, x.shape[1], dtype=torch.long, device=x.device)
-    if isinstance(m.a, slice):  # ToMe's sets are strided views of new_index: filled in place
-        new_index[:, m.b].copy_(b_index)
-        a_index = new_index[:, m.a]
+    device = m.unm_idx.device
+    rank = torch.arange(kept_a, device=device)
+    b_index = torch.arange(kept_a, kept_a + kept_b, device=device)
+    if m.protected > 1:  # the first p // 2 set-B tokens sit among the protected ones in front
+        half = m.protected // 2
+        rank = rank + rank.clamp_max(half)
+        b_index = torch.where(b_index < kept_a + half, 2 * (b_index - kept_a) + 1, b_index)
+    index = torch.empty(batch, tokens, dtype=torch.long, device=device)
+    if isinstance(m.a, slice):  # ToMe's sets are strided views of the index: filled in place
+        index[:, m.b].copy_(b_index)
+        a_index = index[:, m.a]
     else:  # index sets: filled apart, then written
-        _put(new_index, m.b, b_index.expand(batch, -1))
-        a_index = new_index.new_empty(batch, xa.shape[1])
+        _put(index, m.b, b_index.expand(batch, -1))
+        a_index = index.new_empty(batch, m.unm_idx.shape[1] + m.src_idx.shape[1])
     a_index.scatter_(1, m.unm_idx, rank.expand(batch, -1)).scatter_(1, m.src_idx, b_index[m.dst_idx])
     if not isinstance(m.a, slice):
-        _put(new_index, m.a, a_index)
-    return merged, new_size, new_index
+        _put(index, m.a, a_index)
+    return index
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where it is already that dtype (one op fewer per use)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _select(t: Tensor, tokens: slice | Tensor) -> Tensor:
@@ -500,8 +513,8 @@ def tome_merge(
         alike = (cols[:, a, None] == cols[:, None, b]).all(-1)
         compatible = alike if compatible is None else compatible & alike
     matching = policy.match(key_metric(keys, token_dim), r, protected, compatible, inert, depth)
-    x, size, new_index = merge_matched(matching, x, size)
-    return x, size, new_index.gather(1, positions)
+    x, size, index = merge_matched(matching, x, size, index=positions is not None)
+    return x, size, None if positions is None else index.gather(1, positions)
 
 
 def size_bias(size: Tensor, ndim: int, batch_dim: int, token_dim: int, start: int = 0, inner: int = 1,
@@ -528,7 +541,7 @@ def log_size_bias(size: Tensor, like: Tensor, batch_dim: int, token_dim: int, st
     """Proportional attention: log(size) added to the logits of the keys on ``token_dim`` (tokens
     from ``start`` on, ``lead``/``trail`` joined ones of size 1 around them), laid out and typed
     for ``like`` (the logits, or an sdpa's queries)."""
-    return size_bias(size, like.dim(), batch_dim, token_dim, start, inner, lead, trail).log().to(like.dtype)
+    return _to(size_bias(size, like.dim(), batch_dim, token_dim, start, inner, lead, trail).log(), like.dtype)
 
 
 PROP_ATTN_FORMS = ("auto", "bias", "flash")

@@ -193,7 +193,7 @@ def _drop_tokens(x, keys, size, positions, r, protected, token_dim, mask=None, k
                  method="tome", depth=0.0):
     """``merge.tome_merge``'s stand-in: the same output shapes, no matching or merging."""
     tokens = x.shape[1] - r
-    return x[:, :tokens], size[:, :tokens], positions.clamp_max(tokens - 1)
+    return x[:, :tokens], size[:, :tokens], None if positions is None else positions.clamp_max(tokens - 1)
 
 
 def without_merge_cost(fast: tome_fx.ToMeModel) -> tome_fx.ToMeModel:
@@ -207,6 +207,7 @@ def without_merge_cost(fast: tome_fx.ToMeModel) -> tome_fx.ToMeModel:
         if node.target is merge.tome_merge:
             node.target = _drop_tokens
     graph_module.recompile()
+    stand_in._attach(stand_in._mode, graph_module)  # and the forward graph, derived from it
     return stand_in
 
 
