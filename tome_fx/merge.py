@@ -190,11 +190,6 @@ def _take(t: Tensor, idx: Tensor) -> Tensor:
     return t[torch.arange(t.shape[0], device=t.device)[:, None], idx]
 
 
-def _rows(idx: Tensor, x: Tensor) -> Tensor:
-    """``idx`` [B, M] expanded over the channels of ``x`` [B, N, C], for ``gather``/``scatter_add``."""
-    return idx[..., None].expand(-1, -1, x.shape[2])
-
-
 def _protected_first(a: Tensor, b: Tensor, protected: int) -> Tensor:
     """Sets A and B joined as ``[protected tokens in original order, rest of A, rest of B]``
     (protected token i is A's i // 2 for even i, B's for odd i)."""
@@ -219,12 +214,14 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor, index: bool = True) -> t
     sa, sb = _to(_select(size, m.a), acc), _to(_select(size, m.b), acc)
     src_size = sa.gather(1, m.src_idx)
     sb = sb.scatter_add(1, m.dst_idx, src_size)
+    # rows by advanced indexing, not gathers of expanded indices: fewer ops in eager, and
+    # ONNX Runtime would materialize the expanded [B, r, C] indices
+    batch = torch.arange(x.shape[0], device=x.device)[:, None]
     if not m.keep_dst:
         share = (src_size / sb.gather(1, m.dst_idx))[..., None]
-        dst = _rows(m.dst_idx, x)
-        step = (_to(xa.gather(1, _rows(m.src_idx, x)), acc) - _to(xb.gather(1, dst), acc)) * share
-        xb = _to(_to(xb, acc).scatter_add(1, dst, step), x.dtype)
-    merged = _protected_first(xa.gather(1, _rows(m.unm_idx, x)), xb, p)
+        step = (_to(xa[batch, m.src_idx], acc) - _to(xb[batch, m.dst_idx], acc)) * share
+        xb = _to(_to(xb, acc).index_put((batch, m.dst_idx), step, accumulate=True), x.dtype)
+    merged = _protected_first(xa[batch, m.unm_idx], xb, p)
     new_size = _protected_first(sa.gather(1, m.unm_idx), sb, p)
     return merged, new_size, new_index(m, x.shape[1], xb.shape[1]) if index else None
 
