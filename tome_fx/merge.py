@@ -214,13 +214,15 @@ def merge_matched(m: Matching, x: Tensor, size: Tensor, index: bool = True) -> t
     sa, sb = _to(_select(size, m.a), acc), _to(_select(size, m.b), acc)
     src_size = sa.gather(1, m.src_idx)
     sb = sb.scatter_add(1, m.dst_idx, src_size)
-    # rows by advanced indexing, not gathers of expanded indices: fewer ops in eager, and
-    # ONNX Runtime would materialize the expanded [B, r, C] indices
+    # rows read by advanced indexing, not gathers of expanded indices (fewer ops, faster on
+    # CPU, and ONNX Runtime would materialize the [B, r, C] indices); but added by
+    # scatter_add, as index_put(accumulate=True) is 2.5x slower on CPU
     batch = torch.arange(x.shape[0], device=x.device)[:, None]
     if not m.keep_dst:
         share = (src_size / sb.gather(1, m.dst_idx))[..., None]
         step = (_to(xa[batch, m.src_idx], acc) - _to(xb[batch, m.dst_idx], acc)) * share
-        xb = _to(_to(xb, acc).index_put((batch, m.dst_idx), step, accumulate=True), x.dtype)
+        dst = m.dst_idx[..., None].expand(-1, -1, x.shape[2])
+        xb = _to(_to(xb, acc).scatter_add(1, dst, step), x.dtype)
     merged = _protected_first(xa[batch, m.unm_idx], xb, p)
     new_size = _protected_first(sa.gather(1, m.unm_idx), sb, p)
     return merged, new_size, new_index(m, x.shape[1], xb.shape[1]) if index else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import statistics
 import threading
 import time
@@ -66,10 +67,13 @@ def schedule_label(schedule: Schedule) -> str:
 
 
 def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of every model, calls round-robin after ``warmup`` calls each (two: a
-    ``torch.compile``d original compiles again on its second call). On CUDA each call is
-    timed to the end of its kernels."""
+    """Seconds per call of every model, each once per round after ``warmup`` calls each (two: a
+    ``torch.compile``d original compiles again on its second call), in an order shuffled
+    every round (seeded): on CPU a call right after another model's runs measurably slower
+    (its memory is laid out anew), and a fixed order would charge that to one model. On
+    CUDA each call is timed to the end of its kernels."""
     times = {name: [] for name in models}
+    order, shuffle = list(models), random.Random(0).shuffle
     on_gpu = any(t.is_cuda for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     with torch.no_grad():
@@ -77,10 +81,11 @@ def time_interleaved(models: dict, inputs, repeats: int, warmup: int = 2) -> dic
             for _ in range(warmup):
                 model(inputs)
         for _ in range(repeats):
-            for name, model in models.items():
+            shuffle(order)
+            for name in order:
                 sync()
                 start = time.perf_counter()
-                model(inputs)
+                models[name](inputs)
                 sync()
                 times[name].append(time.perf_counter() - start)
     return times
