@@ -5,7 +5,7 @@ targets checked on the result.
     OMP_NUM_THREADS=2 python benchmarks/latency.py --out benchmarks/results/latency --tag after
 
 Each (model, batch, mode) is one interleaved run (``tome_fx.tools.bench.run``): the original,
-tome_fx, its merge-free stand-in and the peer, round-robin, so every ratio in a row was
+tome_fx, its merge-free stand-in and the peer, in shuffled rounds, so every ratio in a row was
 measured under the same load. Writes ``TAG.json`` and ``TAG.md`` (about 15 minutes).
 """
 

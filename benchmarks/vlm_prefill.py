@@ -13,13 +13,13 @@ vocabulary 32064) cut to ``--layers`` layers so that it runs on 2 cores. One ima
 For each share of visual tokens kept (100%, 50%, 25%, 10%: ``keep`` = 576, 288, 144, 58):
 
 - ``prefill s``: one forward over the prompt (tower, projector, language model), the logits
-  of the last token only, as ``generate`` computes them; timed calls go round-robin;
+  of the last token only, as ``generate`` computes them; timed calls go in shuffled rounds;
 - ``bound``: the unmerged prefill's FLOPs over this one's (``FlopCounterMode``), and the
   same at Vicuna-7B's full depth (32 layers: the counted FLOPs of the first language-model
   layer taken 32 times instead of ``--layers`` times), where the language model's share,
   and so the gain, is far larger;
 - ``decode tok/s``: new tokens per second after the prefill, from ``generate`` with 9 and
-  with 1 new token (greedy), timed round-robin, beside its bound: the unmerged model's
+  with 1 new token (greedy), timed in shuffled rounds, beside its bound: the unmerged model's
   FLOPs per decoded token over this one's (the same two ``generate`` calls, counted);
 - ``cos``: cosine similarity of the language model's last hidden state at the prompt's last
   token to the unmerged model's, averaged over 4 random images (random weights: this says

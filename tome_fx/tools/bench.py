@@ -1,8 +1,8 @@
 """Throughput of a model against its ToMe versions, timed interleaved in one process.
 
 Every variant of one (model, batch, mode) is built first and warmed up (compiled ones
-compile during warm-up); then the timed calls go round-robin over the variants, so
-load changes on a shared machine hit all of them alike. Medians are reported with
+compile during warm-up); then each round times every variant once, in a shuffled
+order, so load changes on a shared machine hit all of them alike. Medians are reported with
 min/max, beside the cost model's bound for that schedule.
 """
 

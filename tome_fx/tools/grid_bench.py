@@ -3,7 +3,7 @@ their real widths (SD3-medium, FLUX.1, Wan 2.1) and SAM's and SAM 2's image enco
 
 Both at the sizes users run (random init: speed does not depend on weights). Every
 variant is built and warmed up first (compiled ones compile then), then timed calls go
-round-robin (``bench.time_interleaved``). Beside each time: the FLOP bound, the original's
+in rounds (``bench.time_interleaved``). Beside each time: the FLOP bound, the original's
 FLOPs over the variant's as ``FlopCounterMode`` counts them on the graphs that run
 (``cost.counted_flops``), and for SD the largest difference from tomesd's output at
 equal settings.
