@@ -331,13 +331,16 @@ def _merges(graph_module):
     return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is tome_fx.merge.tome_merge]
 
 
-def test_forward_follows_no_positions_that_nothing_reads(tiny):
+@pytest.mark.parametrize("unmerge_outputs", [True, False])
+def test_forward_follows_no_positions_that_nothing_reads(tiny, unmerge_outputs):
     """A classifier's logits read no positions: ``forward``'s graph drops them from every merge
-    (fewer ops per merge, what batch-1 latency is made of), with the same outputs."""
-    fast = tome_fx.transform(tiny, 8)
+    (fewer ops per merge, what batch-1 latency is made of), with the same outputs; so does
+    the raster order that ``unmerge_outputs=False`` computes for the state alone."""
+    fast = tome_fx.transform(tiny, 8, unmerge_outputs=unmerge_outputs)
     lean = _merges(fast.forward_graph_module)
     assert lean and all(step.args[3] is None for step in lean)
-    assert tome_fx.merge.initial_positions not in [n.target for n in fast.forward_graph_module.graph.nodes]
+    targets = [n.target for n in fast.forward_graph_module.graph.nodes]
+    assert tome_fx.merge.initial_positions not in targets and tome_fx.merge.raster_order not in targets
     assert all(step.args[3] is not None for step in _merges(fast.graph_module))
     images = torch.randn(3, 3, 224, 224)
     with torch.no_grad():

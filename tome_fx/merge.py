@@ -484,7 +484,7 @@ def tome_merge(
     x: Tensor,
     keys: Tensor,
     size: Tensor,
-    positions: Tensor,
+    positions: Tensor | None,
     r: int,
     protected: int,
     token_dim: int,
@@ -494,10 +494,11 @@ def tome_merge(
     trail: int = 0,
     method: str = "tome",
     depth: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """One merge step as inserted into a graph: match on ``keys`` by the policy ``method``
     (``POLICIES``; ``depth``: the block's index over the block count), merge ``x`` and
-    ``size``, and follow the merge in ``positions``. With an attention ``mask`` over the
+    ``size``, and follow the merge in ``positions`` (None: not followed, where nothing
+    reads them). With an attention ``mask`` over the
     original tokens, only tokens the mask treats alike are merged, padding first; so too for
     each of ``key_masks``, masks over the tokens as keys (``restage_key_mask``'s, with its
     ``inner``). ``lead``/``trail``: keys of other streams joined before/after the tokens' own

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import merge
@@ -33,15 +33,24 @@ def forward_graph(gm: GraphModule) -> GraphModule:
 
 
 class DropStateOutputs(PassBase):
-    """The outputs ``(outputs, size, positions)`` become ``outputs``."""
+    """The outputs ``(outputs, size, positions)`` become ``outputs``; what computed the
+    state for them alone goes too (the raster order of ``unmerge_outputs=False``)."""
 
     def call(self, gm: GraphModule) -> PassResult:
         output = gm.graph.output_node()
         codegen = gm.graph._codegen
         info = codegen.pytree_info
         original = info.out_spec.child(0)
+        dropped = output.args[0][original.num_leaves:]
         output.update_arg(0, tuple(output.args[0][: original.num_leaves]))
         codegen.pytree_info = info._replace(out_spec=original)
+        unread = [node for node in dropped if isinstance(node, Node)]
+        while unread:
+            node = unread.pop()
+            if node.users or node.op != "call_function" or node.is_impure():
+                continue
+            unread += node.all_input_nodes
+            gm.graph.erase_node(node)
         return PassResult(gm, modified=True)
 
 

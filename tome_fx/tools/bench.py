@@ -207,12 +207,11 @@ def without_merge_cost(fast: tome_fx.ToMeModel) -> tome_fx.ToMeModel:
     rest of the model runs on the same token counts. A profiler would not do: its per-op
     overhead inflates the merge's many small ops, and it cannot see into compiled code."""
     stand_in = copy.deepcopy(fast)
-    graph_module = stand_in.graph_module
-    for node in graph_module.graph.nodes:
-        if node.target is merge.tome_merge:
-            node.target = _drop_tokens
-    graph_module.recompile()
-    stand_in._attach(stand_in._mode, graph_module)  # and the forward graph, derived from it
+    for graph_module in (stand_in.graph_module, stand_in.forward_graph_module):
+        for node in graph_module.graph.nodes:
+            if node.target is merge.tome_merge:
+                node.target = _drop_tokens
+        graph_module.recompile()
     return stand_in
 
 
