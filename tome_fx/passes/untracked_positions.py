@@ -44,13 +44,14 @@ class DropStateOutputs(PassBase):
         dropped = output.args[0][original.num_leaves:]
         output.update_arg(0, tuple(output.args[0][: original.num_leaves]))
         codegen.pytree_info = info._replace(out_spec=original)
-        unread = [node for node in dropped if isinstance(node, Node)]
+        unread, erased = [node for node in dropped if isinstance(node, Node)], set()
         while unread:
             node = unread.pop()
-            if node.users or node.op != "call_function" or node.is_impure():
+            if node in erased or node.users or node.op != "call_function" or node.is_impure():
                 continue
             unread += node.all_input_nodes
             gm.graph.erase_node(node)
+            erased.add(node)
         return PassResult(gm, modified=True)
 
 
