@@ -328,7 +328,7 @@ def test_a_cache_in_the_outputs_is_left_out_and_said():
 
 
 def _merges(graph_module):
-    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is tome_fx.merge.tome_merge]
+    return graph_module.graph.find_nodes(op="call_function", target=tome_fx.merge.tome_merge)
 
 
 @pytest.mark.parametrize("unmerge_outputs", [True, False])

@@ -69,7 +69,7 @@ class InsertMerges(PassBase):
     def ensures(self, gm: GraphModule) -> None:
         """Every merge reads the size and positions that the one before it wrote (the first, the
         initial ones)."""
-        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge.tome_merge]
+        merges = gm.graph.find_nodes(op="call_function", target=merge.tome_merge)
         for before, step in zip([None, *merges], merges):
             size, positions = step.args[2], step.args[3]
             if before is None:

@@ -60,7 +60,7 @@ class UntrackPositions(PassBase):
     None for its own, and what computed those goes if nothing else reads it."""
 
     def call(self, gm: GraphModule) -> PassResult:
-        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge.tome_merge]
+        merges = gm.graph.find_nodes(op="call_function", target=merge.tome_merge)
         modified = False
         for step in reversed(merges):
             mask, key_masks = step.args[7], step.args[8]
@@ -78,7 +78,7 @@ class UntrackPositions(PassBase):
 
     def ensures(self, gm: GraphModule) -> None:
         """Positions stay followed up to the last merge whose positions are read."""
-        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge.tome_merge]
+        merges = gm.graph.find_nodes(op="call_function", target=merge.tome_merge)
         untracked = [step.args[3] is None for step in merges]
         if untracked != sorted(untracked):
             raise AssertionError("a merge follows positions after one that does not")

@@ -208,9 +208,8 @@ def without_merge_cost(fast: tome_fx.ToMeModel) -> tome_fx.ToMeModel:
     overhead inflates the merge's many small ops, and it cannot see into compiled code."""
     stand_in = copy.deepcopy(fast)
     for graph_module in (stand_in.graph_module, stand_in.forward_graph_module):
-        for node in graph_module.graph.nodes:
-            if node.target is merge.tome_merge:
-                node.target = _drop_tokens
+        for node in graph_module.graph.find_nodes(op="call_function", target=merge.tome_merge):
+            node.target = _drop_tokens
         graph_module.recompile()
     return stand_in
 
