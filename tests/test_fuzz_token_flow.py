@@ -35,6 +35,15 @@ def _dim(t, k):
     return k % t.dim()
 
 
+def _batch_norm(t, k, p):
+    """Eval-mode batch norm over dim 1: the channels moved there and back (odd k), or whatever
+    dim 1 holds (even k: the tokens, refused)."""
+    x = t.transpose(1, -1) if k % 2 else t
+    stats = p.bias[: x.shape[1]].detach(), p.gain[: x.shape[1]].detach().abs() + 1  # running mean and variance
+    x = F.batch_norm(x, *stats, p.gain[: x.shape[1]], training=False)
+    return x.transpose(1, -1) if k % 2 else x
+
+
 # each op: (tensor, small int, parameters) -> tensor; shape errors are skipped by the test
 OPS = {
     "gelu": lambda t, k, p: F.gelu(t),
@@ -93,6 +102,7 @@ OPS = {
     "max_indices": lambda t, k, p: t.max(_dim(t, k)).indices,
     "cumsum": lambda t, k, p: t.cumsum(_dim(t, k)),
     "sort": lambda t, k, p: t.sort(_dim(t, k)).values,
+    "batch_norm": _batch_norm,
 }
 
 
@@ -139,7 +149,8 @@ programs = st.lists(st.tuples(st.sampled_from(sorted(OPS)), st.integers(0, 5)), 
 
 
 PER_AXIS_OPS = [name for name in OPS if name.startswith("einsum") or name in (
-    "normalize", "std", "var", "logsumexp", "argmax", "topk", "max_values", "max_indices", "cumsum", "sort")]
+    "normalize", "std", "var", "logsumexp", "argmax", "topk", "max_values", "max_indices", "cumsum", "sort",
+    "batch_norm")]
 
 
 def _exact_or_refused(ops, x=None):

@@ -12,7 +12,7 @@ import torch
 
 import tome_fx
 from tome_fx import sam
-from tome_fx.integrations.per_branch import PerBranchToMe
+from tome_fx.local import LocalToMe
 
 pytest.importorskip("segment_anything")
 
@@ -83,7 +83,7 @@ def _apply(model, ratio, **kwargs):
     """``sam.apply``: a new encoder, or (HF SamModel) the model with its encoder swapped."""
     result = sam.apply(model, ratio, **kwargs)
     encoder = result.vision_encoder if hasattr(result, "vision_encoder") else result
-    assert isinstance(encoder, PerBranchToMe)
+    assert isinstance(encoder, LocalToMe)
     return result, encoder
 
 
@@ -138,7 +138,7 @@ def test_attention_merging_is_exact_for_duplicate_tokens(family, ratio):
     assert [p.windows for p in plan] == [window, None, window, None]
     assert all(p.merged == ("attn", "mlp") and p.r == int(64 * ratio) for p in plan)
     if ratio == 0.5:  # (at 0.75 every token holds 4 patches: log(size) is the same for all keys)
-        plain = PerBranchToMe(encoder.model, encoder.settings, prop_attn=False)
+        plain = LocalToMe(encoder.model, encoder.settings, prop_attn=False)
         with torch.no_grad():
             first = (lambda out: out[0]) if family.startswith("hf") else (lambda out: out)  # HF returns a ModelOutput
             assert (first(plain(x)) - first(encoder(x))).abs().max() > 1e-3
@@ -202,7 +202,7 @@ def test_predictor_set_image_and_predict():
     image = np.random.default_rng(0).integers(0, 256, (96, IMG, 3), dtype=np.uint8)  # resized and padded to 128
     predictor.set_image(image)
     original = predictor.features.clone()
-    assert sam.apply(predictor, 0.5) is predictor and isinstance(model.image_encoder, PerBranchToMe)
+    assert sam.apply(predictor, 0.5) is predictor and isinstance(model.image_encoder, LocalToMe)
     predictor.set_image(image)
     assert predictor.features.shape == original.shape and not torch.equal(predictor.features, original)
     masks, scores, _ = predictor.predict(point_coords=np.array([[40, 50]]), point_labels=np.array([1]))
@@ -356,7 +356,7 @@ def test_sam2_image_predictor_runs_on_the_swapped_encoder():
     predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # its sizes for 1024 px, at 256
     image = np.random.default_rng(0).integers(0, 256, (200, 256, 3), dtype=np.uint8)
     encoder = model.image_encoder
-    assert sam.apply(predictor, 0.5, attn=True) is predictor and isinstance(model.image_encoder, PerBranchToMe)
+    assert sam.apply(predictor, 0.5, attn=True) is predictor and isinstance(model.image_encoder, LocalToMe)
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(point_coords=np.array([[40, 50]]), point_labels=np.array([1]))
     assert masks.shape == (3, 200, 256) and scores.shape == (3,)

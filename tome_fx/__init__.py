@@ -14,6 +14,7 @@ ensure_torchvision_importable()
 
 from .api import CompiledToMe, ToMeModel, TokenState, compile, transform  # noqa: E402
 from .errors import UnsupportedModelError  # noqa: E402
+from .local import LocalToMe  # noqa: E402
 from .integrations import sam, sd, vlm  # noqa: E402
 from .schedule import resolve_schedule  # noqa: E402
 
@@ -22,6 +23,7 @@ sys.modules.update({f"{__name__}.sd": sd, f"{__name__}.sam": sam, f"{__name__}.v
 
 __all__ = [
     "CompiledToMe",
+    "LocalToMe",
     "ToMeModel",
     "TokenState",
     "UnsupportedModelError",

@@ -16,6 +16,7 @@ from .call_spec import CallSpec
 from .capture import batch_mask, batched_tensors, capture, normalize_example_inputs, tensors_of
 from .errors import UnsupportedModelError
 from .graphs import TREE, GraphsPerMode, InstanceSignature, in_mode, mode_of, with_signature
+from .local import LocalToMe, local_transform
 from .passes import TomePlan, apply_tome
 from .passes.proportional_attention import form_of
 from .passes.rotary_tables import RULES
@@ -259,13 +260,17 @@ def _transform(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Opti
             raise
         warnings.warn(f"{type(model).__name__} returns a key/value cache, which torch.export cannot capture and "
                       "merged tokens could not fill: it is captured with use_cache=False (and returns no cache); "
-                      "pass use_cache in example_inputs to choose otherwise", stacklevel=3)
+                      "pass use_cache in example_inputs to choose otherwise", stacklevel=4)
         call = no_cache
         graph_module, plan = _build(model, call, options, mode)
     if not any(plan.schedule) and any(plan.requested):
         warnings.warn(f"{type(model).__name__} merges no token: r={options.r!r} comes to 0 in every block "
                       f"({plan.blocks[0].tokens_in} tokens, {plan.protected} protected; a block merges at most "
-                      "half of its unprotected tokens, and a fraction rounds down)", stacklevel=3)
+                      "half of its unprotected tokens, and a fraction rounds down)", stacklevel=4)
+    if plan.unmerged_attention:
+        warnings.warn(f"{type(model).__name__}: {len(plan.unmerged_attention)} attention ops run on every token, "
+                      f"{plan.unmerged_share:.0%} of the attention's multiply-adds (fast.plan.summary() lists them): "
+                      f"{plan.unmerged_attention[0].name}: {plan.unmerged_attention[0].reason}", stacklevel=4)
     return with_signature(ToMeModel, call.signature)(model, call, options, graph_module, plan, mode)
 
 
@@ -284,7 +289,8 @@ def transform(
     flops: float | None = None,
     latency: float | None = None,
     measure: bool = False,
-) -> ToMeModel:
+    scheme: str = "auto",
+) -> ToMeModel | LocalToMe:
     """Return a new module that runs ``model`` with Token Merging; ``model`` is untouched.
 
     ``r``: tokens merged per block -- an int, a list (one per block, padded with 0), or
@@ -326,6 +332,12 @@ def transform(
     Gradient checkpointing turned on in ``model`` (timm ``set_grad_checkpointing``, HF
     ``gradient_checkpointing_enable``) carries over: each block runs under
     ``torch.utils.checkpoint`` (``set_grad_checkpointing`` on the result switches it).
+    ``scheme``: ``"stream"``, ToMe's whole-stream merging (every later block runs on the merged
+    tokens); ``"block"``, local merging: each block merges ``r`` (a fraction of its tokens) in
+    its attention and MLP branches on its own token grid and un-merges before the residual
+    add, so the stream keeps every token (windows, 2-d grids, hierarchical stages: Swin),
+    returning a ``LocalToMe``; ``"auto"`` (the default): whole-stream where it is proven,
+    otherwise per block where ``r`` is a fraction, saying so in a warning.
     Raises ``UnsupportedModelError`` naming the block and reason where a rewrite cannot be
     proven safe.
     """
@@ -346,9 +358,27 @@ def transform(
     if method not in merge.POLICIES:
         raise ValueError(f"method is one of {list(merge.POLICIES)}, not {method!r}")
     form_of(prop_attn)  # (a bad value raises before capture)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme is one of {list(SCHEMES)}, not {scheme!r}")
     args, kwargs = normalize_example_inputs(model, example_inputs)
     options = _Options(r, prop_attn, trace_source, unmerge_outputs, scope, rope, _checkpointing_on(model), method)
-    if scope and submodules.generates(model):
+    if scheme == "block":
+        if why := _not_local(options, target):
+            raise ValueError(f"scheme='block': {why}")
+        return local_transform(model, args, kwargs, float(r), prop_attn=prop_attn, rope=rope)
+    if scheme == "stream":
+        return _transform_stream(model, args, kwargs, options, target)
+    try:
+        return _transform_stream(model, args, kwargs, options, target)
+    except UnsupportedModelError as stream_why:
+        return _local_fallback(model, args, kwargs, options, target, stream_why)
+
+
+def _transform_stream(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options,
+                      target: auto.Target | None) -> ToMeModel | torch.nn.Module:
+    """Whole-stream merging: of the model, of its scoped parts where it generates, or at the
+    r that ``r="auto"`` chooses."""
+    if options.scope and submodules.generates(model):
         if target is not None:
             raise ValueError('r="auto" needs one captured graph, and a model that generates is transformed in parts: '
                              "give its scope an r")
@@ -356,6 +386,38 @@ def transform(
     if target is not None:
         return _transform_auto(model, args, kwargs, options, target)
     return _transform(model, args, kwargs, options)
+
+
+SCHEMES = ("auto", "stream", "block")
+
+
+def _not_local(options: _Options, target: auto.Target | None) -> str | None:
+    """Why ``options`` do not describe local merging, which takes ``r`` as a fraction of each
+    block's tokens and no whole-stream option; None where they do."""
+    if target is not None or isinstance(options.r, bool) or not (
+            options.r == 0 or isinstance(options.r, float) and 0 < options.r < 1):
+        return (f"per-block merging takes r as a fraction of each block's tokens (a float in (0, 1), or 0), not "
+                f"{options.r!r}")
+    set_ = [name for name, on in (("trace_source", options.trace_source), ("unmerge_outputs=False", not options.unmerge_outputs),
+                                  ("scope", options.scope), ("method", options.method != "tome"),
+                                  ("gradient checkpointing", options.checkpoint)) if on]
+    return f"{', '.join(set_)} belong to whole-stream merging" if set_ else None
+
+
+def _local_fallback(model: torch.nn.Module, args: tuple, kwargs: dict, options: _Options,
+                    target: auto.Target | None, stream_why: UnsupportedModelError) -> LocalToMe:
+    """``scheme="auto"`` where whole-stream merging is refused: per-block merging, with a warning
+    naming why the stream could not merge; or the refusal: as it was where the options are not
+    local merging's (an int ``r``), else with why per block failed too."""
+    if _not_local(options, target):
+        raise stream_why
+    try:
+        local = local_transform(model, args, kwargs, float(options.r), prop_attn=options.prop_attn, rope=options.rope)
+    except UnsupportedModelError as local_why:
+        raise UnsupportedModelError(f"whole-stream: {stream_why}; per block: {local_why}") from stream_why
+    warnings.warn(f"{type(model).__name__} merges per block (scheme='block'), not whole-stream: {stream_why}",
+                  stacklevel=3)
+    return local
 
 
 def _auto_target(r, speedup, flops, latency, measure) -> auto.Target | None:
@@ -385,7 +447,7 @@ def _transform_auto(model: torch.nn.Module, args: tuple, kwargs: dict, options: 
     fast = built.get(choice.r) or _transform(model, args, kwargs, replace(options, r=choice.r))
     if choice.r == 0 or not choice.met:
         what = "merges no token" if choice.r == 0 else f"does not meet the target, r={choice.r}"
-        warnings.warn(f'{type(model).__name__}: r="auto" {what}: {choice.why}', stacklevel=3)
+        warnings.warn(f'{type(model).__name__}: r="auto" {what}: {choice.why}', stacklevel=4)
     fast.__dict__["auto_choice"] = choice
     return fast
 

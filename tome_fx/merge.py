@@ -462,6 +462,37 @@ def merged_rel_pos_bias(q: Tensor, table_h: Tensor, table_w: Tensor, h: int, w: 
     return bias.to(q.dtype)
 
 
+def merged_pair_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int, batch_dim: int, rule: str,
+                      lead: int = 0, trail: int = 0) -> Tensor:
+    """A bias with an entry per (query, key) pair that no input feeds (a learned relative-position
+    table gathered to [.., N, N]: Swin's, BEiT's, MaxViT's), read per pair of merged tokens:
+    ``table`` broadcasts to ``ndim`` dims with size 1 on ``batch_dim`` and the pairs last;
+    ``positions`` [B, N0] and ``size`` [B, N'] from the merge, behind ``lead`` and before
+    ``trail`` unmerged tokens (a class token). Returns the table per sample, [B, .., N'', N''].
+    A merged token stands for patches at several positions: ``rule="mean"`` gives a pair the
+    mean of the entries between their patches, ``"representative"`` the entry between their
+    first patches (raster order)."""
+    if lead or trail:  # tokens outside the merge (a class token) hold themselves alone
+        def alone(count: int, first: int) -> Tensor:
+            return torch.arange(first, first + count, device=positions.device).expand(positions.shape[0], count)
+
+        ones = size.new_ones(size.shape[0], 1)
+        positions = torch.cat([alone(lead, 0), positions + lead, alone(trail, lead + size.shape[1])], dim=1)
+        size = torch.cat([ones.expand(-1, lead), size, ones.expand(-1, trail)], dim=1)
+    tokens, acc = size.shape[1], accumulation_dtype(table.dtype)
+    if rule == "mean":
+        weights = torch.nn.functional.one_hot(positions, tokens).to(acc) / size.to(acc)[:, None, :]  # [B, N0, N']
+    elif rule == "representative":
+        weights = torch.nn.functional.one_hot(first_patches(positions, tokens), positions.shape[1]).to(acc)
+        weights = weights.transpose(1, 2)
+    else:
+        raise ValueError(f"rel_pos rule is one of {REL_POS_RULES}, not {rule!r}")
+    dtype = table.dtype
+    table = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim(batch_dim, 0).squeeze(0)
+    merged = torch.einsum("...ab,zai,zbj->z...ij", table.to(acc), weights, weights)
+    return merged.movedim(0, batch_dim).to(dtype)
+
+
 def mask_pairs(mask: Tensor, positions: Tensor, tokens: int, sets: tuple[slice, slice] = (EVEN, ODD)
                ) -> tuple[Tensor, Tensor]:
     """[B, Na, Nb] bool pairs of set-A and set-B tokens (``sets``; ToMe's even and odd ones):

@@ -1,3 +1,3 @@
-"""Per-model entry points built on the core: ``sd`` (Stable Diffusion, tomesd-compatible), ``sam``
-(SAM's image encoder), ``vlm`` (fewer visual tokens into a VLM's language model) and
-``per_branch`` (the per-input-shape module ``sd`` and ``sam`` return)."""
+"""Per-model entry points built on the core: ``sd`` (Stable Diffusion, tomesd-compatible),
+``sam`` (SAM's image encoder) and ``vlm`` (fewer visual tokens into a VLM's language model).
+``sd`` and ``sam`` are presets over the core's local merging (``tome_fx.local``)."""

@@ -26,7 +26,7 @@ import torch
 
 from .. import merge
 from ..passes.branch_merges import BranchSettings
-from .per_branch import PerBranchToMe
+from ..local import LocalToMe
 
 _ENCODER_ATTRIBUTES = ("image_encoder", "vision_encoder")  # segment_anything's Sam; HF SamModel
 
@@ -65,17 +65,17 @@ def apply(model, ratio: float = 0.5, *, attn: bool = False, rel_pos: str = "mean
                               rel_pos=rel_pos)
     found = _holder(model)
     if found is None:
-        encoder = model.model if isinstance(model, PerBranchToMe) else model
-        return PerBranchToMe(encoder, settings, prop_attn=attn)
+        encoder = model.model if isinstance(model, LocalToMe) else model
+        return LocalToMe(encoder, settings, prop_attn=attn)
     remove(model)
     holder, name = found
-    setattr(holder, name, PerBranchToMe(getattr(holder, name), settings, prop_attn=attn))
+    setattr(holder, name, LocalToMe(getattr(holder, name), settings, prop_attn=attn))
     return model
 
 
 def remove(model):
     """Give a model or predictor its original image encoder back."""
     found = _holder(model)
-    if found is not None and isinstance(getattr(*found), PerBranchToMe):
+    if found is not None and isinstance(getattr(*found), LocalToMe):
         setattr(found[0], found[1], getattr(*found).model)
     return model

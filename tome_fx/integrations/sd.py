@@ -20,10 +20,10 @@ from ..call_spec import CallSpec
 from ..passes.branch_merges import BranchSettings
 from ..passes.proportional_attention import form_of
 from ..passes.rotary_tables import RULES
-from .per_branch import PerBranchToMe
+from ..local import LocalToMe
 
 
-class ToMeUNet(PerBranchToMe):
+class ToMeUNet(LocalToMe):
     """A denoiser (a UNet, or a diffusion transformer: DiT, PixArt, SD3) that merges tokens in
     its transformer blocks; called, and read (``config``, ``dtype``, ``device``...), like the
     model it wraps, whose parameters it shares."""
@@ -114,7 +114,7 @@ def apply(
     form_of(prop_attn)  # (a bad value raises here)
     kinds = frozenset(k for k, on in (("attn", merge_attn), ("crossattn", merge_crossattn), ("mlp", merge_mlp)) if on)
     settings = BranchSettings(ratio, (0, 0), max_downsample, sx, sy, False, kinds, rope=rope)
-    if isinstance(pipe_or_unet, PerBranchToMe):
+    if isinstance(pipe_or_unet, LocalToMe):
         return ToMeUNet(pipe_or_unet.model, settings, use_rand, prop_attn, reuse)
     if isinstance(pipe_or_unet, torch.nn.Module):
         return ToMeUNet(pipe_or_unet, settings, use_rand, prop_attn, reuse)

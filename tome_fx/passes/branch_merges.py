@@ -22,10 +22,11 @@ from .functional_writes import FunctionalWrites
 from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
-from .relative_positions import RelativePositionBias, RestageRelativePositions, pair_grid
+from .protected_tokens import count_protected_tokens
+from .relative_positions import RelativePositionBias, RestagePairTables, RestageRelativePositions, pair_grid
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
-from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, analyze_token_flow, is_weights
+from .token_flow import BATCH, GRID_INNER, TOKEN, Layout, RefusedAt, analyze_token_flow, is_weights
 from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
@@ -50,6 +51,16 @@ class BranchSettings:
     grid_stream: bool = False  # the stream is a token grid [batch, h, w, channels] (SAM), not a sequence
     rope: str = "mean"  # the rotary terms of a merged token (``rotary_tables.RULES``)
     rel_pos: str = "mean"  # the relative-position bias of a merged pair (``merge.REL_POS_RULES``)
+    skip: frozenset[tuple[str, str]] = frozenset()  # (block, kind) branches left unmerged (``BranchRefused``)
+
+
+class BranchRefused(UnsupportedModelError):
+    """A refusal that concerns one branch: ``branch`` is (block name, kind). Leaving that
+    branch out (``BranchSettings.skip``) may let the others merge."""
+
+    def __init__(self, message: str, branch: tuple[str, str]):
+        super().__init__(message)
+        self.branch = branch
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,7 @@ def _merge_point(branch: Branch) -> Node:
 
 
 _PARTITION = VIEWS | {aten.permute.default, aten.contiguous.default, aten.clone.default, aten.pad.default,
-                       aten.constant_pad_nd.default}
+                       aten.constant_pad_nd.default, aten.roll.default}  # (Swin shifts its grid before partitioning)
 
 
 def _window_point(branch: Branch, point: Node) -> Node | None:
@@ -259,17 +270,27 @@ def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> 
     return order, (count // batch, h * w, r)
 
 
-def _grid(block: AttentionBlock, settings: BranchSettings) -> tuple[int, int]:
+def _grid(block: AttentionBlock, settings: BranchSettings, protected: int = 0) -> tuple[int, int]:
     """The block's token grid (h, w); (0, 0) where it is too far below full resolution to merge.
-    A stream [batch, h, w, channels] is its own grid (SAM); a sequence [batch, tokens, channels]
-    is the full-resolution ``settings.grid`` downsampled to its count (a UNet's levels)."""
+    A stream [batch, h, w, channels] is its own grid (SAM); with ``grid_stream``, a sequence
+    [batch, protected + h * w, channels] is a square grid behind ``protected`` learned tokens
+    (PiT's class token); otherwise a sequence [batch, tokens, channels] is the full-resolution
+    ``settings.grid`` downsampled to its count (a UNet's levels)."""
     shape = shape_of(block.stream)
-    if len(shape) != (4 if settings.grid_stream else 3):
-        expected = "[batch, h, w, channels]" if settings.grid_stream else "[batch, tokens, channels]"
+    if settings.grid_stream and len(shape) == 4:
+        return shape[1], shape[2]
+    if settings.grid_stream and len(shape) == 3:  # a square grid flattened (PVT's, PiT's stages)
+        side = math.isqrt(shape[1] - protected)
+        if side * side != shape[1] - protected:
+            raise UnsupportedModelError(
+                f"block {block.name}: its {shape[1]} tokens are no square h x w grid" + (
+                    f" behind the {protected} learned tokens in front" if protected else "")
+                + ", and a sequence carries no other grid to match on")
+        return side, side
+    if len(shape) != 3 or settings.grid_stream:
+        expected = "[batch, h, w, channels] or [batch, h * w, channels]" if settings.grid_stream else "[batch, tokens, channels]"
         why = f": {block.not_one_sequence}" if block.not_one_sequence else ""
         raise UnsupportedModelError(f"block {block.name}: tokens of shape {shape}; expected {expected}{why}")
-    if settings.grid_stream:
-        return shape[1], shape[2]
     height, width = settings.grid
     tokens = shape[1] - sum(block.joined)  # the stream's own, where the block joins another stream in
     downsample = _downsample(block, settings)
@@ -321,24 +342,29 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}
+    # learned tokens (a class token) in front of a grid read as a sequence never merge
+    protected = count_protected_tokens(blocks[0].stream) if (
+        settings.grid_stream and len(shape_of(blocks[0].stream)) == 3) else 0
     for block in blocks:
-        h, w = _grid(block, settings)
+        h, w = _grid(block, settings, protected)
         tokens = h * w
         r = int(tokens * settings.ratio)
-        chosen = [b for b in find_branches(block, attentions - {block.attention}) if b.kind in settings.kinds]
+        chosen = [b for b in find_branches(block, attentions - {block.attention})
+                  if b.kind in settings.kinds and (block.name, b.kind) not in settings.skip]
         if h == 0 or r <= 0 or not chosen or (h // settings.sy) * (w // settings.sx) == 0:
             continue
         # a token grid's attention may run per window or with heads folded in the batch: its branch
         # merges within what it attends over, and the token-flow analysis proves what follows
         if block.not_one_sequence and not settings.grid_stream and any(b.kind == "attn" for b in chosen):
-            raise UnsupportedModelError(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}")
+            raise BranchRefused(f"block {block.name}: its attention branch cannot merge: {block.not_one_sequence}",
+                                (block.name, "attn"))
         unrecognised = next((found for b in chosen if b.kind == "attn" and (found := pair_grid(b.nodes))), None)
         if unrecognised is not None:
-            raise UnsupportedModelError(
+            raise BranchRefused(
                 f"block {block.name}: its attention cannot merge: {describe(unrecognised)} views its logits as a "
                 "[batch, h, w, kh, kw] grid of query and key positions, a relative-position bias in a form tome_fx "
                 "does not recognise (it reads the einsum form of segment_anything, HF SamModel and timm samvit); "
-                "merge the other branches alone (SAM: attn=False)")
+                "merge the other branches alone (SAM: attn=False)", (block.name, "attn"))
         if block.why_not_joined and block.joined == (0, 0):
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
@@ -351,7 +377,13 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 continue
         lead, trail = block.joined
         own = block.own_input if block.own_input is not None else block.stream  # FLUX's single blocks: its piece
-        with graph.inserting_after(block.stream):
+        anchor = block.stream
+        if protected and len(shape_of(block.stream)) == 3:  # learned tokens in front stay out, as joined ones do
+            lead = protected
+            with graph.inserting_after(block.stream):
+                own = anchor = graph.call_function(aten.slice.Tensor, (block.stream, 1, protected))
+            own.meta["val"] = block.stream.meta["val"][:, protected:]
+        with graph.inserting_after(anchor):
             order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand, tile))
         if matchings is not None:
             order = _stored(gm, order, len(plans), own.meta["val"], (h, w, settings.sx, settings.sy, r, tile), matchings)
@@ -369,10 +401,10 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             elif len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
                 stream_shape[0], stream_shape[-1], tokens + lead + trail
             ):
-                raise UnsupportedModelError(
+                raise BranchRefused(
                     f"block {block.name}: its {branch.kind} branch starts from shape {point_shape}, not the block's "
-                    f"{h} x {w} tokens laid out [batch, tokens, channels] or [batch, h, w, channels]"
-                )
+                    f"{h} x {w} tokens laid out [batch, tokens, channels] or [batch, h, w, channels]",
+                    (block.name, branch.kind))
             else:
                 branch_order = order
             with graph.inserting_after(branch_order if point is block.stream or window is not None else point):
@@ -399,7 +431,13 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             plans.append((block, BranchPlan(block.name, tokens, r, tuple(merging), windows, unmerged=costly,
                                             tile=(tile * settings.sy, tile * settings.sx) if tile else None)))
 
-    flow = analyze_token_flow(graph, seeds, protected=0)
+    try:
+        flow = analyze_token_flow(graph, seeds, protected=0, key_masks=frozenset())  # (no mask is given to the merges)
+    except RefusedAt as why:
+        holder = next(((block, branch) for block, branch, _ in closing if why.node in branch.nodes), None)
+        if holder is None:
+            raise
+        raise BranchRefused(str(why), (holder[0].name, holder[1].kind)) from None
     for block, branch, restored in closing:
         regridded = [n for n in flow.unmerges if n in branch.nodes]
         if (regridded and branch.kind == "attn" and branch.output not in flow.layouts
@@ -410,29 +448,31 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             graph.erase_node(restored)
             continue
         if regridded:
-            raise UnsupportedModelError(
+            raise BranchRefused(
                 f"{describe(branch.add)}: the {branch.kind} branch reshapes its tokens back to their grid "
-                f"({describe(regridded[0])}; a convolution over the grid, as in Sana's Mix-FFN), which needs every "
-                "token: leave that branch unmerged")
+                f"({describe(regridded[0])}) for an op over the grid (a convolution or pooling: Sana's Mix-FFN, "
+                "keys pooled from the grid as in PVT's spatial-reduction attention), which needs every token: leave "
+                "that branch unmerged", (block.name, branch.kind))
         layout = flow.layouts.get(branch.output)
         if (layout is None or layout.roles not in ((BATCH, TOKEN, None), (BATCH, TOKEN, GRID_INNER, None))
                 or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]
                 or (layout.lead, layout.trail) != tuple(restored.args[3:5])
                 or shape_of(branch.output) != shape_of(branch.stream)):
-            raise UnsupportedModelError(
+            raise BranchRefused(
                 f"{describe(branch.add)}: the {branch.kind} branch does not return its merged tokens laid out "
                 "like the stream, [batch, tokens, channels] or [batch, h, w, channels], so it cannot be "
-                "un-merged before the residual add"
-            )
+                "un-merged before the residual add", (block.name, branch.kind))
     if flow.outputs:
         raise UnsupportedModelError(f"{describe(flow.outputs[0])}: merged tokens leave their branch")
     attended = flow.attended
     for block, plan in plans:
         if "attn" in plan.merged and block.attention not in attended:
-            raise UnsupportedModelError(f"block {block.name}: could not prove that its attention runs over its tokens")
+            raise BranchRefused(f"block {block.name}: could not prove that its attention runs over its tokens",
+                                (block.name, "attn"))
     RepairShapes(flow)(gm)
     RestageTables(flow, settings.rope)(gm)
     RestageRelativePositions(flow, settings.rel_pos)(gm)
+    RestagePairTables(flow, settings.rel_pos)(gm)
     if form := form_of(prop_attn):
         ProportionalAttention(flow, form)(gm)
     WeightedReductions(flow)(gm)

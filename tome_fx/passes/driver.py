@@ -20,12 +20,13 @@ from torch.utils import _pytree as pytree
 from .. import cost, merge
 from ..errors import UnsupportedModelError
 from ..schedule import Schedule, clamp_schedule, resolve_schedule
+from .attention_census import UnmergedAttention, unmerged_attention
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .checkpoint_blocks import CheckpointBlocks
 from .functional_writes import FunctionalWrites
 from .find_blocks import (EINSUM, MATMUL, SOFTMAX, AttentionBlock, SeparateChains, find_attention_blocks, in_scope,
                           manual_attention)
-from .graph_utils import ancestors, aten, depends_on_inputs, describe, graph_copy, module_path, shape_of, tensor_meta
+from .graph_utils import ancestors, aten, depends_on_inputs, describe, graph_copy, module_path, shape_of
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
@@ -36,7 +37,8 @@ from .unmerge import Unmerge
 from .weighted_reductions import WeightedReductions
 
 
-_GRID_HINT = "; blocks that keep a [batch, h, w, channels] grid (SAM's image encoders) merge per branch: tome_fx.sam.apply"
+_GRID_HINT = ("; blocks that keep a [batch, h, w, channels] grid merge per block instead, each branch on its own grid: "
+              "transform(model, ratio, scheme='block') (tome_fx.sam.apply for SAM's image encoders)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,15 @@ class TomePlan:
     width: int  # channels of the residual stream
     unmerged_at: tuple[str, ...] = ()  # reshapes back to a grid that read the tokens un-merged
     method: str = "tome"  # the merge policy: PiToMe scores every pair of tokens, ToMe half of them
+    # attention ops that run on every token (no block holds them, no merged token reaches them),
+    # and the multiply-adds of all attention ops, for their share
+    unmerged_attention: tuple[UnmergedAttention, ...] = ()
+    attention_macs: int = 0
+
+    @property
+    def unmerged_share(self) -> float:
+        """The share of the attention ops' multiply-adds that ``unmerged_attention`` holds."""
+        return sum(a.macs for a in self.unmerged_attention) / max(self.attention_macs, 1)
 
     @property
     def schedule(self) -> list[int]:
@@ -76,6 +87,13 @@ class TomePlan:
         lines = [f"{len(self.blocks)} blocks, {self.protected} protected tokens, width {self.width}"]
         lines += [f"  {b.name}: {b.tokens_in} tokens in, {b.r} merged, {b.tokens_out} out" for b in self.blocks]
         lines += [f"  un-merged before {where}" for where in self.unmerged_at]
+        if self.unmerged_attention:
+            lines.append(f"  {len(self.unmerged_attention)} attention ops run on every token "
+                         f"({self.unmerged_share:.0%} of the attention's multiply-adds):")
+            reasons = {}  # ops that share a reason on one line
+            for op in self.unmerged_attention:
+                reasons.setdefault(op.reason, []).append(op.name)
+            lines += [f"    {', '.join(names)}: {reason}" for reason, names in reasons.items()]
         return "\n".join(lines)
 
     def rescheduled(self, r: Schedule) -> TomePlan:
@@ -127,7 +145,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
     stream_shape = shape_of(stream)
     if len(stream_shape) != 3:
         raise UnsupportedModelError(
-            f"block {blocks[0].name}: residual stream has shape {tuple(tensor_meta(stream).shape)}; expected "
+            f"block {blocks[0].name}: residual stream has shape {('batch', *stream_shape[1:])}; expected "
             "[batch, tokens, channels] (windowed or 2-d token grids are not a single token sequence)" + _GRID_HINT
         )
     tokens = stream_shape[1]
@@ -158,6 +176,13 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
     insert = InsertMerges(blocks, schedule, protected, mask, tuple(key_masks.items()), method)
     insert(gm)
     flow = analyze_token_flow(gm.graph, insert.result.seeds, protected, applies_mask, frozenset(key_masks))
+    merged_tables = [node for node, _, layout in flow.pair_tables if layout.merged]
+    if merged_tables:
+        raise UnsupportedModelError(
+            f"{describe(merged_tables[0])}: a bias per (query, key) pair that no input feeds (a learned "
+            "relative-position table) meets merged tokens; whole-stream merging does not read it per merged pair, "
+            "per-block merging does (an approximation: transform(model, ratio, scheme='block'))")
+    census = unmerged_attention(gm.graph, set(flow.layouts), {b.attention for b in blocks}, scope)
     attended = flow.attended
     for block in blocks:
         if block.attention not in attended:
@@ -179,7 +204,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
     plans = _plans(gm, blocks, schedule, tokens, stream_shape[-1])
     if checkpoint:
         CheckpointBlocks(blocks)(gm)
-    return TomePlan(tuple(plans), protected, tuple(requested), stream_shape[-1], unmerged_at, method)
+    return TomePlan(tuple(plans), protected, tuple(requested), stream_shape[-1], unmerged_at, method, *census)
 
 
 def _plans(gm: GraphModule, blocks: list[AttentionBlock], schedule: list[int], tokens: int, width: int):

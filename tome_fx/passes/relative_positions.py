@@ -163,3 +163,32 @@ class RestageRelativePositions(FlowPass):
             node.args = (*node.args, layout.positions, layout.size, inner, self.rule)
             modified = True
         return PassResult(gm, modified)
+
+
+class RestagePairTables(FlowPass):
+    """Where a bias per (query, key) pair that no input feeds (a learned relative-position
+    table: Swin's, BEiT's, MaxViT's) meets merged tokens, reads it per merged pair by ``rule``
+    (``merge.merged_pair_table``)."""
+
+    def __init__(self, flow: TokenFlow, rule: str):
+        super().__init__(flow)
+        self.rule = rule
+
+    def call(self, gm: GraphModule) -> PassResult:
+        graph, modified = gm.graph, False
+        for node, table, layout in self.flow.pair_tables:
+            if not layout.merged:
+                continue
+            with graph.inserting_before(node):
+                merged = graph.call_function(merge.merged_pair_table, (
+                    table, layout.positions, layout.size, len(layout.roles), layout.batch_dim(), self.rule,
+                    layout.lead, layout.trail))
+            node.replace_input_with(table, merged)
+            modified = True
+        return PassResult(gm, modified)
+
+    def ensures(self, gm: GraphModule) -> None:
+        """Every pair table meeting merged tokens is read per merged pair."""
+        for node, table, layout in self.flow.pair_tables:
+            if layout.merged and table in node.all_input_nodes:
+                raise AssertionError(f"{node.name}: still adds the table {table.name} over the original tokens")

@@ -158,6 +158,8 @@ class TokenFlow:
     key_masks: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     # (``merge.rel_pos_bias`` node, its queries' layout): relative positions read per merged pair
     relative_positions: list[tuple[Node, Layout]] = field(default_factory=list)
+    # (node, table, the pairs' layout): a bias per (query, key) pair no input feeds, read per merged pair
+    pair_tables: list[tuple[Node, Node, Layout]] = field(default_factory=list)
     reads: int = 0  # leading tokens read at fixed positions (e.g. a class-token readout)
 
     # (slice, argument index, dim, from the end, entries): a bound of a cut of a joint sequence,
@@ -355,14 +357,13 @@ class _Analysis:
                 with at_node(node, "analysing", expected=(_Refuse,)):
                     result = self.visit(node)
             except _Refuse as why:
-                raise UnsupportedModelError(
-                    f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}"
-                ) from None
+                raise RefusedAt(f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: {why}",
+                                node) from None
             for layout in result if isinstance(result, list) else [result]:
                 if layout is not None and sum(holds(role, BATCH) for role in layout.roles) > 1:
-                    raise UnsupportedModelError(
+                    raise RefusedAt(
                         f"{describe(node)}: cannot prove `{node.target}` safe after merging tokens: it puts the batch "
-                        "on two axes, pairing the tokens of one sample with another's, which merged other tokens")
+                        "on two axes, pairing the tokens of one sample with another's, which merged other tokens", node)
             if isinstance(result, list):
                 self.lists[node] = result
             elif result is not None and any(holds(role, TOKEN) for role in result.roles):
@@ -399,6 +400,10 @@ class _Analysis:
         """Exact for a mask over the keys of an attention outside the blocks (a pooling head's):
         the merges are given it too (hoisted before them, ``driver``) and only join tokens
         it treats alike, so reading it at one original token per merged token is exact."""
+        if len(shape_of(mask)) > 1 and shape_of(mask)[-2] > 1 and shape_of(mask)[-2] == shape_of(node)[-2]:
+            raise _Refuse(f"an attention bias of shape {shape_of(mask)}, an entry per query and key, not computed from "
+                          "the tokens (a learned relative-position bias, as MaxViT's and Swin's): no rule reads it per "
+                          "merged pair")
         if keys.start != 0 or keys.batch_axis() is None or shape_of(mask)[-1] != tokens:
             raise _Refuse(f"a mask over keys of shape {shape_of(mask)} that is not [.., all {tokens} tokens]")
         if self.respected is not None and mask not in self.respected:
@@ -482,7 +487,7 @@ class _Analysis:
                 continue  # no token merged yet (blocks before the first merge): any token count holds
             for d in range(meta.dim()):
                 if (holds(roles[offset + d], TOKEN) or roles[offset + d] == GRID_INNER) and meta.shape[d] != 1:
-                    if self.rotary_table(node, arg, layout):
+                    if self.rotary_table(node, arg, layout) or self.pair_table(node, arg, layout):
                         break
                     if (node.target == aten.mul.Tensor and self.feeds_queries_keys(node) and layout.batch_dim() is not None
                             and meta.shape[layout.batch_dim() - offset] != 1):
@@ -519,6 +524,30 @@ class _Analysis:
                 or [offset + d for d in dims if holds(layout.roles[offset + d], TOKEN)] != layout.dims(TOKEN)):
             return False
         self.flow.tables.append((node, table, layout))
+        return True
+
+    def pair_table(self, node: Node, table: Node, pairs: Layout) -> bool:
+        """Approximate, by the ``rel_pos`` rule: a bias with an entry per (query, key) pair of one
+        merged sequence, added to its attention logits (or given to sdpa as its mask) and fed by
+        no input -- a learned relative-position table gathered to [.., N, N] (Swin, BEiT,
+        MaxViT) -- is read per pair of merged tokens (``RestagePairTables``). A merged token
+        stands for several positions; no entry is exact for it. The pair's tokens must be the
+        last two axes, the batch on its own axis, where the table has size 1."""
+        if node.target not in (aten.add.Tensor, aten.scaled_dot_product_attention.default) or depends_on_inputs(table):
+            return False
+        offset, shape = len(pairs.roles) - _ndim(table), shape_of(table)
+        batch = pairs.batch_axis()
+        if batch is None and pairs.roles[-2:] == (TOKEN, TOKEN) and len(shape) > 2 and shape[-1] == shape[-2] and any(
+                n != 1 for n in shape[:-2]):
+            raise _Refuse(f"it adds `{table.name}`, a bias per (query, key) pair of shape {shape} on a view that splits "
+                          "the batch axis (a mask per window, as Swin's shifted windows have): no rule reads it per "
+                          "merged pair")
+        if (batch is None or batch[1] != 1 or pairs.roles[-2:] != (TOKEN, TOKEN) or pairs.start
+                or len(shape) < 2 or shape[-1] != shape[-2] or any(is_weights(r) for r in pairs.roles)
+                or (batch[0] >= offset and shape[batch[0] - offset] != 1)
+                or any(holds(r, TOKEN) or r == GRID_INNER for r in pairs.roles[:-2])):
+            return False
+        self.flow.pair_tables.append((node, table, pairs))
         return True
 
     def feeds_queries_keys(self, node: Node) -> bool:
@@ -585,6 +614,19 @@ class _Analysis:
         normalized = len(node.args[1])
         if any(layout.roles[-normalized:]):
             raise _Refuse("it normalizes over the token or batch axis")
+        return layout
+
+    @_rule(aten.batch_norm.default)
+    def batch_norm(self, node: Node) -> Layout:
+        """Exact in eval mode: running statistics make it an affine map of each token's own
+        channels on dim 1 (LeViT's and NextViT's BatchNorm over [B * N, C] or [B, C, ...]). In
+        training it averages over the batch and the tokens, which merging reweights."""
+        layout = self.layout(node.args[0])
+        self.no_weights(node, "normalizes")
+        if node.args[5] is not False or node.args[3] is None:
+            raise _Refuse("batch norm with batch statistics (training mode) averages over the tokens")
+        if layout.roles[1] is not None:
+            raise _Refuse("batch norm whose channel axis (dim 1) holds the tokens")
         return layout
 
     @_rule(aten.linear.default)
@@ -673,9 +715,14 @@ class _Analysis:
         if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
             raise _Refuse("causal attention depends on token order")
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        if isinstance(mask, Node) and lk is not None:
+        pairs = (isinstance(mask, Node) and lq is not None and lk is not None and lq.size is lk.size
+                 and lq.positions is lk.positions and not self.layout(mask) and len(shape_of(mask)) > 1
+                 and shape_of(mask)[-2] > 1 and self.pair_table(node, mask, replace(lq, roles=lq.roles[:-1] + (TOKEN,))))
+        if isinstance(mask, Node) and lk is not None and not pairs:
             self.no_joined(lk, "an attention mask over the keys of")
-        if isinstance(mask, Node) and mask in self.masks.values() and lk is not None:
+        if pairs:
+            pass  # a learned table per (query, key) pair, read per merged pair
+        elif isinstance(mask, Node) and mask in self.masks.values() and lk is not None:
             self.flow.masked.append((node, lk))
         elif isinstance(mask, Node) and lk is not None and not self.layout(mask) and tensor_meta(mask).shape[-1] != 1:
             self.key_mask(node, mask, lk, shape_of(k)[-2])
@@ -1143,6 +1190,14 @@ _JOINT_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.expand_as, _An
                 _Analysis.softmax, _Analysis.along_axes, _Analysis.slice, _Analysis.split, _Analysis.sym_size,
                 _Analysis.expand, _Analysis.cat, _Analysis.stack, _Analysis.matmul, _Analysis.einsum,
                 _Analysis.like, _Analysis.new_tensor, _Analysis.select, _Analysis.slice_scatter}
+
+
+class RefusedAt(UnsupportedModelError):
+    """The analysis refuses ``node``: no rule proves it safe on merged tokens."""
+
+    def __init__(self, message: str, node: Node):
+        super().__init__(message)
+        self.node = node
 
 
 def analyze_token_flow(

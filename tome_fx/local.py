@@ -1,7 +1,10 @@
-"""A module that merges tokens per branch (``passes.branch_merges``), captured per input shape.
+"""Local (per-block) merging: a module that merges tokens per branch (``passes.branch_merges``),
+captured per input shape.
 
-Models that hand their token grid on at every block (a UNet's levels, SAM's windowed
-encoder) keep every token in the residual stream; each chosen branch runs on fewer.
+The scheme beside whole-stream merging (``transform(scheme="block")``, ``tome_fx.sd``,
+``tome_fx.sam``): models that hand their token grid on at every block (a UNet's levels,
+SAM's windowed encoder, Swin's stages) keep every token in the residual stream; each
+chosen branch runs on fewer.
 The wrapped model is captured with ``torch.export`` for each input shape it is called
 with (resolution, batch; cached), so any shape works without an error. It is read like
 the model it wraps (``config``, ``dtype``, ``img_size``...), whose parameters it shares
@@ -11,15 +14,17 @@ and never modifies.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from ..call_spec import CallSpec
-from ..capture import capture
-from ..passes.graph_utils import graph_copy
-from ..passes.branch_merges import BranchPlan, BranchSettings, apply_branch_tome
+from .call_spec import CallSpec
+from .capture import capture
+from .passes.graph_utils import graph_copy
+from .errors import UnsupportedModelError
+from .passes.branch_merges import KINDS, BranchPlan, BranchRefused, BranchSettings, apply_branch_tome
 from .match_reuse import MatchReuse
 
 
@@ -38,16 +43,18 @@ def _describe(plan: BranchPlan) -> str:
     return text + (f"; {plan.unmerged}" if plan.unmerged else "")
 
 
-class PerBranchToMe(torch.nn.Module):
+class LocalToMe(torch.nn.Module):
     """``model`` with its chosen branches merging tokens as ``settings`` says; ``prop_attn``:
     proportional attention in merged self-attention; ``reuse`` > 1: each matching is reused
-    for that many steps (``match_reuse``)."""
+    for that many steps (``match_reuse``); ``skip_refused``: a branch that cannot merge is
+    left as captured, its reason in ``summary()``, and the others merge (else it refuses all)."""
 
     def __init__(self, model: torch.nn.Module, settings: BranchSettings, prop_attn: bool | str = False,
-                 reuse: int = 1):
+                 reuse: int = 1, skip_refused: bool = False):
         super().__init__()
         self.model = model
-        self.__dict__.update(settings=settings, prop_attn=prop_attn, reuse=reuse, _graphs={}, _compile_kwargs=None)
+        self.__dict__.update(settings=settings, prop_attn=prop_attn, reuse=reuse, skip_refused=skip_refused,
+                             _graphs={}, _compile_kwargs=None)
 
     @property
     def original(self) -> torch.nn.Module:
@@ -105,17 +112,21 @@ class PerBranchToMe(torch.nn.Module):
 
     def forward(self, *args, **kwargs) -> Any:
         call = CallSpec.record(self.model, args, kwargs)
+        runner, _ = self._graph_for(call)
+        graph_args, graph_kwargs = call.graph_call(call.arguments)
+        if isinstance(runner, MatchReuse):
+            return runner(call.arguments.get("timestep"), *graph_args, **graph_kwargs)
+        return runner(*graph_args, **graph_kwargs)
+
+    def _graph_for(self, call: CallSpec) -> tuple[Any, tuple[BranchPlan, ...]]:
+        """The graph for ``call``'s input shapes and its plan, captured and rewritten the first time."""
         settings = self._settings_for(call)
         key = self._key(call, settings)
         if key not in self._graphs:
             # graphs of tensors the model no longer holds would only keep them alive
             self._graphs = {k: v for k, v in self._graphs.items() if k[-1] == key[-1]}
             self._graphs[key] = self._build(call, settings)
-        graph_args, graph_kwargs = call.graph_call(call.arguments)
-        runner = self._graphs[key][0]
-        if isinstance(runner, MatchReuse):
-            return runner(call.arguments.get("timestep"), *graph_args, **graph_kwargs)
-        return runner(*graph_args, **graph_kwargs)
+        return self._graphs[key]
 
     def _settings_for(self, call: CallSpec) -> BranchSettings:
         """The settings for ``call`` (subclasses read the token grid from it)."""
@@ -128,12 +139,55 @@ class PerBranchToMe(torch.nn.Module):
             warnings.warn(f"{type(self.model).__name__} is called without a `timestep` argument, which tells "
                           f"denoising steps apart: reuse={self.reuse} is off, every call matches", stacklevel=3)
         modes = ("store", "reuse") if reuse else (None,)
-        graphs = [graph_module] + [graph_copy(graph_module) for _ in modes[1:]]
-        for gm, mode in zip(graphs, modes):
-            plan, idle = apply_branch_tome(gm, settings, prop_attn=self.prop_attn, matchings=mode)
+        skipped: dict[tuple[str, str], str] = {}
+        while True:  # with skip_refused, again without each branch refused, until none is
+            graphs = [graph_copy(graph_module) for _ in modes]
+            try:
+                for gm, mode in zip(graphs, modes):
+                    plan, idle = apply_branch_tome(gm, replace(settings, skip=frozenset(skipped)),
+                                                   prop_attn=self.prop_attn, matchings=mode)
+                break
+            except BranchRefused as why:
+                if not self.skip_refused or why.branch in skipped:
+                    raise
+                skipped[why.branch] = str(why)
+        plan = _with_skipped(plan, skipped)
+        if skipped and idle:
+            idle = f"no branch merges: {next(iter(skipped.values()))}"
         if idle:
             shapes = [tuple(t.shape) for t in pytree.tree_leaves(call.arguments) if isinstance(t, torch.Tensor)]
             warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)
         if reuse and plan:
             return MatchReuse(*graphs, self.reuse, self._compiled), plan
-        return self._compiled(graph_module), plan
+        return self._compiled(graphs[0]), plan
+
+
+def _with_skipped(plan: tuple[BranchPlan, ...], skipped: dict[tuple[str, str], str]) -> tuple[BranchPlan, ...]:
+    """``plan`` with each branch left unmerged named, and why, on its block's line."""
+    reasons: dict[str, list[str]] = {}
+    for (name, kind), why in skipped.items():
+        reasons.setdefault(name, []).append(f"{kind} not merged: {why}")
+    named = [replace(p, unmerged="; ".join(filter(None, [p.unmerged, *reasons.pop(p.name, [])]))) if p.name in reasons
+             else p for p in plan]
+    return tuple(named) + tuple(BranchPlan(name, 0, 0, (), unmerged="; ".join(why)) for name, why in reasons.items())
+
+
+def local_transform(model: torch.nn.Module, args: tuple, kwargs: dict, ratio: float, *, prop_attn: bool | str,
+                    rope: str) -> LocalToMe:
+    """``transform(model, ratio, scheme="block")``: every block merges ``ratio`` of its tokens in
+    each branch (attention, cross-attention, MLP), on its own token grid (``[batch, h, w, C]``,
+    or a square ``[batch, h * w, C]`` behind learned tokens), and un-merges before each residual
+    add; captured now on the example inputs, so a refusal comes at once. A branch that cannot
+    merge (an attention with a relative-position table, say) is left as it is, named with its
+    reason in ``summary()`` and a warning, and the other branches merge."""
+    call = CallSpec.record(model, args, kwargs)
+    settings = BranchSettings(ratio, (0, 0), kinds=frozenset(KINDS), grid_stream=True, rope=rope)
+    local = LocalToMe(model, settings, prop_attn=prop_attn, skip_refused=True)
+    _, plan = local._graph_for(call)
+    left = [p for p in plan if p.unmerged and "not merged:" in p.unmerged]
+    if left and ratio > 0 and not any(p.merged for p in plan):
+        raise UnsupportedModelError(f"no branch of any block can merge: {left[0].name}: {left[0].unmerged}")
+    if left:
+        warnings.warn(f"{type(model).__name__}: {len(left)} blocks leave a branch unmerged (summary() lists each): "
+                      f"{left[0].name}: {left[0].unmerged}", stacklevel=3)
+    return local

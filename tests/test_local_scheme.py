@@ -1,0 +1,191 @@
+"""``transform(scheme=...)``: local (per-block) merging where whole-stream merging cannot go
+(Swin's windows and stages), and every attention op accounted for (ConViT's GPSA).
+
+Small configs. The Swin twin's windows cover each stage's whole grid (no shift), so input
+duplicated in 8 x 8-pixel blocks stays duplicated in 2 x 2 cells at both stages (patch
+merging concatenates 2 x 2 neighbourhoods) once the relative-position tables are zeroed:
+merging the duplicates is then exact (float64).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import tome_fx
+from tome_fx.local import LocalToMe
+from tome_fx.passes.branch_merges import BranchSettings
+
+timm = pytest.importorskip("timm")
+
+
+def _swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=32, patch_size=2, window_size=16, embed_dim=16, depths=(1, 1), num_heads=(2, 2),
+                           num_classes=3).eval().double()
+
+
+def _duplicated(batch: int = 2) -> torch.Tensor:
+    """Images whose 8 x 8-pixel blocks are constant (4 x 4 patches alike at 2 px patches)."""
+    return torch.randn(batch, 3, 4, 4, dtype=torch.float64).repeat_interleave(8, 2).repeat_interleave(8, 3)
+
+
+def _merging(r, model, x, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = tome_fx.transform(model, r, example_inputs=x, **kwargs)
+    return fast, [str(w.message) for w in caught]
+
+
+def test_swin_merges_per_block_by_default_with_a_fraction():
+    model, x = _swin(), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fast, said = _merging(0.5, model, x)
+    assert isinstance(fast, LocalToMe) and fast.original is model
+    assert any("merges per block (scheme='block'), not whole-stream" in s and "residual stream has shape ('batch', 16, 16"
+               in s for s in said)
+    summary = fast.summary()
+    # attention within its window, its relative-position table read per merged pair
+    assert "layers.0.blocks.0: 256 tokens, 128 merged away in mlp" in summary and "attn: 128 of 256" in summary
+    assert "layers.1.blocks.0: 64 tokens, 32 merged away in mlp; attn: 32 of 64 merged away in its window" in summary
+    out = fast(x)
+    assert out.shape == model(x).shape and not torch.allclose(out, model(x))  # merging changed something
+
+
+def test_swin_identity_at_zero_and_exact_on_duplicates():
+    model = _swin()
+    for block in (model.layers[0].blocks[0], model.layers[1].blocks[0]):
+        torch.nn.init.zeros_(block.attn.relative_position_bias_table)
+    x = _duplicated()
+    fast, said = _merging(0, model, x, scheme="block")
+    assert any("merges no token" in s for s in said)  # no silent no-op
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    fast, _ = _merging(0.5, model, x, scheme="block")
+    assert fast.summary().count("attn: ") == 2
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_shifted_windows_leave_their_attention_unmerged_and_say_why():
+    from timm.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,),
+                            num_classes=3).eval()
+    fast, said = _merging(0.5, model, torch.randn(2, 3, 32, 32), scheme="block")
+    summary = fast.summary()
+    assert "layers.0.blocks.0: 256 tokens, 128 merged away in mlp" in summary and "in each of 16 windows" in summary
+    assert "attn not merged: " in summary and "a mask per window, as Swin's shifted windows have" in summary
+    assert any("1 blocks leave a branch unmerged" in s for s in said)
+
+
+def test_scheme_arguments():
+    model, x = _swin(), torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="scheme is one of"):
+        tome_fx.transform(model, 0.5, example_inputs=x, scheme="local")
+    with pytest.raises(ValueError, match="fraction of each block's tokens"):
+        tome_fx.transform(model, 4, example_inputs=x, scheme="block")
+    with pytest.raises(ValueError, match="trace_source belong to whole-stream merging"):
+        tome_fx.transform(model, 0.5, example_inputs=x, scheme="block", trace_source=True)
+    # an int r keeps whole-stream merging's refusal, which names the scheme that would take the model
+    for scheme in ("stream", "auto"):
+        with pytest.raises(tome_fx.UnsupportedModelError, match=r"\('batch', 16, 16, 16\).*scheme='block'"):
+            tome_fx.transform(model, 4, example_inputs=x, scheme=scheme)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_block_scheme_on_a_token_sequence(class_token):
+    """A ViT's 16 patch tokens are read as a 4 x 4 grid, behind its class token (which never
+    merges); exact on duplicated 2 x 2 patch cells with the position table zeroed (float64)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=class_token,
+                              global_pool="token" if class_token else "avg", num_classes=3).eval().double()
+    torch.nn.init.zeros_(model.pos_embed)
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    fast, _ = _merging(0.5, model, x, scheme="block")
+    assert "blocks.0: 16 tokens, 8 merged away in attn, mlp" in fast.summary()
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert not torch.allclose(fast(x), model(x))
+
+
+def test_block_scheme_refuses_a_sequence_that_is_no_grid():
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3).eval()
+    with pytest.raises(tome_fx.UnsupportedModelError, match="25 tokens are no square h x w grid behind the 1 learned"):
+        tome_fx.transform(model, 0.5, example_inputs=torch.randn(2, 3, 32, 48), scheme="block")
+
+
+class _GridBlockWithLearnedBias(torch.nn.Module):
+    """A [B, h, w, C] block whose sdpa takes a learned [1, heads, N, N] bias as its mask (MaxViT's)."""
+
+    def __init__(self, dim: int = 8, side: int = 4):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+        # equal within 2 x 2 cells: an entry per pair of cells, repeated over their tokens
+        cells = torch.randn(1, 2, side // 2, side // 2, side // 2, side // 2)
+        per_token = cells.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4).repeat_interleave(2, 5)
+        self.bias = torch.nn.Parameter(per_token.reshape(1, 2, side * side, side * side))
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, h * w, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, h, w, c))
+        return x + self.mlp(self.norm2(x))
+
+
+@pytest.mark.parametrize("rule", ["mean", "representative"])
+def test_a_learned_pair_bias_is_read_per_merged_pair(rule):
+    """Before: the attention branch merged, the bias was left at 16 x 16 and the graph failed at
+    run time (MaxViT: 49 against 25 keys). Now each merged pair reads it by the rel_pos rule:
+    exact where it is equal within the merged cells and the tokens are duplicates (float64)."""
+    model, x = _GridBlockWithLearnedBias().eval().double(), torch.randn(2, 2, 2, 8, dtype=torch.float64)
+    x = x.repeat_interleave(2, 1).repeat_interleave(2, 2)  # duplicated in 2 x 2 cells
+    settings = BranchSettings(0.5, (0, 0), kinds=frozenset({"attn", "mlp"}), grid_stream=True, rel_pos=rule)
+    fast = LocalToMe(model, settings, prop_attn=True)
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
+    assert "8 merged away in attn, mlp" in fast.summary()
+    x = torch.randn(2, 4, 4, 8, dtype=torch.float64)
+    assert not torch.allclose(fast(x), model(x))  # approximate otherwise
+
+
+def test_merged_pair_table_against_brute_force():
+    from tome_fx import merge
+
+    table, positions = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.tensor([[0, 1, 0, 2], [1, 2, 0, 0]])
+    size = torch.tensor([[2.0, 1, 1], [2.0, 1, 1]], dtype=torch.float64)
+    got = merge.merged_pair_table(table, positions, size, 4, 0, "mean", lead=1)
+    for b in range(2):
+        full = torch.cat([torch.tensor([0]), positions[b] + 1])  # the class token holds itself
+        for i in range(4):
+            for j in range(4):
+                a, c = (full == i).nonzero().flatten(), (full == j).nonzero().flatten()
+                torch.testing.assert_close(got[b, :, i, j], table[0][:, a][:, :, c].mean((1, 2)))
+    first = merge.merged_pair_table(table, positions, size, 4, 0, "representative", lead=1)
+    torch.testing.assert_close(first[0, :, 1, 1], table[0, :, 1, 1])  # token 1 holds patches 0 and 2: patch 0 first
+
+
+def test_convit_gpsa_blocks_are_named_not_silently_left_out():
+    from timm.models.convit import ConVit
+
+    model = ConVit(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, local_up_to_layer=2,
+                   num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast, said = _merging(2, model, x)
+    assert fast.schedule == [2]  # the one standard block merges
+    unmerged = fast.plan.unmerged_attention
+    assert [a.name.split(" (")[0] for a in unmerged] == ["block blocks.0.attn", "block blocks.1.attn"]
+    assert 0.5 < fast.plan.unmerged_share < 1
+    assert any("2 attention ops run on every token" in s and "GPSA" in s for s in said)
+    assert "2 attention ops run on every token" in fast.plan.summary()
+    torch.testing.assert_close(tome_fx.transform(model, 0, example_inputs=x)(x), model(x), rtol=0, atol=0)
+
+
+def test_a_plain_vit_accounts_for_every_attention():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    fast, said = _merging(2, model, torch.randn(2, 3, 32, 32))
+    assert fast.plan.unmerged_attention == () and fast.plan.attention_macs > 0
+    assert not any("attention ops run on every token" in s for s in said)
