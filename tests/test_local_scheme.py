@@ -152,6 +152,13 @@ def test_a_learned_pair_bias_is_read_per_merged_pair(rule):
     assert not torch.allclose(fast(x), model(x))  # approximate otherwise
 
 
+def test_compile_takes_a_model_merged_per_block():
+    model, x = _GridBlockWithLearnedBias().eval(), torch.randn(2, 4, 4, 8)
+    fast = tome_fx.compile(model, 0.5, example_inputs=x, fullgraph=True, scheme="block")
+    assert isinstance(fast, LocalToMe)
+    torch.testing.assert_close(fast(x), tome_fx.transform(model, 0.5, example_inputs=x, scheme="block")(x))
+
+
 def test_merged_pair_table_against_brute_force():
     from tome_fx import merge
 

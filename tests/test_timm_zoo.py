@@ -26,7 +26,7 @@ def _swinv2_cr():
 def _gcvit():
     from timm.models.gcvit import GlobalContextVit
 
-    return GlobalContextVit(img_size=64, window_size=(4, 4, 4, 2), embed_dim=16, depths=(1, 1, 1, 1),
+    return GlobalContextVit(img_size=64, window_size=(4, 4, 4, 2), embed_dim=16, depths=(2, 1, 1, 1),
                             num_heads=(1, 2, 2, 4), num_classes=3)
 
 
@@ -50,21 +50,42 @@ def _levit():
     return Levit(img_size=64, embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3), num_classes=3)
 
 
-# family -> (model, input size, the scheme it merges by, or the refusal's words)
+def _beit():
+    from timm.models.beit import Beit
+
+    return Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, use_abs_pos_emb=False,
+                use_rel_pos_bias=True, num_classes=3)
+
+
+def _tnt():
+    return timm.create_model("tnt_s_patch16_224", img_size=32, depth=2, num_classes=3)
+
+
+# family -> (model, input size, the scheme it merges by or the refusal's words, what summary() says)
 FAMILIES = {
-    "swinv2_cr": (_swinv2_cr, 32, "block"),
-    "gcvit": (_gcvit, 64, "block"),
-    "twins": (_twins, 32, "block"),
+    "swinv2_cr": (_swinv2_cr, 32, "block", ["attn: 32 of 64 merged away in each of 4 windows"]),
+    # window attention merges; the global-query block's queries are no merged tokens
+    "gcvit": (_gcvit, 64, "block", ["stages.0.blocks.0: 256 tokens, 128 merged away in mlp",
+                                    "attn: 8 of 16 merged away in each of 16 windows",
+                                    "stages.0.blocks.1: 256 tokens, 128 merged away in mlp", "attn not merged"]),
+    # its attention reshapes the token sequence to the grid (windows, or keys pooled from it)
+    "twins": (_twins, 32, "block", ["blocks.0.0: 256 tokens, 128 merged away in mlp",
+                                    "attn not merged: block blocks.0.0 (graph node 'add'): the attn branch reshapes"]),
+    # the class token stays out; the relative-position table is read per merged pair
+    "beit": (_beit, 32, "block", ["blocks.0: 16 tokens, 8 merged away in attn, mlp"]),
+    # two interleaved streams: pixels within each patch, and the patches behind a class token
+    "tnt": (_tnt, 32, "block", ["blocks.0: 16 tokens, 8 merged away in attn, mlp",
+                                "blocks.0: 4 tokens, 2 merged away in attn, mlp"]),
     # the class token and the pooled patches are joined again at each stage change
-    "pit": (_pit, 32, "joins 2 token sequences by a cat"),
+    "pit": (_pit, 32, "joins 2 token sequences by a cat", []),
     # its linears run BatchNorm on the tokens flattened with the batch, then `reshape_as` back
-    "levit": (_levit, 64, "per block: .*`aten.reshape_as.default`"),
+    "levit": (_levit, 64, "per block: .*`aten.reshape_as.default`", []),
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_merges_or_is_refused_with_its_cause(family):
-    make, size, expected = FAMILIES[family]
+    make, size, expected, said = FAMILIES[family]
     model = make().eval()
     x = torch.randn(2, 3, size, size)
     with warnings.catch_warnings():
@@ -78,6 +99,7 @@ def test_family_merges_or_is_refused_with_its_cause(family):
     assert isinstance(fast, tome_fx.ToMeModel if expected == "stream" else tome_fx.LocalToMe)
     if expected == "block":
         assert any(p.merged for plan in fast.plans.values() for p in plan), fast.summary()
+        assert all(words in fast.summary() for words in said), fast.summary()
     with torch.no_grad():
         ref = model(x)
         assert fast(x).shape == ref.shape

@@ -509,12 +509,16 @@ def compile(model: torch.nn.Module, r: Schedule, *, example_inputs=None, **compi
     new batch size does not recompile (batch 1 excepted: dynamo specializes sizes 0 and 1, so
     it compiles once more the first time it sees a single-sample batch). ``compile_kwargs``
     go to ``torch.compile``, except the ``transform`` options ``prop_attn``, ``trace_source``,
-    ``unmerge_outputs``, ``scope``, ``rope``, ``method`` and ``r="auto"``'s ``speedup``,
-    ``flops``, ``latency`` and ``measure``."""
+    ``unmerge_outputs``, ``scope``, ``rope``, ``method``, ``scheme`` and ``r="auto"``'s
+    ``speedup``, ``flops``, ``latency`` and ``measure``. A model merged per block (a
+    ``LocalToMe``) compiles each graph it captures, at a fixed batch (``LocalToMe.compile``)."""
     options = {k: compile_kwargs.pop(k) for k in ("prop_attn", "trace_source", "unmerge_outputs", "scope", "rope",
-                                                  "method", "speedup", "flops", "latency", "measure")
+                                                  "method", "speedup", "flops", "latency", "measure", "scheme")
                if k in compile_kwargs}
     fast = transform(model, r, example_inputs=example_inputs, **options)
+    if isinstance(fast, LocalToMe):
+        fast.compile(**compile_kwargs)
+        return fast
     return with_signature(CompiledToMe, fast._call.signature)(fast, **compile_kwargs)
 
 

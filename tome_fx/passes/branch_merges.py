@@ -302,6 +302,26 @@ def _grid(block: AttentionBlock, settings: BranchSettings, protected: int = 0) -
     return h, w
 
 
+def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, int]:
+    """Learned tokens (a class token) in front of each block's sequence [batch, tokens, C]: those
+    of the stream it starts from, or of the latest earlier block of as many tokens whose output it
+    reads (a stream carries them from block to block; TNT runs two streams)."""
+    found: dict[AttentionBlock, int] = {}
+    for i, block in enumerate(blocks):
+        if len(shape_of(block.stream)) != 3:
+            continue
+        try:
+            found[block] = count_protected_tokens(block.stream)
+        except UnsupportedModelError:
+            found[block] = 0
+        if not found[block]:
+            upstream = ancestors(block.stream) | {block.stream}
+            before = next((b for b in reversed(blocks[:i]) if b.residual in upstream
+                           and shape_of(b.stream)[1:2] == shape_of(block.stream)[1:2]), None)
+            found[block] = found.get(before, 0)
+    return found
+
+
 def _downsample(block: AttentionBlock, settings: BranchSettings) -> int:
     """How many times below full resolution the block's tokens are (1 for a grid stream)."""
     if settings.grid_stream:
@@ -335,18 +355,16 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     if "attn" in settings.kinds:
         RelativePositionBias()(gm)
     stage_changes = []
-    blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes)
+    blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes, sequential=False)
     if not blocks:
         why = (f"every attention changes the token grid ({len(stage_changes)} stage changes, as in Hiera)"
                if stage_changes else "the model has no self-attention to merge")
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}
-    # learned tokens (a class token) in front of a grid read as a sequence never merge
-    protected = count_protected_tokens(blocks[0].stream) if (
-        settings.grid_stream and len(shape_of(blocks[0].stream)) == 3) else 0
+    protected = _protected(blocks) if settings.grid_stream else {}
     for block in blocks:
-        h, w = _grid(block, settings, protected)
+        h, w = _grid(block, settings, protected.get(block, 0))
         tokens = h * w
         r = int(tokens * settings.ratio)
         chosen = [b for b in find_branches(block, attentions - {block.attention})
@@ -378,11 +396,11 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         lead, trail = block.joined
         own = block.own_input if block.own_input is not None else block.stream  # FLUX's single blocks: its piece
         anchor = block.stream
-        if protected and len(shape_of(block.stream)) == 3:  # learned tokens in front stay out, as joined ones do
-            lead = protected
+        if protected.get(block):  # learned tokens in front stay out, as joined ones do
+            lead = protected[block]
             with graph.inserting_after(block.stream):
-                own = anchor = graph.call_function(aten.slice.Tensor, (block.stream, 1, protected))
-            own.meta["val"] = block.stream.meta["val"][:, protected:]
+                own = anchor = graph.call_function(aten.slice.Tensor, (block.stream, 1, lead))
+            own.meta["val"] = block.stream.meta["val"][:, lead:]
         with graph.inserting_after(anchor):
             order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand, tile))
         if matchings is not None:

@@ -26,8 +26,12 @@ SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
 EINSUM = aten.einsum.default
 # ops allowed between the scores matmul and the softmax, and between softmax and the value matmul
-_LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
-_PASS_THROUGH = {aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default}
+# (tanh: soft-capped logits, cap * tanh(logits / cap), as VideoPrism's)
+_LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar,
+              aten.tanh.default}
+# (dropout_: nn.Dropout(inplace=True) on the weights, as TNT's)
+_PASS_THROUGH = {aten.dropout.default, aten.dropout_.default, aten._to_copy.default, aten.to.dtype,
+                 aten.type_as.default, aten.clone.default}
 # views of the logits (SAM adds its decomposed relative positions on a [q_h, q_w, k_h, k_w] view)
 RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
 
@@ -273,10 +277,13 @@ def in_scope(path: str, scope: tuple[str, ...]) -> bool:
 
 
 def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = (),
-                          stage_changes: list[StageChange] | None = None) -> list[AttentionBlock]:
+                          stage_changes: list[StageChange] | None = None, sequential: bool = True
+                          ) -> list[AttentionBlock]:
     """The attention blocks in graph order; with ``scope`` (module paths), only those under it:
     attention elsewhere is left as captured, unexamined. An attention whose block changes the
-    token grid is refused, or with ``stage_changes`` (a list) put there and left as it is."""
+    token grid is refused, or with ``stage_changes`` (a list) put there and left as it is.
+    ``sequential``: the blocks must form one stream, each reading the one before (whole-stream
+    merging); per-block merging takes any blocks."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     blocks: list[AttentionBlock] = []
     for node in graph.nodes:
@@ -294,7 +301,8 @@ def find_attention_blocks(graph: Graph, scope: tuple[str, ...] = (),
                 blocks[-1] = replace(blocks[-1], parallel=block.reason)
             elif block is not None:
                 blocks.append(block)
-    _check_sequential(blocks)
+    if sequential:
+        _check_sequential(blocks)
     return _joined_streams(blocks)
 
 
@@ -429,12 +437,16 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel 
 
 def _check_sequential(blocks: list[AttentionBlock]) -> None:
     """Each block must read the residual stream the previous block wrote."""
-    for prev, block in zip(blocks, blocks[1:]):
+    for i, (prev, block) in enumerate(zip(blocks, blocks[1:])):
         if prev.residual not in ancestors(block.keys):
+            earlier = next((b for b in reversed(blocks[:i]) if b.residual in ancestors(block.keys)), None)
+            how = (f"it reads the stream of an earlier block ({describe(earlier.residual)}): two streams of blocks "
+                   "interleave (TNT's pixel and patch streams)" if earlier is not None else
+                   "it reads no earlier block's output: the blocks form separate chains (two towers)")
             raise SeparateChains(
-                f"block {block.name}: its attention does not read the output of block {prev.name}; "
-                "only a single stream of sequential blocks can be merged", _chain_scopes(blocks)
-            )
+                f"the attention of {describe(block.attention)} does not read the output of the block before it "
+                f"({describe(prev.residual)}); {how}, and only a single stream of sequential blocks can be merged "
+                "whole-stream (per-block merging takes separate streams: a fraction r)", _chain_scopes(blocks))
         if prev.residual is block.residual:
             raise UnsupportedModelError(f"blocks {prev.name} and {block.name} share one residual add")
 

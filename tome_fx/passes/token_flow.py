@@ -188,6 +188,7 @@ class _Refuse(Exception):
 
 _POINTWISE_EXTRA = {
     aten.dropout.default,
+    aten.dropout_.default,  # nn.Dropout(inplace=True): the identity in eval, as dropout is
     aten.clone.default,
     aten.contiguous.default,
     aten.alias.default,
