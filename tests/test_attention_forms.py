@@ -1,6 +1,7 @@
-"""Attention written in forms block finding once missed, each refused with a wrong cause
-("multiplies two tensors ... with no softmax between them"): soft-capped logits (VideoPrism's
-``cap * tanh(logits / cap)``) and weights through ``nn.Dropout(inplace=True)`` (TNT's). Each
+"""Blocks written in forms block finding once missed, each refused with a wrong cause: soft-capped
+logits (VideoPrism's ``cap * tanh(logits / cap)``) and weights through ``nn.Dropout(inplace=True)``
+(TNT's), "multiplies two tensors ... with no softmax between them"; a residual scaled before the
+add (``x * gamma + branch``, CAFormer's ResScale), "the token count or width changes here". Each
 merges whole-stream now, exact on duplicate patches (float64, the fuzz test's oracle)."""
 
 import pytest
@@ -38,16 +39,17 @@ class _Vit(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(DIM) for _ in range(4))
         self.attns = nn.ModuleList(_Attention(form) for _ in range(2))
         self.mlps = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(2))
+        self.gamma = nn.Parameter(torch.rand(DIM) + 0.5) if form == "res_scale" else None
 
     def forward(self, x):
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
         for i in range(2):
-            x = x + self.attns[i](self.norms[2 * i](x))
-            x = x + self.mlps[i](self.norms[2 * i + 1](x))
+            x = (x if self.gamma is None else x * self.gamma) + self.attns[i](self.norms[2 * i](x))
+            x = (x if self.gamma is None else self.gamma * x) + self.mlps[i](self.norms[2 * i + 1](x))
         return x[:, 0]
 
 
-@pytest.mark.parametrize("form", ["soft_cap", "inplace_dropout"])
+@pytest.mark.parametrize("form", ["soft_cap", "inplace_dropout", "res_scale"])
 def test_attention_form_merges_exactly(form):
     model = _Vit(form).double().eval()
     x = torch.randn(2, PATCHES, 4, dtype=torch.float64)
@@ -56,3 +58,10 @@ def test_attention_form_merges_exactly(form):
     fast = tome_fx.transform(model, [len(DUPLICATES)], example_inputs=x)
     assert fast.schedule[0] == len(DUPLICATES) and fast.plan.unmerged_attention == ()
     torch.testing.assert_close(fast(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_a_scaled_residual_merges_per_block_too():
+    model, x = _Vit("res_scale").eval(), torch.randn(2, PATCHES, 4)
+    fast = tome_fx.transform(model, 0.5, example_inputs=x, scheme="block")
+    assert fast.summary().count("8 merged away in attn, mlp") == 2
+    assert fast(x).shape == model(x).shape

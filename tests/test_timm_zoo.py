@@ -95,7 +95,7 @@ def test_family_merges_or_is_refused_with_its_cause(family):
                 tome_fx.transform(model, 0.5, example_inputs=x)
             return
         fast = tome_fx.transform(model, 0.5, example_inputs=x)
-        identity = tome_fx.transform(model, 0, example_inputs=x)
+        identity = tome_fx.transform(model, 0, example_inputs=x, scheme=expected)
     assert isinstance(fast, tome_fx.ToMeModel if expected == "stream" else tome_fx.LocalToMe)
     if expected == "block":
         assert any(p.merged for plan in fast.plans.values() for p in plan), fast.summary()

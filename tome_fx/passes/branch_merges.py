@@ -19,7 +19,8 @@ from torch.fx import GraphModule, Node
 from .. import merge
 from ..errors import UnsupportedModelError
 from .functional_writes import FunctionalWrites
-from .find_blocks import CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention
+from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention,
+                          scales)
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
@@ -141,10 +142,11 @@ def _keys_of(attention: Node) -> Node | None:
 
 
 def _casts_of(node: Node) -> list[Node]:
-    """``node`` and the dtype casts of it (chains of them)."""
+    """``node`` and the dtype casts and residual scales of it (chains of them)."""
     found = [node]
     for current in found:
-        found += [u for u in current.users if u.op == "call_function" and u.target in CASTS and u.args[0] is current]
+        found += [u for u in current.users if u.op == "call_function" and (
+            u.target in CASTS and u.args[0] is current or scales(u, current))]
     return found
 
 

@@ -162,6 +162,16 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
     key_masks = {mask: layout.batch_axis()[1] for _, mask, layout in dry.key_masks}
     _hoist_before(gm, list(key_masks), blocks[0].residual)
 
+    # (self-attention over a stream of another count; CaiT's class attention reads more keys than its stream)
+    changed = next((b for b in blocks if len(shape_of(b.stream)) == 3 and shape_of(b.stream)[1] - sum(b.joined)
+                    != tokens - sum(blocks[0].joined)
+                    and shape_of(b.keys)[b.key_token_dim] - sum(b.key_span) == shape_of(b.stream)[1]), None)
+    if changed is not None:
+        raise UnsupportedModelError(
+            f"block {changed.name}: its stream holds {shape_of(changed.stream)[1]} tokens, block {blocks[0].name}'s "
+            f"{tokens}: the token count changes between the blocks (a downsampling stage, as in a hierarchical "
+            "model), and whole-stream merging needs one sequence throughout; per-block merging takes each stage "
+            "(transform(model, ratio, scheme='block'))")
     for block, block_r in zip(blocks, schedule):
         keys = shape_of(block.keys)[block.key_token_dim] - sum(block.key_span)
         if block_r and block.parallel:

@@ -211,7 +211,7 @@ def _residual_add(output: Node, keys: Node, graph_order: dict[Node, int]) -> tup
     through dtype casts): the add, and that ancestor, the residual stream."""
     key_ancestors = ancestors(keys) | {keys}
     for add, other in _adds_after(output, graph_order):
-        stream = next((n for n in (other, _uncast(other)) if n in key_ancestors), None)
+        stream = next((n for n in (other, _uncast(other), _unscaled(_uncast(other))) if n in key_ancestors), None)
         if stream is not None:
             return add, stream
     return None
@@ -262,6 +262,21 @@ def _key_span(keys: Node, token_dim: int, stream: Node) -> tuple[int, int]:
 
 
 CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+
+
+def scales(node: Node, stream: Node) -> bool:
+    """``node`` multiplies ``stream`` by a tensor no input feeds: a residual scaled before the add
+    (``x * gamma + branch``, CAFormer's ResScale), the stream as the merges see it."""
+    if node.op != "call_function" or node.target != aten.mul.Tensor or stream not in node.args[:2]:
+        return False
+    other = node.args[1] if node.args[0] is stream else node.args[0]
+    return isinstance(other, Node) and not depends_on_inputs(other)
+
+
+def _unscaled(node: Node) -> Node:
+    """The stream ``node`` scales (``scales``), or ``node``."""
+    data = [a for a in node.args[:2] if isinstance(a, Node)] if node.op == "call_function" else []
+    return next((a for a in data if scales(node, a) and depends_on_inputs(a)), node)
 
 
 def _uncast(node: Node) -> Node:
