@@ -76,8 +76,9 @@ FAMILIES = {
     # two interleaved streams: pixels within each patch, and the patches behind a class token
     "tnt": (_tnt, 32, "block", ["blocks.0: 16 tokens, 8 merged away in attn, mlp",
                                 "blocks.0: 4 tokens, 2 merged away in attn, mlp"]),
-    # the class token and the pooled patches are joined again at each stage change
-    "pit": (_pit, 32, "joins 2 token sequences by a cat", []),
+    # pooled stages: the class token, projected, is joined again in front of the pooled grid, and stays out
+    "pit": (_pit, 32, "block", ["transformers.0.blocks.0: 225 tokens, 112 merged away in attn, mlp",
+                                "transformers.1.blocks.0: 64 tokens, 32 merged away in attn, mlp"]),
     # its linears run BatchNorm on the tokens flattened with the batch, then `reshape_as` back
     "levit": (_levit, 64, "per block: .*`aten.reshape_as.default`", []),
 }

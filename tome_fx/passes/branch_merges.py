@@ -281,7 +281,7 @@ def _grid(block: AttentionBlock, settings: BranchSettings, protected: int = 0) -
     shape = shape_of(block.stream)
     if settings.grid_stream and len(shape) == 4:
         return shape[1], shape[2]
-    if settings.grid_stream and len(shape) == 3:  # a square grid flattened (PVT's, PiT's stages)
+    if settings.grid_stream and len(shape) == 3 and not block.not_one_sequence:  # a square grid flattened (PVT's)
         side = math.isqrt(shape[1] - protected)
         if side * side != shape[1] - protected:
             raise UnsupportedModelError(
@@ -321,6 +321,13 @@ def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, int]:
             before = next((b for b in reversed(blocks[:i]) if b.residual in upstream
                            and shape_of(b.stream)[1:2] == shape_of(block.stream)[1:2]), None)
             found[block] = found.get(before, 0)
+        stream = block.stream
+        if not found[block] and stream.op == "call_function" and stream.target == aten.cat.default and (
+                stream.args[1] if len(stream.args) > 1 else 0) % 3 == 1:
+            # a stage joins its leading tokens back in front (PiT: the class token, projected, before the
+            # pooled grid): as many as an earlier stage kept apart
+            lead = shape_of(stream.args[0][0])[1]
+            found[block] = lead if any(found.get(b) == lead for b in blocks[:i] if b.residual in ancestors(stream)) else 0
     return found
 
 
@@ -385,7 +392,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 "[batch, h, w, kh, kw] grid of query and key positions, a relative-position bias in a form tome_fx "
                 "does not recognise (it reads the einsum form of segment_anything, HF SamModel and timm samvit); "
                 "merge the other branches alone (SAM: attn=False)", (block.name, "attn"))
-        if block.why_not_joined and block.joined == (0, 0):
+        if block.why_not_joined and block.joined == (0, 0) and not protected.get(block):
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
         windows_at = {b: _window_point(b, _merge_point(b)) for b in chosen if settings.grid_stream and b.kind == "attn"}
