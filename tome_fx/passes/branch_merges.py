@@ -20,7 +20,7 @@ from .. import merge
 from ..errors import UnsupportedModelError
 from .functional_writes import FunctionalWrites
 from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention,
-                          scales)
+                          scales, why_no_blocks)
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
@@ -281,7 +281,7 @@ def _grid(block: AttentionBlock, settings: BranchSettings, protected: int = 0) -
     shape = shape_of(block.stream)
     if settings.grid_stream and len(shape) == 4:
         return shape[1], shape[2]
-    if settings.grid_stream and len(shape) == 3 and not block.not_one_sequence:  # a square grid flattened (PVT's)
+    if settings.grid_stream and len(shape) == 3 and not block.unrolled:  # a square grid flattened (PVT's)
         side = math.isqrt(shape[1] - protected)
         if side * side != shape[1] - protected:
             raise UnsupportedModelError(
@@ -367,7 +367,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes, sequential=False)
     if not blocks:
         why = (f"every attention changes the token grid ({len(stage_changes)} stage changes, as in Hiera)"
-               if stage_changes else "the model has no self-attention to merge")
+               if stage_changes else why_no_blocks(gm.graph))
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}

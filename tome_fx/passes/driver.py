@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .. import cost, merge
@@ -24,9 +24,8 @@ from .attention_census import UnmergedAttention, unmerged_attention
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .checkpoint_blocks import CheckpointBlocks
 from .functional_writes import FunctionalWrites
-from .find_blocks import (EINSUM, MATMUL, SOFTMAX, AttentionBlock, SeparateChains, find_attention_blocks, in_scope,
-                          manual_attention)
-from .graph_utils import ancestors, aten, depends_on_inputs, describe, graph_copy, module_path, shape_of
+from .find_blocks import AttentionBlock, SeparateChains, find_attention_blocks, why_no_blocks
+from .graph_utils import ancestors, aten, describe, graph_copy, module_path, shape_of
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
@@ -135,7 +134,7 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
         raise UnsupportedModelError(str(error) + _scope_hint(gm, error.scopes, r, rope)) from None
     if not blocks:
         where = f" under scope {list(scope)}" if scope else ""
-        raise UnsupportedModelError(f"no attention block was found{where}: " + _why_no_blocks(gm, scope))
+        raise UnsupportedModelError(f"no attention block was found{where}: " + why_no_blocks(gm.graph, scope))
     for block in blocks:
         if block.not_one_sequence:
             raise UnsupportedModelError(block.not_one_sequence + _GRID_HINT * (len(shape_of(block.stream)) == 4))
@@ -225,24 +224,6 @@ def _plans(gm: GraphModule, blocks: list[AttentionBlock], schedule: list[int], t
         plans.append(BlockPlan(block.name, count, block_r, _mlp_ratio(gm, block, width), key_width))
         count -= block_r
     return plans
-
-
-def _why_no_blocks(gm: GraphModule, scope: tuple[str, ...]) -> str:
-    """What the graph holds instead of self-attention: a product of two tensors from the inputs
-    with no softmax around it that is not linear attention, or nothing."""
-    in_softmax_attention = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in SOFTMAX and (found := manual_attention(node)):
-            in_softmax_attention |= {found.output} | {u for u in found.queries.users if found.keys in u.all_input_nodes}
-    for node in gm.graph.nodes:
-        if (node.op == "call_function" and node.target in MATMUL | {EINSUM} and node not in in_softmax_attention
-                and in_scope(module_path(node), scope)):
-            operands = list(node.args[1]) if node.target == EINSUM else list(node.args[:2])
-            if len(operands) == 2 and all(isinstance(o, Node) and depends_on_inputs(o) for o in operands):
-                return (f"{describe(node)} multiplies two tensors computed from the inputs with no softmax between "
-                        "them, and not as linear attention does (the queries times a sum over the keys' tokens): "
-                        "tome_fx merges softmax attention (sdpa, or matmul-softmax-matmul) and linear attention")
-    return "there is no self-attention to merge"
 
 
 def _scope_hint(gm: GraphModule, scopes: list[str], r: Schedule, rope: str) -> str:

@@ -55,6 +55,7 @@ class AttentionBlock:
     own_input: Node | None = None  # its piece of the cat that joins the streams
     own_cut: Node | None = None
     why_not_joined: str | None = None  # why the stream's own tokens cannot be told apart in it
+    unrolled: bool = False  # its tokens are not in raster order (timm Hiera's mask units): no grid to read
 
     @property
     def merge_point(self) -> Node:
@@ -421,7 +422,8 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel 
     shape = None if key_meta is None else tuple(d if isinstance(d, int) else "batch" for d in key_meta.shape)
     windowed = (f"keys must be [batch, heads, tokens, dim] (4-d), got {shape}: attention within windows, or over a "
                 "grid folded into several axes, is not one sequence of tokens") if shape is None or len(shape) != 4 else None
-    if any(kind.endswith(".MaskUnitAttention") for _, kind in (node.meta.get("nn_module_stack") or {}).values()):
+    unrolled = any(kind.endswith(".MaskUnitAttention") for _, kind in (node.meta.get("nn_module_stack") or {}).values())
+    if unrolled:
         windowed = (f"keys of shape {shape}: timm's Hiera attends within mask units (its tokens unrolled so that each "
                     "unit's are contiguous, then cut into units), not over one sequence of tokens; merging within mask "
                     "units is not built (SAM 2's Hiera keeps a token grid and merges with tome_fx.sam.apply)")
@@ -447,7 +449,7 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel 
     span = (0, 0) if windowed else _key_span(keys, key_token_dim, stream)
     name = module_path(residual) or module_path(node) or node.name
     return AttentionBlock(name, node, output, keys, key_token_dim, stream, residual, tuple(masks),
-                          windowed and f"attention at {describe(node)}: {windowed}", key_span=span)
+                          windowed and f"attention at {describe(node)}: {windowed}", key_span=span, unrolled=unrolled)
 
 
 def _check_sequential(blocks: list[AttentionBlock]) -> None:
@@ -513,3 +515,31 @@ def query_key_paths(graph: Graph) -> tuple[set[Node], dict[Node, Node]]:
         found |= (ancestors(queries) | {queries} | ancestors(keys) | {keys}) - ancestors(values) - {values}
         entries.update({queries: consumer, keys: consumer})
     return found, entries
+
+
+def why_no_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> str:
+    """What the graph holds instead of an attention block: attention whose output is added to
+    no stream its keys come from (keys or queries pooled from the stream, MViT's), a product of
+    two tensors computed from the inputs with no softmax around it that is not linear attention,
+    or nothing."""
+    in_softmax_attention, attentions = set(), []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in SOFTMAX and (found := manual_attention(node)):
+            in_softmax_attention |= {found.output} | {u for u in found.queries.users if found.keys in u.all_input_nodes}
+            attentions.append(node)
+        elif node.op == "call_function" and node.target in SDPA:
+            attentions.append(node)
+    attentions = [a for a in attentions if in_scope(module_path(a), scope)]
+    if attentions:
+        return (f"{len(attentions)} attention ops (the first at {describe(attentions[0])}) are added to no residual "
+                "stream their keys are computed from: cross-attention, attention pooling, or keys and queries pooled "
+                "from the stream before the attention (MViT's pooling attention)")
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target in MATMUL | {EINSUM} and node not in in_softmax_attention
+                and in_scope(module_path(node), scope)):
+            operands = list(node.args[1]) if node.target == EINSUM else list(node.args[:2])
+            if len(operands) == 2 and all(isinstance(o, Node) and depends_on_inputs(o) for o in operands):
+                return (f"{describe(node)} multiplies two tensors computed from the inputs with no softmax between "
+                        "them, and not as linear attention does (the queries times a sum over the keys' tokens): "
+                        "tome_fx merges softmax attention (sdpa, or matmul-softmax-matmul) and linear attention")
+    return "there is no self-attention to merge"
