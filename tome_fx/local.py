@@ -178,8 +178,9 @@ def local_transform(model: torch.nn.Module, args: tuple, kwargs: dict, ratio: fl
     each branch (attention, cross-attention, MLP), on its own token grid (``[batch, h, w, C]``,
     or a square ``[batch, h * w, C]`` behind learned tokens), and un-merges before each residual
     add; captured now on the example inputs, so a refusal comes at once. A branch that cannot
-    merge (an attention with a relative-position table, say) is left as it is, named with its
-    reason in ``summary()`` and a warning, and the other branches merge."""
+    merge (an attention with a per-window mask, or keys pooled from the grid) is left as it is,
+    named with its reason in ``summary()`` and a warning, and the other branches merge; where none
+    can, it refuses."""
     call = CallSpec.record(model, args, kwargs)
     settings = BranchSettings(ratio, (0, 0), kinds=frozenset(KINDS), grid_stream=True, rope=rope)
     local = LocalToMe(model, settings, prop_attn=prop_attn, skip_refused=True)
