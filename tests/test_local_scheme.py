@@ -152,6 +152,18 @@ def test_a_learned_pair_bias_is_read_per_merged_pair(rule):
     assert not torch.allclose(fast(x), model(x))  # approximate otherwise
 
 
+def test_a_constant_pair_mask_is_not_averaged():
+    """A mask per (query, key) pair that no parameter feeds (a causal one) is no learned table:
+    the attention branch stays unmerged, named, and the MLP merges."""
+    model = _GridBlockWithLearnedBias().eval()
+    bias = torch.full((16, 16), float("-inf")).triu(1)
+    del model.bias
+    model.register_buffer("bias", bias[None, None].expand(1, 2, 16, 16).clone())
+    fast, said = _merging(0.5, model, torch.randn(2, 4, 4, 8), scheme="block")
+    assert "attn not merged" in fast.summary() and "8 merged away in mlp" in fast.summary()
+    assert "a bias per (query, key) pair that no parameter feeds" in fast.summary()
+
+
 def test_compile_takes_a_model_merged_per_block():
     model, x = _GridBlockWithLearnedBias().eval(), torch.randn(2, 4, 4, 8)
     fast = tome_fx.compile(model, 0.5, example_inputs=x, fullgraph=True, scheme="block")

@@ -548,6 +548,9 @@ class _Analysis:
                 or (batch[0] >= offset and shape[batch[0] - offset] != 1)
                 or any(holds(r, TOKEN) or r == GRID_INNER for r in pairs.roles[:-2])):
             return False
+        if not _learned(table):
+            raise _Refuse(f"it adds `{table.name}`, a bias per (query, key) pair that no parameter feeds (a causal or "
+                          "other constant mask), which merged tokens must not average")
         self.flow.pair_tables.append((node, table, pairs))
         return True
 
@@ -1191,6 +1194,19 @@ _JOINT_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.expand_as, _An
                 _Analysis.softmax, _Analysis.along_axes, _Analysis.slice, _Analysis.split, _Analysis.sym_size,
                 _Analysis.expand, _Analysis.cat, _Analysis.stack, _Analysis.matmul, _Analysis.einsum,
                 _Analysis.like, _Analysis.new_tensor, _Analysis.select, _Analysis.slice_scatter}
+
+
+def _learned(node: Node) -> bool:
+    """``node`` is computed from a parameter of the model (a learned table, not a constant mask)."""
+    module = node.graph.owning_module
+    for source in ancestors(node) | {node}:
+        if source.op == "get_attr" and module is not None:
+            try:
+                module.get_parameter(source.target)
+                return True
+            except AttributeError:
+                continue
+    return False
 
 
 class RefusedAt(UnsupportedModelError):
