@@ -22,10 +22,10 @@ from torch.utils import _pytree as pytree
 
 from .call_spec import CallSpec
 from .capture import capture
-from .passes.graph_utils import graph_copy
 from .errors import UnsupportedModelError
-from .passes.branch_merges import KINDS, BranchPlan, BranchRefused, BranchSettings, apply_branch_tome
 from .match_reuse import MatchReuse
+from .passes.branch_merges import KINDS, BranchPlan, BranchRefused, BranchSettings, apply_branch_tome
+from .passes.graph_utils import graph_copy
 
 
 def _describe(plan: BranchPlan) -> str:
@@ -140,8 +140,9 @@ class LocalToMe(torch.nn.Module):
                           f"denoising steps apart: reuse={self.reuse} is off, every call matches", stacklevel=3)
         modes = ("store", "reuse") if reuse else (None,)
         skipped: dict[tuple[str, str], str] = {}
+        pristine = graph_copy(graph_module) if self.skip_refused else None  # what each retry starts from
         while True:  # with skip_refused, again without each branch refused, until none is
-            graphs = [graph_copy(graph_module) for _ in modes]
+            graphs = [graph_module] + [graph_copy(graph_module) for _ in modes[1:]]
             try:
                 for gm, mode in zip(graphs, modes):
                     plan, idle = apply_branch_tome(gm, replace(settings, skip=frozenset(skipped)),
@@ -151,6 +152,7 @@ class LocalToMe(torch.nn.Module):
                 if not self.skip_refused or why.branch in skipped:
                     raise
                 skipped[why.branch] = str(why)
+                graph_module = graph_copy(pristine)
         plan = _with_skipped(plan, skipped)
         if skipped and idle:
             idle = f"no branch merges: {next(iter(skipped.values()))}"
@@ -159,7 +161,7 @@ class LocalToMe(torch.nn.Module):
             warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)
         if reuse and plan:
             return MatchReuse(*graphs, self.reuse, self._compiled), plan
-        return self._compiled(graphs[0]), plan
+        return self._compiled(graph_module), plan
 
 
 def _with_skipped(plan: tuple[BranchPlan, ...], skipped: dict[tuple[str, str], str]) -> tuple[BranchPlan, ...]:

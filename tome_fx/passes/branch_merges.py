@@ -316,18 +316,19 @@ def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, int]:
             found[block] = count_protected_tokens(block.stream)
         except UnsupportedModelError:
             found[block] = 0
-        if not found[block]:
-            upstream = ancestors(block.stream) | {block.stream}
-            before = next((b for b in reversed(blocks[:i]) if b.residual in upstream
-                           and shape_of(b.stream)[1:2] == shape_of(block.stream)[1:2]), None)
-            found[block] = found.get(before, 0)
+        if found[block]:
+            continue
         stream = block.stream
+        upstream = ancestors(stream) | {stream}
+        before = next((b for b in reversed(blocks[:i]) if b.residual in upstream
+                       and shape_of(b.stream)[1:2] == shape_of(stream)[1:2]), None)
+        found[block] = found.get(before, 0)
         if not found[block] and stream.op == "call_function" and stream.target == aten.cat.default and (
                 stream.args[1] if len(stream.args) > 1 else 0) % 3 == 1:
             # a stage joins its leading tokens back in front (PiT: the class token, projected, before the
             # pooled grid): as many as an earlier stage kept apart
             lead = shape_of(stream.args[0][0])[1]
-            found[block] = lead if any(found.get(b) == lead for b in blocks[:i] if b.residual in ancestors(stream)) else 0
+            found[block] = lead if any(found.get(b) == lead for b in blocks[:i] if b.residual in upstream) else 0
     return found
 
 

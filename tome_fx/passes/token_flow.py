@@ -403,8 +403,9 @@ class _Analysis:
         it treats alike, so reading it at one original token per merged token is exact."""
         if len(shape_of(mask)) > 1 and shape_of(mask)[-2] > 1 and shape_of(mask)[-2] == shape_of(node)[-2]:
             raise _Refuse(f"an attention bias of shape {shape_of(mask)}, an entry per query and key, not computed from "
-                          "the tokens (a learned relative-position bias, as MaxViT's and Swin's): no rule reads it per "
-                          "merged pair")
+                          "the tokens (a relative-position bias, as MaxViT's and Swin's), over queries and keys the "
+                          "per-pair rule does not read (it takes one merged sequence as both, the batch on an axis of "
+                          "its own)")
         if keys.start != 0 or keys.batch_axis() is None or shape_of(mask)[-1] != tokens:
             raise _Refuse(f"a mask over keys of shape {shape_of(mask)} that is not [.., all {tokens} tokens]")
         if self.respected is not None and mask not in self.respected:
@@ -538,13 +539,13 @@ class _Analysis:
             return False
         offset, shape = len(pairs.roles) - _ndim(table), shape_of(table)
         batch = pairs.batch_axis()
-        if batch is None and pairs.roles[-2:] == (TOKEN, TOKEN) and len(shape) > 2 and shape[-1] == shape[-2] and any(
-                n != 1 for n in shape[:-2]):
+        if pairs.roles[-2:] != (TOKEN, TOKEN) or len(shape) < 2 or shape[-1] != shape[-2]:
+            return False
+        if batch is None and any(n != 1 for n in shape[:-2]):
             raise _Refuse(f"it adds `{table.name}`, a bias per (query, key) pair of shape {shape} on a view that splits "
                           "the batch axis (a mask per window, as Swin's shifted windows have): no rule reads it per "
                           "merged pair")
-        if (batch is None or batch[1] != 1 or pairs.roles[-2:] != (TOKEN, TOKEN) or pairs.start
-                or len(shape) < 2 or shape[-1] != shape[-2] or any(is_weights(r) for r in pairs.roles)
+        if (batch is None or batch[1] != 1 or pairs.start or any(is_weights(r) for r in pairs.roles)
                 or (batch[0] >= offset and shape[batch[0] - offset] != 1)
                 or any(holds(r, TOKEN) or r == GRID_INNER for r in pairs.roles[:-2])):
             return False
