@@ -44,6 +44,12 @@ def _batch_norm(t, k, p):
     return x.transpose(1, -1) if k % 2 else x
 
 
+def _cross_covariance(t, k, p):
+    """XCiT's attention: channels attend to channels, queries and keys L2-normalised over the tokens."""
+    q = F.normalize(t.transpose(-1, -2), dim=-1)
+    return t + ((q @ q.transpose(-1, -2)).softmax(-1) @ t.transpose(-1, -2)).transpose(-1, -2)
+
+
 # each op: (tensor, small int, parameters) -> tensor; shape errors are skipped by the test
 OPS = {
     "gelu": lambda t, k, p: F.gelu(t),
@@ -103,6 +109,8 @@ OPS = {
     "cumsum": lambda t, k, p: t.cumsum(_dim(t, k)),
     "sort": lambda t, k, p: t.sort(_dim(t, k)).values,
     "batch_norm": _batch_norm,
+    "vector_norm": lambda t, k, p: torch.linalg.vector_norm(t, ord=(2, 1, 3, math.inf)[k % 4], dim=_dim(t, k)),
+    "cross_covariance": _cross_covariance,
 }
 
 
@@ -150,7 +158,7 @@ programs = st.lists(st.tuples(st.sampled_from(sorted(OPS)), st.integers(0, 5)), 
 
 PER_AXIS_OPS = [name for name in OPS if name.startswith("einsum") or name in (
     "normalize", "std", "var", "logsumexp", "argmax", "topk", "max_values", "max_indices", "cumsum", "sort",
-    "batch_norm")]
+    "batch_norm", "vector_norm")]
 
 
 def _exact_or_refused(ops, x=None):

@@ -116,6 +116,30 @@ def test_block_scheme_refuses_a_sequence_that_is_no_grid():
         tome_fx.transform(model, 0.5, example_inputs=torch.randn(2, 3, 32, 48), scheme="block")
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_pooled_keys_see_every_token_while_the_queries_merge(linear):
+    """PVT v2's spatial-reduction attention pools its keys and values from the whole grid (a
+    strided conv, or adaptive pooling with ``linear``): those keep reading every token and the
+    queries alone merge, so input duplicated in 2 x 2 cells is merged exactly (float64). Its
+    Mix-FFN convolves the grid: that branch stays unmerged, saying why (its conv zeroed here so
+    that the second block's input stays duplicated)."""
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    model = PyramidVisionTransformerV2(depths=(2,), embed_dims=(16,), num_heads=(2,), sr_ratios=(2,), mlp_ratios=(2,),
+                                       linear=linear, num_classes=3).eval().double()
+    model.patch_embed.proj = torch.nn.Conv2d(3, 16, 4, 4, dtype=torch.float64)  # patches that keep duplicates
+    for block in model.stages[0].blocks:
+        torch.nn.init.zeros_(block.mlp.dwconv.weight)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    fast, said = _merging(0.5, model, x, scheme="block")
+    summary = fast.summary()
+    assert "stages.0.blocks.1: 64 tokens, 32 merged away in attn" in summary and "; mlp not merged" in summary, summary
+    assert "a convolution or pooling over the grid" in summary and "PVT's spatial" not in summary
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert (fast(x) - model(x)).abs().max() > 1e-9  # (random init: small attention outputs)
+
+
 class _GridBlockWithLearnedBias(torch.nn.Module):
     """A [B, h, w, C] block whose sdpa takes a learned [1, heads, N, N] bias as its mask (MaxViT's)."""
 

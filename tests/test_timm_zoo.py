@@ -33,8 +33,27 @@ def _gcvit():
 def _twins():
     from timm.models.twins import Twins
 
-    return Twins(img_size=32, patch_size=2, embed_dims=(16, 32), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(1, 1),
+    return Twins(img_size=32, patch_size=2, embed_dims=(16, 32), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 1),
                  sr_ratios=(2, 1), wss=(4, 4), num_classes=3)
+
+
+def _pvt_v2():
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    return PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1),
+                                      mlp_ratios=(2, 2), num_classes=3)
+
+
+def _xcit():
+    from timm.models.xcit import Xcit
+
+    return Xcit(img_size=64, patch_size=8, embed_dim=16, depth=1, num_heads=2, cls_attn_layers=1, num_classes=3)
+
+
+def _davit():
+    from timm.models.davit import DaVit
+
+    return DaVit(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), window_size=4, num_classes=3)
 
 
 def _pit():
@@ -68,9 +87,23 @@ FAMILIES = {
     "gcvit": (_gcvit, 64, "block", ["stages.0.blocks.0: 256 tokens, 128 merged away in mlp",
                                     "attn: 8 of 16 merged away in each of 16 windows",
                                     "stages.0.blocks.1: 256 tokens, 128 merged away in mlp", "attn not merged"]),
-    # its attention reshapes the token sequence to the grid (windows, or keys pooled from it)
+    # locally-grouped attention cuts the token sequence into windows (not merged yet); global
+    # sub-sampled attention pools its keys from the whole grid while its queries merge
     "twins": (_twins, 32, "block", ["blocks.0.0: 256 tokens, 128 merged away in mlp",
-                                    "attn not merged: block blocks.0.0 (graph node 'add'): the attn branch reshapes"]),
+                                    "attn not merged: block blocks.0.0 (graph node 'add'): the attn branch reshapes",
+                                    "to cut it into windows", "blocks.0.1: 256 tokens, 128 merged away in attn, mlp"]),
+    # spatial-reduction attention: the queries merge, the keys are pooled from every token; its
+    # Mix-FFN convolves the grid
+    "pvt_v2": (_pvt_v2, 32, "block", ["stages.0.blocks.0: 64 tokens, 32 merged away in attn", "; mlp not merged",
+                                      "for a convolution or pooling over the grid"]),
+    # cross-covariance attention (queries and keys L2-normalised over the tokens, weighted by size);
+    # its local patch interaction convolves the grid; the class-attention stage reads the class
+    # token beside the patches
+    "xcit": (_xcit, 64, "block", ["blocks.0: 64 tokens, 32 merged away in attn, mlp 2; mlp not merged",
+                                  "cls_attn_blocks.0: not merged"]),
+    # windowed spatial attention and channel attention (channels attend to channels over every token)
+    "davit": (_davit, 32, "block", ["attn: 8 of 16 merged away in each of 4 windows",
+                                    "stages.0.blocks.0.1: 64 tokens, 32 merged away in attn"]),
     # the class token stays out; the relative-position table is read per merged pair
     "beit": (_beit, 32, "block", ["blocks.0: 16 tokens, 8 merged away in attn, mlp"]),
     # two interleaved streams: pixels within each patch, and the patches behind a class token

@@ -167,8 +167,8 @@ class LocalToMe(torch.nn.Module):
 def _with_skipped(plan: tuple[BranchPlan, ...], skipped: dict[tuple[str, str], str]) -> tuple[BranchPlan, ...]:
     """``plan`` with each branch left unmerged named, and why, on its block's line."""
     reasons: dict[str, list[str]] = {}
-    for (name, kind), why in skipped.items():
-        reasons.setdefault(name, []).append(f"{kind} not merged: {why}")
+    for (name, key), why in skipped.items():
+        reasons.setdefault(name, []).append(f"{key} not merged: {why}")
     named = [replace(p, unmerged="; ".join(filter(None, [p.unmerged, *reasons.pop(p.name, [])]))) if p.name in reasons
              else p for p in plan]
     return tuple(named) + tuple(BranchPlan(name, 0, 0, (), unmerged="; ".join(why)) for name, why in reasons.items())
@@ -180,7 +180,7 @@ def local_transform(model: torch.nn.Module, args: tuple, kwargs: dict, ratio: fl
     each branch (attention, cross-attention, MLP), on its own token grid (``[batch, h, w, C]``,
     or a square ``[batch, h * w, C]`` behind learned tokens), and un-merges before each residual
     add; captured now on the example inputs, so a refusal comes at once. A branch that cannot
-    merge (an attention with a per-window mask, or keys pooled from the grid) is left as it is,
+    merge (an attention with a per-window mask, an MLP that convolves the grid) is left as it is,
     named with its reason in ``summary()`` and a warning, and the other branches merge; where none
     can, it refuses."""
     call = CallSpec.record(model, args, kwargs)

@@ -634,10 +634,14 @@ def weighted_mean(x: Tensor, weight: Tensor, dim: list[int], keepdim: bool = Fal
     return (total / weight.expand_as(x).sum(dim=dim, keepdim=keepdim)).to(x.dtype)
 
 
-def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start: int = 0) -> Tensor:
+def scale_by_size(x: Tensor, size: Tensor, batch_dim: int, token_dim: int, start: int = 0,
+                  power: float = 1.0) -> Tensor:
     """``x`` with every token scaled by its size: a sum over the tokens then counts each merged
-    token once per token it holds. Integers and bools become int64, which their sum is anyway."""
+    token once per token it holds (by size ** (1 / p) for a p-norm: ``power``). Integers and
+    bools become int64, which their sum is anyway."""
     weight = size_bias(size, x.dim(), batch_dim, token_dim, start)
+    if power != 1.0:
+        weight = weight ** power
     if not x.is_floating_point():
         return x.to(torch.int64) * weight.round().to(torch.int64)
     return (x.to(accumulation_dtype(x.dtype)) * weight).to(x.dtype)

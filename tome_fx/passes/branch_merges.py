@@ -52,11 +52,11 @@ class BranchSettings:
     grid_stream: bool = False  # the stream is a token grid [batch, h, w, channels] (SAM), not a sequence
     rope: str = "mean"  # the rotary terms of a merged token (``rotary_tables.RULES``)
     rel_pos: str = "mean"  # the relative-position bias of a merged pair (``merge.REL_POS_RULES``)
-    skip: frozenset[tuple[str, str]] = frozenset()  # (block, kind) branches left unmerged (``BranchRefused``)
+    skip: frozenset[tuple[str, str]] = frozenset()  # (block, branch key) branches left unmerged (``BranchRefused``)
 
 
 class BranchRefused(UnsupportedModelError):
-    """A refusal that concerns one branch: ``branch`` is (block name, kind). Leaving that
+    """A refusal that concerns one branch: ``branch`` is (block name, branch key). Leaving that
     branch out (``BranchSettings.skip``) may let the others merge."""
 
     def __init__(self, message: str, branch: tuple[str, str]):
@@ -72,6 +72,11 @@ class Branch:
     stream: Node  # the stream it is added to (the add's other operand)
     nodes: frozenset[Node]  # what the output depends on, back to the stream it reads
     reads: Node  # the stream it reads: ``stream``, or the block's input for a parallel branch (SD3.5)
+    label: str = ""  # its kind, numbered from the second of a kind in its block ("mlp 2": XCiT's MLP after its LPI)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.kind
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,9 @@ def find_branches(block: AttentionBlock, others: set[Node]) -> list[Branch]:
         nodes = frozenset((ancestors(output, stop=lambda n: n is reads) | {output}) & descendants(reads))
         if nodes & others:
             break
-        branches.append(Branch(_kind(block, nodes), add, output, stream, nodes, reads))
+        kind = _kind(block, nodes)
+        same = sum(b.kind == kind for b in branches)
+        branches.append(Branch(kind, add, output, stream, nodes, reads, f"{kind} {same + 1}" if same else kind))
         stream, add = _view_of(add), None
         for user in _readers(stream):
             if user.op != "call_function" or user.target not in RESIDUAL_ADD or _stream_operand(user, stream) is None:
@@ -168,6 +175,25 @@ def _view_of(node: Node) -> Node:
     return node
 
 
+def _pooled_key_readers(block: AttentionBlock, branch: Branch, point: Node) -> set[Node]:
+    """Readers of ``point`` (the branch's merge point) that reach the attention only through its
+    keys and values, where those are fewer tokens than the queries: pooled from the token grid
+    (PVT's and SegFormer's spatial-reduction attention, Twins' global sub-sampled attention).
+    They keep reading every token, so the pooling sees the whole grid; only the queries merge,
+    and each query's output is what it was (exact: attention is per query)."""
+    attention = block.attention
+    if attention.target in SDPA:
+        queries, keys, values = attention.args[:3]
+    elif (found := manual_attention(attention)) is not None:
+        queries, keys, values = found.queries, found.keys, found.values
+    else:
+        return set()
+    if shape_of(keys)[block.key_token_dim] >= shape_of(queries)[-2]:
+        return set()
+    kv = {keys, values} | ancestors(keys) | ancestors(values)
+    return {u for u in point.users if u in branch.nodes and u in kv and u is not queries and u not in ancestors(queries)}
+
+
 def _stored(gm: GraphModule, order: Node, index: int, tokens, grid: tuple, mode: str) -> Node:
     """The block's matching copied into buffers (``"store"``), or read from them in place of
     ``order`` (``"reuse"``); ``tokens``: the block's tokens as captured (batch, device)."""
@@ -223,6 +249,22 @@ def _window_point(branch: Branch, point: Node) -> Node | None:
     return found
 
 
+_OVER_GRID = {aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+              aten.avg_pool2d.default, aten.max_pool2d.default, aten.max_pool2d_with_indices.default,
+              aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.adaptive_max_pool2d.default}
+
+
+def _grid_use(regrid: Node, branch: Branch) -> str:
+    """What a branch reshapes its merged tokens back to their grid for (why it needs them all)."""
+    over = [n for n in descendants(regrid) if n in branch.nodes and n.op == "call_function" and n.target in _OVER_GRID]
+    if over:
+        return (f"for a convolution or pooling over the grid ({describe(over[0])}: PVT v2's and Sana's Mix-FFN, a "
+                "convolutional position encoding), which needs every token")
+    return ("to cut it into windows (attention within windows of a [batch, tokens, channels] sequence, Twins' "
+            "locally-grouped attention): merging within windows is built for a [batch, h, w, channels] stream "
+            "(Swin's, SAM's), not yet for a sequence")
+
+
 _MATCHING_SHARE = 0.25  # of the multiply-adds merging saves, the most a grid's matching may cost
 
 
@@ -253,7 +295,7 @@ def _matching_tile(block: AttentionBlock, branches: list[Branch], h: int, w: int
             return k, None
     if cost(0) <= saved:
         return 0, None
-    return 0, (f"{', '.join(b.kind for b in branches)} not merged: matching its {h * w} tokens costs "
+    return 0, (f"{', '.join(b.key for b in branches)} not merged: matching its {h * w} tokens costs "
                f"{cost(0) / 1e6:.0f}M multiply-adds, more than the {saved / 1e6:.0f}M merging saves, and no "
                f"tiling of its grid brings that under {_MATCHING_SHARE:.0%} of it")
 
@@ -378,7 +420,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         tokens = h * w
         r = int(tokens * settings.ratio)
         chosen = [b for b in find_branches(block, attentions - {block.attention})
-                  if b.kind in settings.kinds and (block.name, b.kind) not in settings.skip]
+                  if b.kind in settings.kinds and (block.name, b.key) not in settings.skip]
         if h == 0 or r <= 0 or not chosen or (h // settings.sy) * (w // settings.sx) == 0:
             continue
         # a token grid's attention may run per window or with heads folded in the batch: its branch
@@ -430,9 +472,9 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 stream_shape[0], stream_shape[-1], tokens + lead + trail
             ):
                 raise BranchRefused(
-                    f"block {block.name}: its {branch.kind} branch starts from shape {point_shape}, not the block's "
+                    f"block {block.name}: its {branch.key} branch starts from shape {point_shape}, not the block's "
                     f"{h} x {w} tokens laid out [batch, tokens, channels] or [batch, h, w, channels]",
-                    (block.name, branch.kind))
+                    (block.name, branch.key))
             else:
                 branch_order = order
             with graph.inserting_after(branch_order if point is block.stream or window is not None else point):
@@ -444,7 +486,9 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 size = graph.call_function(operator.getitem, (step, 1))
             with graph.inserting_after(size):
                 positions = graph.call_function(operator.getitem, (step, 2))
-            point.replace_all_uses_with(merged, delete_user_cb=lambda user: user in branch.nodes and user is not step)
+            keep = _pooled_key_readers(block, branch, point) if branch.kind == "attn" and window is None else set()
+            point.replace_all_uses_with(merged, delete_user_cb=lambda user: user in branch.nodes and user is not step
+                                        and user not in keep)
             with graph.inserting_before(branch.add):
                 restored = graph.call_function(merge.branch_unmerge, (branch.output, positions, branch.stream, lead, trail))
             restored.meta["val"] = branch.output.meta.get("val")
@@ -452,7 +496,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             roles = (BATCH, TOKEN, None) if len(point_shape) == 3 else (BATCH, TOKEN, GRID_INNER, None)
             seeds[merged] = Layout(roles, size=size, positions=positions, lead=lead, trail=trail)
             closing.append((block, branch, restored))
-            merging.append(branch.kind)
+            merging.append(branch.key)
         if not order.users and matchings is None:  # only windows merge, or none
             graph.erase_node(order)
         if merging:
@@ -465,7 +509,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         holder = next(((block, branch) for block, branch, _ in closing if why.node in branch.nodes), None)
         if holder is None:
             raise
-        raise BranchRefused(str(why), (holder[0].name, holder[1].kind)) from None
+        raise BranchRefused(str(why), (holder[0].name, holder[1].key)) from None
     for block, branch, restored in closing:
         regridded = [n for n in flow.unmerges if n in branch.nodes]
         if (regridded and branch.kind == "attn" and branch.output not in flow.layouts
@@ -477,24 +521,26 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             continue
         if regridded:
             raise BranchRefused(
-                f"{describe(branch.add)}: the {branch.kind} branch reshapes its tokens back to their grid "
-                f"({describe(regridded[0])}) for an op over the grid (a convolution or pooling: Sana's Mix-FFN, "
-                "keys pooled from the grid as in PVT's spatial-reduction attention), which needs every token: leave "
-                "that branch unmerged", (block.name, branch.kind))
+                f"{describe(branch.add)}: the {branch.key} branch reshapes its tokens back to their grid "
+                f"({describe(regridded[0])}) {_grid_use(regridded[0], branch)}: leave that branch unmerged",
+                (block.name, branch.key))
         layout = flow.layouts.get(branch.output)
         if (layout is None or layout.roles not in ((BATCH, TOKEN, None), (BATCH, TOKEN, GRID_INNER, None))
                 or is_weights(layout.roles[1]) or layout.positions is not restored.args[1]
                 or (layout.lead, layout.trail) != tuple(restored.args[3:5])
                 or shape_of(branch.output) != shape_of(branch.stream)):
             raise BranchRefused(
-                f"{describe(branch.add)}: the {branch.kind} branch does not return its merged tokens laid out "
+                f"{describe(branch.add)}: the {branch.key} branch does not return its merged tokens laid out "
                 "like the stream, [batch, tokens, channels] or [batch, h, w, channels], so it cannot be "
-                "un-merged before the residual add", (block.name, branch.kind))
+                "un-merged before the residual add", (block.name, branch.key))
     if flow.outputs:
         raise UnsupportedModelError(f"{describe(flow.outputs[0])}: merged tokens leave their branch")
     attended = flow.attended
     for block, plan in plans:
-        if "attn" in plan.merged and block.attention not in attended:
+        if "attn" in plan.merged and block.attention not in attended and TOKEN not in getattr(
+                flow.layouts.get(block.output), "roles", ()):
+            # (where it is not over the merged tokens, its output must still hold them: the queries
+            # alone merged over pooled keys, or channels attending to channels as in DaViT)
             raise BranchRefused(f"block {block.name}: could not prove that its attention runs over its tokens",
                                 (block.name, "attn"))
     RepairShapes(flow)(gm)

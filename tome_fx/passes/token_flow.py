@@ -132,12 +132,14 @@ class ShapeArg:
 class Weighting:
     """A reduction over tokens that must count each merged token ``size`` times: operand
     ``operand`` of ``node`` (of its tensor list, for an einsum) is scaled by size along its dim ``token_dim`` (a sum, a matmul
-    contracting tokens), or, with ``mean``, the mean becomes the size-weighted mean."""
+    contracting tokens; by size ** (1 / p) in a p-norm), or, with ``mean``, the mean becomes the
+    size-weighted mean."""
 
     node: Node
     operand: int
     token_dim: int
     mean: bool = False
+    power: float = 1.0  # the operand is scaled by size ** power: 1 / p for a p-norm (Σ s |x|^p under the root)
 
 
 @dataclass
@@ -226,6 +228,7 @@ def _is_pointwise(target) -> bool:
 
 _MAX_LIKE = {aten.amax.default, aten.amin.default, aten.max.dim, aten.min.dim}
 _SUMS = {aten.sum.dim_IntList, aten.mean.dim}
+_NORMS = {aten.linalg_vector_norm.default}
 _LINEAR_IN_WEIGHTS = _MAX_LIKE | _SUMS  # scaling a token's weights by its size commutes with these
 # ops with one tensor and a `dim` whose result at one index of the other axes still reads
 # every index of them (a slice's norm, unique slices): not "along an axis"
@@ -997,9 +1000,11 @@ class _Analysis:
             if isinstance(node.meta["val"], (tuple, list)) and any(
                     user.args[1] == 1 and user.users for user in node.users):
                 raise _Refuse("it uses where the max or min over tokens lies, a position among merged tokens")
+        elif node.target in _NORMS:
+            self.norm_over_tokens(node, src, token_dim, weights)
         elif node.target not in _SUMS:
-            raise _Refuse(f"`{node.target}` over the token axis: only sums, means, max and min over tokens "
-                          "have a rule (a merged token stands for `size` tokens)")
+            raise _Refuse(f"`{node.target}` over the token axis: only sums, means, norms, max and min over "
+                          "tokens have a rule (a merged token stands for `size` tokens)")
         elif node.target == aten.mean.dim and weights:
             raise _Refuse("a mean of weights over tokens: their count changes when tokens merge")
         elif not weights:
@@ -1009,6 +1014,25 @@ class _Analysis:
             if node.target == aten.mean.dim and node.kwargs.get("dtype"):
                 raise _Refuse("a mean over tokens with a dtype argument")
             self.flow.weightings.append(Weighting(node, 0, token_dim, mean=node.target == aten.mean.dim))
+
+    def norm_over_tokens(self, node: Node, src: Layout, token_dim: int, weights: bool) -> None:
+        """A p-norm over tokens (XCiT's and EdgeNeXt's cross-covariance attention normalise queries
+        and keys along the tokens): exact as (Σ sᵢ |xᵢ|^p)^(1/p), each merged token scaled by
+        size^(1/p) before the norm; the infinity norm is a max, exact as it is."""
+        order = _argument(node, "ord")
+        order = 2.0 if order is None else float(order)
+        if weights:
+            raise _Refuse("a norm of weights over tokens: a merged entry holds its group's sum")
+        if order in (math.inf, -math.inf):
+            return
+        if order <= 0:
+            raise _Refuse(f"a {order:g}-norm over tokens, which no scaling of merged tokens reproduces")
+        if src.batch_dim() is None:
+            raise _Refuse("a norm over tokens needs a batch axis to weight them by size")
+        if _argument(node, "dtype") is not None:
+            raise _Refuse("a norm over tokens with a dtype argument")
+        self.no_joined(src, "it takes a norm over")
+        self.flow.weightings.append(Weighting(node, 0, token_dim, power=1 / order))
 
     @_rule(aten.einsum.default)
     def einsum(self, node: Node) -> Layout | None:

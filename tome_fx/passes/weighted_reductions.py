@@ -2,7 +2,7 @@
 
 A mean over tokens becomes the size-weighted mean; a sum over tokens, or a matmul that
 contracts them (a Gram matrix ``x^T x``, second-order pooling), reads its operand
-scaled by size. Which reductions need it comes from the token-flow analysis: sums over
+scaled by size; a p-norm over them (XCiT's), scaled by size ** (1 / p). Which reductions need it comes from the token-flow analysis: sums over
 weights over tokens (attention's weights x values) are exact as they are.
 """
 
@@ -34,7 +34,7 @@ class WeightedReductions(FlowPass):
                     # rewritten in place: the analysis's records (a returned mean, say) still name it
                     node.target, node.args, node.kwargs = merge.weighted_mean, (tokens, weight, list(node.args[1]), keepdim), {}
                 else:
-                    scaled = graph.call_function(merge.scale_by_size, (tokens, layout.size, *where))
+                    scaled = graph.call_function(merge.scale_by_size, (tokens, layout.size, *where, weighting.power))
                     if node.target == aten.einsum.default:
                         operands[weighting.operand] = scaled
                         node.update_arg(1, operands)
