@@ -185,7 +185,7 @@ def test_a_constant_pair_mask_is_not_averaged():
     model.register_buffer("bias", bias[None, None].expand(1, 2, 16, 16).clone())
     fast, said = _merging(0.5, model, torch.randn(2, 4, 4, 8), scheme="block")
     assert "attn not merged" in fast.summary() and "8 merged away in mlp" in fast.summary()
-    assert "a bias per (query, key) pair that no parameter feeds" in fast.summary()
+    assert "a bias per (query, key) pair not computed from parameters alone" in fast.summary()
 
 
 def test_compile_takes_a_model_merged_per_block():
@@ -195,10 +195,12 @@ def test_compile_takes_a_model_merged_per_block():
     torch.testing.assert_close(fast(x), tome_fx.transform(model, 0.5, example_inputs=x, scheme="block")(x))
 
 
-def test_merged_pair_table_against_brute_force():
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_merged_pair_table_against_brute_force(per_sample):
+    """One table for every sample, or one per sample (HF BEiT expands its table to the batch)."""
     from tome_fx import merge
 
-    table, positions = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.tensor([[0, 1, 0, 2], [1, 2, 0, 0]])
+    table, positions = torch.randn(2 if per_sample else 1, 2, 5, 5, dtype=torch.float64), torch.tensor([[0, 1, 0, 2], [1, 2, 0, 0]])
     size = torch.tensor([[2.0, 1, 1], [2.0, 1, 1]], dtype=torch.float64)
     got = merge.merged_pair_table(table, positions, size, 4, 0, "mean", lead=1)
     for b in range(2):
@@ -206,7 +208,8 @@ def test_merged_pair_table_against_brute_force():
         for i in range(4):
             for j in range(4):
                 a, c = (full == i).nonzero().flatten(), (full == j).nonzero().flatten()
-                torch.testing.assert_close(got[b, :, i, j], table[0][:, a][:, :, c].mean((1, 2)))
+                want = table[b if per_sample else 0][:, a][:, :, c].mean((1, 2))
+                torch.testing.assert_close(got[b, :, i, j], want)
     first = merge.merged_pair_table(table, positions, size, 4, 0, "representative", lead=1)
     torch.testing.assert_close(first[0, :, 1, 1], table[0, :, 1, 1])  # token 1 holds patches 0 and 2: patch 0 first
 

@@ -69,7 +69,7 @@ class LocalToMe(torch.nn.Module):
         for key, (runner, plan) in self._graphs.items():
             if isinstance(runner, MatchReuse):
                 runner.rewrap(self._compiled)
-            else:
+            elif runner is not None:
                 self._graphs[key] = (self._compiled(runner), plan)
 
     def _compiled(self, graph_module):
@@ -113,6 +113,8 @@ class LocalToMe(torch.nn.Module):
     def forward(self, *args, **kwargs) -> Any:
         call = CallSpec.record(self.model, args, kwargs)
         runner, _ = self._graph_for(call)
+        if runner is None:  # nothing merges at these shapes
+            return self.model(*args, **kwargs)
         graph_args, graph_kwargs = call.graph_call(call.arguments)
         if isinstance(runner, MatchReuse):
             return runner(call.arguments.get("timestep"), *graph_args, **graph_kwargs)
@@ -159,6 +161,7 @@ class LocalToMe(torch.nn.Module):
         if idle:
             shapes = [tuple(t.shape) for t in pytree.tree_leaves(call.arguments) if isinstance(t, torch.Tensor)]
             warnings.warn(f"{type(self.model).__name__} merges no token at input shapes {shapes}: {idle}", stacklevel=3)
+            return None, plan  # the model itself runs: bit for bit the original (an export may round differently)
         if reuse and plan:
             return MatchReuse(*graphs, self.reuse, self._compiled), plan
         return self._compiled(graph_module), plan

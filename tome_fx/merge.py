@@ -466,7 +466,8 @@ def merged_pair_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int,
                       lead: int = 0, trail: int = 0) -> Tensor:
     """A bias with an entry per (query, key) pair that no input feeds (a learned relative-position
     table gathered to [.., N, N]: Swin's, BEiT's, MaxViT's), read per pair of merged tokens:
-    ``table`` broadcasts to ``ndim`` dims with size 1 on ``batch_dim`` and the pairs last;
+    ``table`` broadcasts to ``ndim`` dims with the pairs last and size 1 on ``batch_dim`` (or
+    one table per sample there: HF BEiT expands its bias to the batch);
     ``positions`` [B, N0] and ``size`` [B, N'] from the merge, behind ``lead`` and before
     ``trail`` unmerged tokens (a class token). Returns the table per sample, [B, .., N'', N''].
     A merged token stands for patches at several positions: ``rule="mean"`` gives a pair the
@@ -488,8 +489,11 @@ def merged_pair_table(table: Tensor, positions: Tensor, size: Tensor, ndim: int,
     else:
         raise ValueError(f"rel_pos rule is one of {REL_POS_RULES}, not {rule!r}")
     dtype = table.dtype
-    table = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim(batch_dim, 0).squeeze(0)
-    merged = torch.einsum("...ab,zai,zbj->z...ij", table.to(acc), weights, weights)
+    table = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape)).movedim(batch_dim, 0)
+    if table.shape[0] == 1:
+        merged = torch.einsum("...ab,zai,zbj->z...ij", table.squeeze(0).to(acc), weights, weights)
+    else:
+        merged = torch.einsum("z...ab,zai,zbj->z...ij", table.to(acc), weights, weights)
     return merged.movedim(0, batch_dim).to(dtype)
 
 

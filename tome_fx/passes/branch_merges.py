@@ -226,8 +226,18 @@ def _merge_point(branch: Branch) -> Node:
     return branch.reads
 
 
-_PARTITION = VIEWS | {aten.permute.default, aten.contiguous.default, aten.clone.default, aten.pad.default,
-                       aten.constant_pad_nd.default, aten.roll.default}  # (Swin shifts its grid before partitioning)
+_PARTITION = VIEWS | {aten.permute.default, aten.transpose.int, aten.contiguous.default, aten.clone.default,
+                      aten.pad.default, aten.constant_pad_nd.default, aten.roll.default}  # (Swin shifts its grid first)
+
+
+def _keeps_channels_last(node: Node) -> bool:
+    """A permute or transpose that leaves the last axis (the channels) where it is."""
+    ndim = len(shape_of(node.args[0]))
+    if node.target == aten.permute.default:
+        return list(node.args[1])[-1] % ndim == ndim - 1
+    if node.target == aten.transpose.int:
+        return ndim - 1 not in (node.args[1] % ndim, node.args[2] % ndim)
+    return True
 
 
 def _window_point(branch: Branch, point: Node) -> Node | None:
@@ -240,8 +250,8 @@ def _window_point(branch: Branch, point: Node) -> Node | None:
     while True:
         users = [u for u in node.users if u in branch.nodes]
         if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PARTITION or (
-                users[0].target == aten.permute.default and list(users[0].args[1])[-1] % len(shape_of(node)) != len(shape_of(node)) - 1):
-            break  # (a permute must keep the channels last)
+                not _keeps_channels_last(users[0])):
+            break
         node = users[0]
         cut = cut or len(shape_of(node)) != 4  # through a view such as [B, h/w', w', w/w', w', C]: a partition
         if cut and len(shape_of(node)) == 4 and shape_of(node)[-1] == shape_of(point)[-1]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import Graph, Node
 from torch.fx.passes.infra.pass_base import PassBase
+from torch.utils import _pytree as pytree
 
 from .. import merge
 from ..errors import UnsupportedModelError
@@ -537,7 +538,8 @@ class _Analysis:
         no input -- a learned relative-position table gathered to [.., N, N] (Swin, BEiT,
         MaxViT) -- is read per pair of merged tokens (``RestagePairTables``). A merged token
         stands for several positions; no entry is exact for it. The pair's tokens must be the
-        last two axes, the batch on its own axis, where the table has size 1."""
+        last two axes, the batch on its own axis, where the table has size 1 or one entry per
+        sample (HF BEiT expands its table to the batch)."""
         if node.target not in (aten.add.Tensor, aten.scaled_dot_product_attention.default) or depends_on_inputs(table):
             return False
         offset, shape = len(pairs.roles) - _ndim(table), shape_of(table)
@@ -549,12 +551,12 @@ class _Analysis:
                           "the batch axis (a mask per window, as Swin's shifted windows have): no rule reads it per "
                           "merged pair")
         if (batch is None or batch[1] != 1 or pairs.start or any(is_weights(r) for r in pairs.roles)
-                or (batch[0] >= offset and shape[batch[0] - offset] != 1)
+                or (batch[0] >= offset and shape[batch[0] - offset] not in (1, shape_of(node)[batch[0]]))
                 or any(holds(r, TOKEN) or r == GRID_INNER for r in pairs.roles[:-2])):
             return False
         if not _learned(table):
-            raise _Refuse(f"it adds `{table.name}`, a bias per (query, key) pair that no parameter feeds (a causal or "
-                          "other constant mask), which merged tokens must not average")
+            raise _Refuse(f"it adds `{table.name}`, a bias per (query, key) pair not computed from parameters alone (a "
+                          "causal, padding or shifted-window mask is in it), which merged tokens must not average")
         self.flow.pair_tables.append((node, table, pairs))
         return True
 
@@ -1221,17 +1223,54 @@ _JOINT_RULES = {_Analysis.pointwise, _Analysis.type_as, _Analysis.expand_as, _An
                 _Analysis.like, _Analysis.new_tensor, _Analysis.select, _Analysis.slice_scatter}
 
 
-def _learned(node: Node) -> bool:
-    """``node`` is computed from a parameter of the model (a learned table, not a constant mask)."""
-    module = node.graph.owning_module
-    for source in ancestors(node) | {node}:
-        if source.op == "get_attr" and module is not None:
-            try:
-                module.get_parameter(source.target)
-                return True
-            except AttributeError:
-                continue
-    return False
+_MASKING = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther}
+
+
+def _learned(node: Node, seen: dict | None = None) -> bool:
+    """``node`` is computed from parameters of the model (a learned table) and from no mask: each
+    term of a sum is learned, or a constant alike for every (query, key) pair (transformers adds
+    an all-true mask to BEiT's table), and no mask fills it (a causal, padding or shifted-window
+    mask is no learned entry)."""
+    seen = {} if seen is None else seen
+    if node in seen:
+        return seen[node]
+    module, learned = node.graph.owning_module, False
+    if node.op == "get_attr" and module is not None:
+        try:
+            module.get_parameter(node.target)
+            learned = True
+        except AttributeError:
+            pass
+    elif node.op == "call_function" and node.target not in _MASKING:
+        operands = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, Node)]
+        terms = [_learned(a, seen) for a in operands]
+        if node.target in (aten.add.Tensor, aten.sub.Tensor) and len(terms) == 2:
+            learned = any(terms) and all(t or _uniform_over_pairs(a) for t, a in zip(terms, operands))
+        else:
+            learned = any(terms)
+    seen[node] = learned
+    return learned
+
+
+def _uniform_over_pairs(node: Node) -> bool:
+    """``node`` (computed from no input and no parameter) holds one value over its last two axes."""
+    module, values = node.graph.owning_module, {}
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    try:
+        for current in sorted(ancestors(node) | {node}, key=order.__getitem__):
+            if current.op == "get_attr":
+                values[current] = module.get_buffer(current.target) if module is not None else None
+            elif current.op == "call_function":
+                args, kwargs = pytree.tree_map(lambda a: values[a] if isinstance(a, Node) else a,
+                                               (current.args, current.kwargs))
+                values[current] = current.target(*args, **kwargs)
+            else:
+                return False
+    except Exception:  # (anything that cannot be evaluated here is no known constant)
+        return False
+    value = values[node]
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and bool(
+        (value == value.flatten(-2)[..., :1].unsqueeze(-1)).all())
 
 
 class RefusedAt(UnsupportedModelError):

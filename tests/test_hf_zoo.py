@@ -1,0 +1,99 @@
+"""HF transformers' vision families beyond isotropic ViTs, as a new user calls them:
+``transform(model, 0.5)`` merges (per block where the stream cannot merge whole) or is
+refused naming its cause; r=0 is the original. Small configs from each family's own config
+class (values after transformers' model testers). This list is the source of the HF rows
+of docs/support.md (per-block families).
+"""
+
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+import tome_fx
+
+_STAGES = dict(image_size=32, hidden_sizes=[16, 32], depths=[1, 1], num_attention_heads=[1, 2], sr_ratios=[2, 1],
+               patch_sizes=[7, 3], strides=[4, 2], num_encoder_blocks=2, mlp_ratios=[2, 2])
+
+
+def _swin(whole=False):
+    """Two stages of windows of 4 x 4 tokens (the second block's shifted); ``whole``: one stage
+    whose window covers its 8 x 8 grid (no shift)."""
+    if whole:
+        return T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                                        window_size=8))
+    return T.SwinModel(T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 1], num_heads=[2, 2],
+                                    window_size=4))
+
+
+def _beit():
+    return T.BeitModel(T.BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, use_relative_position_bias=True))
+
+
+# family -> (model, the scheme it merges by or the refusal's words, what summary() says)
+FAMILIES = {
+    # windows merge within each window; the shifted windows' per-window mask leaves that attention unmerged
+    "SwinModel": (_swin, "block", ["encoder.layers.0.blocks.0: 256 tokens, 128 merged away in mlp",
+                                   "attn: 8 of 16 merged away in each of 16 windows",
+                                   "blocks.1: 256 tokens, 128 merged away in mlp", "attn not merged"]),
+    "Swinv2Model": (lambda: T.Swinv2Model(T.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 1],
+                                                         num_heads=[2, 2], window_size=4)),
+                    "block", ["attn: 8 of 16 merged away in each of 16 windows", "a mask per window"]),
+    # spatial-reduction attention: queries merge, keys pooled from every token; Mix-FFN convolves the grid
+    "PvtV2Model": (lambda: T.PvtV2Model(T.PvtV2Config(**_STAGES)), "block",
+                   ["encoder.layers.0.blocks.0: 64 tokens, 32 merged away in attn", "; mlp not merged"]),
+    "SegformerModel": (lambda: T.SegformerModel(T.SegformerConfig(**_STAGES, decoder_hidden_size=16)), "block",
+                       ["stages.0.blocks.0: 64 tokens, 32 merged away in attn", "for a convolution or pooling"]),
+    # its relative-position table (expanded to the batch) is read per merged pair; the class token stays out
+    "BeitModel": (_beit, "block", ["layers.0: 16 tokens, 8 merged away in attn, mlp"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_merges_or_is_refused_with_its_cause(family):
+    make, expected, said = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if expected not in ("stream", "block"):
+            with pytest.raises(tome_fx.UnsupportedModelError, match=expected):
+                tome_fx.transform(model, 0.5, example_inputs=x)
+            return
+        fast = tome_fx.transform(model, 0.5, example_inputs=x)
+        identity = tome_fx.transform(model, 0, example_inputs=x, scheme=expected)
+    assert isinstance(fast, tome_fx.ToMeModel if expected == "stream" else tome_fx.LocalToMe)
+    summary = fast.summary()
+    assert all(words in summary for words in said), summary
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        assert fast(x).last_hidden_state.shape == ref.shape
+        torch.testing.assert_close(identity(x).last_hidden_state, ref, rtol=0, atol=0)
+
+
+def _duplicated(patch: int) -> torch.Tensor:
+    """Images whose 2 x 2 patch cells hold one patch four times."""
+    return torch.randn(2, 3, 32 // (2 * patch), 32 // (2 * patch), dtype=torch.float64).repeat_interleave(
+        2 * patch, 2).repeat_interleave(2 * patch, 3)
+
+
+@pytest.mark.parametrize("family", ["SwinModel", "BeitModel"])
+def test_duplicated_cells_merge_exactly_with_the_tables_zeroed(family):
+    """A window that covers the grid (no shift) and relative-position tables zeroed: input
+    duplicated in 2 x 2 patch cells merges without changing any output (float64); BEiT's class
+    token stays out."""
+    torch.manual_seed(0)
+    model = (_swin(whole=True) if family == "SwinModel" else _beit()).eval().double()
+    for name, parameter in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            torch.nn.init.zeros_(parameter)
+    x = _duplicated(4 if family == "SwinModel" else 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = tome_fx.transform(model, 0.5, example_inputs=x)
+    assert "merged away in attn" in fast.summary() or "attn: " in fast.summary(), fast.summary()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, rtol=0, atol=1e-12)
