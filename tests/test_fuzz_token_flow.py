@@ -111,6 +111,9 @@ OPS = {
     "batch_norm": _batch_norm,
     "vector_norm": lambda t, k, p: torch.linalg.vector_norm(t, ord=(2, 1, 3, math.inf)[k % 4], dim=_dim(t, k)),
     "cross_covariance": _cross_covariance,
+    "hardswish": lambda t, k, p: F.hardswish(t),
+    # LeViT's linears: a per-channel op on the tokens flattened with the batch, then back by reshape_as
+    "fold_reshape_as": lambda t, k, p: (t.reshape(-1, t.shape[-1]) * p.gain[: t.shape[-1]]).reshape_as(t),
 }
 
 

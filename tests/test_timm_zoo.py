@@ -50,6 +50,12 @@ def _xcit():
     return Xcit(img_size=64, patch_size=8, embed_dim=16, depth=1, num_heads=2, cls_attn_layers=1, num_classes=3)
 
 
+def _visformer():
+    from timm.models.visformer import Visformer
+
+    return Visformer(img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1), num_heads=2, num_classes=3)
+
+
 def _davit():
     from timm.models.davit import DaVit
 
@@ -112,8 +118,11 @@ FAMILIES = {
     # pooled stages: the class token, projected, is joined again in front of the pooled grid, and stays out
     "pit": (_pit, 32, "block", ["transformers.0.blocks.0: 225 tokens, 112 merged away in attn, mlp",
                                 "transformers.1.blocks.0: 64 tokens, 32 merged away in attn, mlp"]),
-    # its linears run BatchNorm on the tokens flattened with the batch, then `reshape_as` back
-    "levit": (_levit, 64, "per block: .*`aten.reshape_as.default`", []),
+    # a convolutional hybrid: its stream stays [batch, channels, h, w]
+    "visformer": (_visformer, 64, r"whole-stream: .*is channels first.*; per block: .*is channels first", []),
+    # its linears run BatchNorm on the tokens flattened with the batch, then `reshape_as` back; the
+    # attention that downsamples between stages (a pooled residual) stays unmerged
+    "levit": (_levit, 64, "block", ["stages.0.blocks.0: 16 tokens, 8 merged away in attn, mlp"]),
 }
 
 

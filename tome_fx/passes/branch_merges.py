@@ -19,8 +19,8 @@ from torch.fx import GraphModule, Node
 from .. import merge
 from ..errors import UnsupportedModelError
 from .functional_writes import FunctionalWrites
-from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, find_attention_blocks, manual_attention,
-                          scales, why_no_blocks)
+from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, channels_first, channels_first_why,
+                          find_attention_blocks, manual_attention, scales, why_no_blocks)
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
@@ -426,6 +426,10 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     attentions = {b.attention for b in blocks}
     protected = _protected(blocks) if settings.grid_stream else {}
     for block in blocks:
+        if settings.grid_stream and channels_first(block.stream):
+            plans.append((block, BranchPlan(block.name, 0, 0, (), unmerged=f"every branch not merged: "
+                                            f"{channels_first_why(block.stream)}")))
+            continue
         h, w = _grid(block, settings, protected.get(block, 0))
         tokens = h * w
         r = int(tokens * settings.ratio)

@@ -24,7 +24,8 @@ from .attention_census import UnmergedAttention, unmerged_attention
 from .attention_masks import DropAllPassMasks, RestageMasks, shared_mask
 from .checkpoint_blocks import CheckpointBlocks
 from .functional_writes import FunctionalWrites
-from .find_blocks import AttentionBlock, SeparateChains, find_attention_blocks, why_no_blocks
+from .find_blocks import (AttentionBlock, SeparateChains, channels_first, channels_first_why, find_attention_blocks,
+                          why_no_blocks)
 from .graph_utils import ancestors, aten, describe, graph_copy, module_path, shape_of
 from .insert_merges import InsertMerges
 from .proportional_attention import ProportionalAttention, form_of
@@ -137,11 +138,14 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
         raise UnsupportedModelError(f"no attention block was found{where}: " + why_no_blocks(gm.graph, scope))
     for block in blocks:
         if block.not_one_sequence:
-            raise UnsupportedModelError(block.not_one_sequence + _GRID_HINT * (len(shape_of(block.stream)) == 4))
+            raise UnsupportedModelError(block.not_one_sequence + _GRID_HINT * (
+                len(shape_of(block.stream)) == 4 and not channels_first(block.stream)))
     masks = DropAllPassMasks(blocks)
     masks(gm)
     stream = blocks[0].stream
     stream_shape = shape_of(stream)
+    if channels_first(stream):
+        raise UnsupportedModelError(f"block {blocks[0].name}: {channels_first_why(stream)}")
     if len(stream_shape) != 3:
         raise UnsupportedModelError(
             f"block {blocks[0].name}: residual stream has shape {('batch', *stream_shape[1:])}; expected "

@@ -19,7 +19,7 @@ from torch.fx import Graph, Node
 
 from ..errors import UnsupportedModelError
 from .graph_utils import (VIEWS, aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
-                          module_path, tensor_meta)
+                          module_path, shape_of, tensor_meta)
 
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -515,6 +515,27 @@ def query_key_paths(graph: Graph) -> tuple[set[Node], dict[Node, Node]]:
         found |= (ancestors(queries) | {queries} | ancestors(keys) | {keys}) - ancestors(values) - {values}
         entries.update({queries: consumer, keys: consumer})
     return found, entries
+
+
+_CHANNELS_ON_DIM_1 = {aten.conv2d.default, aten.convolution.default, aten.batch_norm.default, aten.group_norm.default}
+
+
+def channels_first(stream: Node) -> bool:
+    """A 4-d stream laid out [batch, channels, h, w], as convolutional hybrids keep it (NextViT,
+    Visformer, FastViT, CoAtNet): a convolution or a batch/group norm reads it (their channels
+    are dim 1), or its last two axes are a square grid its dim 1 is not part of."""
+    shape = shape_of(stream)
+    if len(shape) != 4:
+        return False
+    if any(u.op == "call_function" and u.target in _CHANNELS_ON_DIM_1 and u.args[0] is stream for u in stream.users):
+        return True
+    return shape[2] == shape[3] != shape[1]
+
+
+def channels_first_why(stream: Node) -> str:
+    return (f"its residual stream {('batch', *shape_of(stream)[1:])} is channels first ([batch, channels, h, w], as "
+            "convolutional hybrids keep it: NextViT, Visformer, FastViT, CoAtNet); merging a channels-first stream "
+            "is not built")
 
 
 def why_no_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> str:

@@ -202,6 +202,8 @@ _POINTWISE_EXTRA = {
     aten.where.ScalarOther,
     aten.where.ScalarSelf,
 }
+# pointwise ops ATen does not tag so (LeViT's activation); not linear: weights through them are no weights
+_POINTWISE_UNTAGGED = {aten.hardswish.default, aten.hardswish_.default, aten.gelu_.default}
 # pointwise ops linear in their first operand: weights over tokens stay weights through them
 _SCALING = _POINTWISE_EXTRA | {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
 # reshapes whose arguments never spell out the token count
@@ -222,7 +224,7 @@ def _rule(*targets):
 
 
 def _is_pointwise(target) -> bool:
-    return target in _POINTWISE_EXTRA or (
+    return target in _POINTWISE_EXTRA or target in _POINTWISE_UNTAGGED or (
         isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
     )
 
@@ -810,6 +812,18 @@ class _Analysis:
             if node.target == aten.unflatten.int and any(holds(roles[j], TOKEN) for j in gj) and len(gj) > 1:
                 raise _Refuse("it unflattens an axis holding the tokens into sizes fixed at capture")
         return replace(src, roles=tuple(roles))
+
+    @_rule(aten.reshape_as.default)
+    def reshape_as(self, node: Node) -> Layout:
+        """Exact as a view (``reshape``'s rule) to the shape of a tensor that holds these very merged
+        tokens laid out alike (LeViT's linears: a batch norm over the tokens flattened with the
+        batch, then ``reshape_as`` back): that shape is read at run time."""
+        src, target = self.layout(node.args[0]), self.layout(node.args[1])
+        layout = self.reshape(node) if src is not None else None
+        if layout is None or target is None or layout.roles != target.roles or layout.size is not target.size:
+            raise _Refuse("it reshapes to the shape of another tensor, which does not hold these merged tokens "
+                          "laid out alike")
+        return layout
 
     def to_grid(self, node: Node, src: Layout, in_shape, out_shape) -> None:
         """Exact: a view that splits the token axis (back into a grid) reads the tokens
