@@ -1,8 +1,10 @@
 """Blocks written in forms block finding once missed, each refused with a wrong cause: soft-capped
 logits (VideoPrism's ``cap * tanh(logits / cap)``) and weights through ``nn.Dropout(inplace=True)``
 (TNT's), "multiplies two tensors ... with no softmax between them"; a residual scaled before the
-add (``x * gamma + branch``, CAFormer's ResScale), "the token count or width changes here". Each
-merges whole-stream now, exact on duplicate patches (float64, the fuzz test's oracle)."""
+add (``x * gamma + branch``, CAFormer's ResScale), "the token count or width changes here"; weights
+transposed into ``values @ weights^T`` (EfficientViT-M's), "its softmax weights go on through
+transpose". Each merges whole-stream now, exact on duplicate patches (float64, the fuzz test's
+oracle)."""
 
 import pytest
 import torch
@@ -29,6 +31,8 @@ class _Attention(nn.Module):
         weights = logits.softmax(-1)
         if self.form == "inplace_dropout":
             weights = self.drop(weights)
+        if self.form == "transposed_weights":  # values @ weights^T, tokens last (EfficientViT-M's, SHViT's)
+            return self.proj((v.transpose(-2, -1) @ weights.transpose(-2, -1)).permute(0, 3, 1, 2).reshape(b, n, c))
         return self.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
 
 
@@ -49,7 +53,7 @@ class _Vit(nn.Module):
         return x[:, 0]
 
 
-@pytest.mark.parametrize("form", ["soft_cap", "inplace_dropout", "res_scale"])
+@pytest.mark.parametrize("form", ["soft_cap", "inplace_dropout", "res_scale", "transposed_weights"])
 def test_attention_form_merges_exactly(form):
     model = _Vit(form).double().eval()
     x = torch.randn(2, PATCHES, 4, dtype=torch.float64)

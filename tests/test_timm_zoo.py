@@ -56,6 +56,12 @@ def _visformer():
     return Visformer(img_size=64, init_channels=8, embed_dim=48, depth=(1, 1, 1), num_heads=2, num_classes=3)
 
 
+def _mvitv2():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    return MultiScaleVit(MultiScaleVitCfg(depths=(2,), embed_dim=16, num_heads=1), img_size=64, num_classes=3)
+
+
 def _davit():
     from timm.models.davit import DaVit
 
@@ -118,6 +124,10 @@ FAMILIES = {
     # pooled stages: the class token, projected, is joined again in front of the pooled grid, and stays out
     "pit": (_pit, 32, "block", ["transformers.0.blocks.0: 225 tokens, 112 merged away in attn, mlp",
                                 "transformers.1.blocks.0: 64 tokens, 32 merged away in attn, mlp"]),
+    # pooling attention: its queries, keys and values are pooled from the grid by convolutions (its
+    # relative positions are written into its logits by an in-place copy); the MLPs merge
+    "mvitv2": (_mvitv2, 64, "block", ["stages.0.blocks.0: 256 tokens, 128 merged away in mlp",
+                                      "attn not merged", "attn.pool_q"]),
     # a convolutional hybrid: its stream stays [batch, channels, h, w]
     "visformer": (_visformer, 64, r"whole-stream: .*is channels first.*; per block: .*is channels first", []),
     # its linears run BatchNorm on the tokens flattened with the batch, then `reshape_as` back; the

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from torch.fx import Graph, Node
 
-from .find_blocks import (_LOGIT_OPS, _PASS_THROUGH, EINSUM, MATMUL, SDPA, SOFTMAX, _consumers, _scores_operands,
-                          _walk_back, in_scope, manual_attention)
-from .graph_utils import VIEWS, depends_on_inputs, describe, einsum_letters, module_path, shape_of
+from .find_blocks import (_LOGIT_OPS, _PASS_THROUGH, EINSUM, MATMUL, SDPA, SOFTMAX, _walk_back, in_scope,
+                          manual_attention, unrecognised_attention)
+from .graph_utils import VIEWS, describe, einsum_letters, module_path, shape_of
 
 
 @dataclass(frozen=True)
@@ -51,23 +51,6 @@ def attention_macs(attention: Node) -> int:
     return _product_macs(scores) + (_product_macs(found.output) if found else _product_macs(scores))
 
 
-def _unrecognised(softmax: Node) -> str | None:
-    """Why ``softmax`` is attention over a product of two computed tensors that block finding
-    does not take as one (its weights meet the values through other ops); None where it is
-    no such attention."""
-    scores = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | VIEWS)[0]
-    if scores.op != "call_function" or scores.target not in MATMUL | {EINSUM}:
-        return None
-    operands = _scores_operands(scores)
-    if operands is None or not all(depends_on_inputs(o) for o in operands[:2]) or manual_attention(softmax):
-        return None
-    users = [user for user, _ in _consumers(softmax, _PASS_THROUGH)]
-    through = ", ".join(sorted({str(u.target).replace("aten.", "") for u in users}))
-    return (f"its softmax weights go on through {through} rather than straight into a product with the values (as "
-            "gated positional attention mixes two softmaxes, ConViT's GPSA), a form not recognised as an attention "
-            "block, so its tokens do not merge")
-
-
 def unmerged_attention(graph: Graph, merged: set[Node], blocks: set[Node],
                        scope: tuple[str, ...] = ()) -> tuple[tuple[UnmergedAttention, ...], int]:
     """The attention ops in ``scope`` that no block holds (``blocks``: the blocks' attention
@@ -77,7 +60,7 @@ def unmerged_attention(graph: Graph, merged: set[Node], blocks: set[Node],
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in SDPA | SOFTMAX or not in_scope(module_path(node), scope):
             continue
-        why = None if node.target in SDPA or node in blocks else _unrecognised(node)
+        why = None if node.target in SDPA or node in blocks else unrecognised_attention(node)
         if node.target in SOFTMAX and why is None and node not in blocks:
             continue  # a softmax that is no self-attention (pooling, routing) or is a cross-attention's
         macs = attention_macs(node)

@@ -20,7 +20,8 @@ from .. import merge
 from ..errors import UnsupportedModelError
 from .functional_writes import FunctionalWrites
 from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, channels_first, channels_first_why,
-                          find_attention_blocks, manual_attention, scales, why_no_blocks)
+                          find_attention_blocks, first_unrecognised, manual_attention, scales,
+                          why_no_blocks)
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
 from .protected_tokens import count_protected_tokens
@@ -268,8 +269,9 @@ def _grid_use(regrid: Node, branch: Branch) -> str:
     """What a branch reshapes its merged tokens back to their grid for (why it needs them all)."""
     over = [n for n in descendants(regrid) if n in branch.nodes and n.op == "call_function" and n.target in _OVER_GRID]
     if over:
-        return (f"for a convolution or pooling over the grid ({describe(over[0])}: PVT v2's and Sana's Mix-FFN, a "
-                "convolutional position encoding), which needs every token")
+        return (f"for a convolution or pooling over the grid ({describe(over[0])}: a Mix-FFN's depthwise "
+                "convolution as PVT v2's and Sana's, a convolutional position encoding, MViT's pooled queries), which "
+                "needs every token")
     return ("to cut it into windows (attention within windows of a [batch, tokens, channels] sequence, Twins' "
             "locally-grouped attention): merging within windows is built for a [batch, h, w, channels] stream "
             "(Swin's, SAM's), not yet for a sequence")
@@ -419,8 +421,11 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     stage_changes = []
     blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes, sequential=False)
     if not blocks:
-        why = (f"every attention changes the token grid ({len(stage_changes)} stage changes, as in Hiera)"
-               if stage_changes else why_no_blocks(gm.graph))
+        why = why_no_blocks(gm.graph)
+        if stage_changes:
+            odd = first_unrecognised(gm.graph)
+            why = (f"every attention recognised changes the token grid ({len(stage_changes)} stage changes, as in "
+                   "Hiera)" + (f"; {odd}" if odd else ""))
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}

@@ -181,6 +181,12 @@ def apply_tome(gm: GraphModule, r: Schedule, *, prop_attn: bool | str, unmerge_o
             raise UnsupportedModelError(f"block {block.name}: {block.parallel}")
         if block_r and block.why_not_joined:
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
+        if block_r and 0 < keys < tokens and block.key_span == (0, 0):
+            raise UnsupportedModelError(
+                f"block {block.name}: its attention's keys hold {keys} tokens, pooled from its stream's {tokens} (PVT's "
+                "spatial-reduction or MViT's pooling attention): whole-stream merging would merge the stream the "
+                "pooling reads as a grid; per-block merging merges the queries and pools the keys from every token "
+                "(transform(model, ratio, scheme='block'))")
         if block_r and keys != tokens:
             raise UnsupportedModelError(
                 f"block {block.name}: its attention's keys hold {keys} tokens and its residual stream {tokens}, and "

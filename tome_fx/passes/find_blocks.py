@@ -31,7 +31,7 @@ _LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor
               aten.tanh.default}
 # (dropout_: nn.Dropout(inplace=True) on the weights, as TNT's)
 _PASS_THROUGH = {aten.dropout.default, aten.dropout_.default, aten._to_copy.default, aten.to.dtype,
-                 aten.type_as.default, aten.clone.default}
+                 aten.type_as.default, aten.clone.default, aten.alias.default}
 # views of the logits (SAM adds its decomposed relative positions on a [q_h, q_w, k_h, k_w] view)
 RESIDUAL_ADD = {aten.add.Tensor, aten.add_.Tensor}
 
@@ -128,6 +128,19 @@ def _values_of(product: Node, weights: Node) -> Node | None:
     return operands[1 - operands.index(weights)] if weights in operands and operands[0] is not operands[1] else None
 
 
+def _transposed_product(user: Node) -> tuple[Node, Node] | None:
+    """(product, values) where ``user`` transposes the weights' last two axes into ``values @
+    weights^T`` (EfficientViT-M's and SHViT's attention: the output holds the tokens last)."""
+    if user.op != "call_function" or user.target != aten.transpose.int:
+        return None
+    ndim = len(shape_of(user))
+    if sorted(d % ndim for d in user.args[1:3]) != [ndim - 2, ndim - 1]:
+        return None
+    found = [(p, p.args[0]) for p in user.users
+             if p.op == "call_function" and p.target in MATMUL and p.args[1] is user and p.args[0] is not user]
+    return found[0] if len(found) == 1 and len(user.users) == 1 else None
+
+
 @dataclass(frozen=True)
 class ManualAttention:
     queries: Node
@@ -148,6 +161,7 @@ def manual_attention(softmax: Node) -> ManualAttention | None:
         return None
     products = [(user, values) for user, read in _consumers(softmax, _PASS_THROUGH)
                 if (values := _values_of(user, read)) is not None]
+    products += [pair for user, _ in _consumers(softmax, _PASS_THROUGH) if (pair := _transposed_product(user))]
     if len(products) != 1:
         return None
     (output, values), (queries, keys, key_token_dim) = products[0], found
@@ -538,6 +552,39 @@ def channels_first_why(stream: Node) -> str:
             "is not built")
 
 
+def unrecognised_attention(softmax: Node) -> str | None:
+    """Why ``softmax`` is attention over a product of two computed tensors that block finding
+    does not take as one (its weights meet the values through other ops); None where it is
+    no such attention."""
+    scores = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | VIEWS)[0]
+    mixed = scores.op == "call_function" and scores.target in _CHANNELS_ON_DIM_1
+    if mixed:  # logits through a convolution over the heads (talking-heads attention)
+        scores = _walk_back(scores.args[0], _LOGIT_OPS | _PASS_THROUGH | VIEWS)[0]
+    if scores.op != "call_function" or scores.target not in MATMUL | {EINSUM}:
+        return None
+    operands = _scores_operands(scores)
+    if operands is None or not all(depends_on_inputs(o) for o in operands[:2]) or (manual_attention(softmax) and not mixed):
+        return None
+    if mixed:
+        return ("its logits and weights are mixed across heads by convolutions around the softmax (talking-heads "
+                "attention, EfficientFormer-v2's), a form not recognised as an attention block, so its tokens do not "
+                "merge")
+    users = [user for user, _ in _consumers(softmax, _PASS_THROUGH)]
+    through = ", ".join(sorted({str(u.target).replace("aten.", "") for u in users}))
+    return (f"its softmax weights go on through {through} rather than straight into a product with the values (as "
+            "gated positional attention mixes two softmaxes, ConViT's GPSA), a form not recognised as an attention "
+            "block, so its tokens do not merge")
+
+
+def first_unrecognised(graph: Graph, scope: tuple[str, ...] = ()) -> str | None:
+    """The first softmax attention in ``scope`` whose form is not recognised, and why; None if none."""
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target in SOFTMAX and in_scope(module_path(node), scope)
+                and (why := unrecognised_attention(node))):
+            return f"{describe(node)}: {why}"
+    return None
+
+
 def why_no_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> str:
     """What the graph holds instead of an attention block: attention whose output is added to
     no stream its keys come from (keys or queries pooled from the stream, MViT's), a product of
@@ -551,6 +598,8 @@ def why_no_blocks(graph: Graph, scope: tuple[str, ...] = ()) -> str:
         elif node.op == "call_function" and node.target in SDPA:
             attentions.append(node)
     attentions = [a for a in attentions if in_scope(module_path(a), scope)]
+    if odd := first_unrecognised(graph, scope):
+        return odd
     if attentions:
         return (f"{len(attentions)} attention ops (the first at {describe(attentions[0])}) are added to no residual "
                 "stream their keys are computed from: cross-attention, attention pooling, or keys and queries pooled "
