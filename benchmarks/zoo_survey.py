@@ -10,10 +10,15 @@ are kept beside the outcome.
 
     python benchmarks/zoo_survey.py            # writes benchmarks/results/zoo_survey.md
     python benchmarks/zoo_survey.py swin_tiny_patch4_window7_224 convit_tiny   # some only
+    python benchmarks/zoo_survey.py --hf       # HF transformers: benchmarks/results/zoo_survey_hf.md
+
+The HF models are ``benchmarks/hf_zoo.py``'s tiny configs, one per attention family (copies of
+another family's code and towers that pack a batch into one sequence left out), at r=0.5 only.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 import warnings
@@ -38,14 +43,16 @@ TIMM = [
 ]
 
 
-def _outcome(model: torch.nn.Module, x: torch.Tensor, r) -> tuple[str, str]:
-    """(outcome, detail) of ``transform(model, r)`` and one call."""
+def _outcome(model: torch.nn.Module, x: torch.Tensor | dict, r) -> tuple[str, str]:
+    """(outcome, detail) of ``transform(model, r)`` and one call; ``x``: the input, or keyword inputs."""
+    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             fast = tome_fx.transform(model, r, example_inputs=x)
             with torch.no_grad():
-                out, ref = fast(x), model(x)
+                out, ref = call(fast), call(model)
+            out, ref = (getattr(o, "last_hidden_state", o) for o in (out, ref))
         except tome_fx.UnsupportedModelError as error:
             return "refused", str(error)
         except Exception as error:  # a bug: reported as such
@@ -94,7 +101,44 @@ def main(names: list[str]) -> None:
         print("\n".join(lines))
 
 
+def main_hf(names: list[str]) -> None:
+    import transformers
+
+    import hf_zoo
+
+    chosen = names or [n for n in hf_zoo.HF if "copy" not in hf_zoo.FAMILY[n] and n not in hf_zoo.PACKED]
+    rows = []
+    for name in chosen:
+        start = time.perf_counter()
+        make, inputs = hf_zoo.HF[name]
+        model = make()
+        args, kwargs = inputs(2)
+        if kwargs or len(args) != 1:  # all by name
+            kwargs = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        rows.append((name, *_outcome(model, kwargs or args[0], 0.5)))
+        print(name, rows[-1][1], f"{time.perf_counter() - start:.0f} s", flush=True)
+    lines = ["# HF transformers zoo survey", "", f"`python benchmarks/zoo_survey.py --hf` (transformers "
+             f"{transformers.__version__}, torch {torch.__version__}, benchmarks/hf_zoo.py's tiny configs, random init, "
+             "batch 2, r=0.5, defaults: `scheme=\"auto\"`).", "", "| model | family | r=0.5 | detail |", "|---|---|---|---|"]
+    clean = lambda s: s.replace("|", "/").replace("\n", " ")[:400]  # noqa: E731
+    lines += [f"| {name} | {hf_zoo.FAMILY[name]} | {a} | {clean(d)} |" for name, a, d in rows]
+    counts = {}
+    for row in rows:
+        counts[row[1]] = counts.get(row[1], 0) + 1
+    lines += ["", "At r=0.5: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" of {len(rows)}."]
+    if not names:
+        out = Path(__file__).parent / "results" / "zoo_survey_hf.md"
+        out.write_text("\n".join(lines) + "\n")
+        print("wrote", out)
+    else:
+        print("\n".join(lines))
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    main(sys.argv[1:] or TIMM)
+    if sys.argv[1:2] == ["--hf"]:
+        sys.path.insert(0, str(Path(__file__).parent))
+        main_hf(sys.argv[2:])
+    else:
+        main(sys.argv[1:] or TIMM)
