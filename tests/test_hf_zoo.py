@@ -32,6 +32,12 @@ def _beit():
                                     num_attention_heads=2, intermediate_size=64, use_relative_position_bias=True))
 
 
+def _yolos():
+    return T.YolosModel(T.YolosConfig(image_size=[32, 32], patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, num_detection_tokens=3),
+                        add_pooling_layer=False)
+
+
 # family -> (model, the scheme it merges by or the refusal's words, what summary() says)
 FAMILIES = {
     # windows merge within each window; the shifted windows' per-window mask leaves that attention unmerged
@@ -46,6 +52,8 @@ FAMILIES = {
                    ["encoder.layers.0.blocks.0: 64 tokens, 32 merged away in attn", "; mlp not merged"]),
     "SegformerModel": (lambda: T.SegformerModel(T.SegformerConfig(**_STAGES, decoder_hidden_size=16)), "block",
                        ["stages.0.blocks.0: 64 tokens, 32 merged away in attn", "for a convolution or pooling"]),
+    # its detection tokens, after the patches, stay out as the class token in front does
+    "YolosModel": (_yolos, "block", ["encoder.layer.0: 16 tokens, 8 merged away in attn, mlp"]),
     # its relative-position table (expanded to the batch) is read per merged pair; the class token stays out
     "BeitModel": (_beit, "block", ["layers.0: 16 tokens, 8 merged away in attn, mlp"]),
 }
@@ -80,15 +88,15 @@ def _duplicated(patch: int) -> torch.Tensor:
         2 * patch, 2).repeat_interleave(2 * patch, 3)
 
 
-@pytest.mark.parametrize("family", ["SwinModel", "BeitModel"])
+@pytest.mark.parametrize("family", ["SwinModel", "BeitModel", "YolosModel"])
 def test_duplicated_cells_merge_exactly_with_the_tables_zeroed(family):
-    """A window that covers the grid (no shift) and relative-position tables zeroed: input
-    duplicated in 2 x 2 patch cells merges without changing any output (float64); BEiT's class
-    token stays out."""
+    """A window that covers the grid (no shift) and position tables zeroed: input duplicated in
+    2 x 2 patch cells merges without changing any output (float64); BEiT's class token and
+    YOLOS's detection tokens (after the patches) stay out."""
     torch.manual_seed(0)
-    model = (_swin(whole=True) if family == "SwinModel" else _beit()).eval().double()
+    model = {"SwinModel": lambda: _swin(whole=True), "BeitModel": _beit, "YolosModel": _yolos}[family]().eval().double()
     for name, parameter in model.named_parameters():
-        if "relative_position_bias_table" in name:
+        if "relative_position_bias_table" in name or name == "embeddings.position_embeddings":
             torch.nn.init.zeros_(parameter)
     x = _duplicated(4 if family == "SwinModel" else 8)
     with warnings.catch_warnings():

@@ -24,7 +24,7 @@ from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, ch
                           why_no_blocks)
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
-from .protected_tokens import count_protected_tokens
+from .protected_tokens import count_joined_tokens, count_protected_tokens
 from .relative_positions import RelativePositionBias, RestagePairTables, RestageRelativePositions, pair_grid
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
@@ -326,22 +326,24 @@ def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> 
     return order, (count // batch, h * w, r)
 
 
-def _grid(block: AttentionBlock, settings: BranchSettings, protected: int = 0) -> tuple[int, int]:
+def _grid(block: AttentionBlock, settings: BranchSettings, protected: tuple[int, int] = (0, 0)) -> tuple[int, int]:
     """The block's token grid (h, w); (0, 0) where it is too far below full resolution to merge.
     A stream [batch, h, w, channels] is its own grid (SAM); with ``grid_stream``, a sequence
-    [batch, protected + h * w, channels] is a square grid behind ``protected`` learned tokens
-    (PiT's class token); otherwise a sequence [batch, tokens, channels] is the full-resolution
+    [batch, lead + h * w + trail, channels] is a square grid between ``protected`` = (lead, trail)
+    learned tokens (PiT's class token, YOLOS's detection tokens); otherwise a sequence [batch, tokens, channels] is the full-resolution
     ``settings.grid`` downsampled to its count (a UNet's levels)."""
     shape = shape_of(block.stream)
     if settings.grid_stream and len(shape) == 4:
         return shape[1], shape[2]
     if settings.grid_stream and len(shape) == 3 and not block.unrolled:  # a square grid flattened (PVT's)
-        side = math.isqrt(shape[1] - protected)
-        if side * side != shape[1] - protected:
-            raise UnsupportedModelError(
-                f"block {block.name}: its {shape[1]} tokens are no square h x w grid" + (
-                    f" behind the {protected} learned tokens in front" if protected else "")
-                + ", and a sequence carries no other grid to match on")
+        lead, trail = protected
+        side = math.isqrt(shape[1] - lead - trail)
+        if side * side != shape[1] - lead - trail:
+            beside = " and ".join(([f"behind the {lead} learned tokens in front"] if lead else [])
+                                  + ([f"before the {trail} learned tokens after it"] if trail else []))
+            raise UnsupportedModelError(f"block {block.name}: its {shape[1]} tokens are no square h x w grid"
+                                        + (f" {beside}" if beside else "")
+                                        + ", and a sequence carries no other grid to match on")
         return side, side
     if len(shape) != 3 or settings.grid_stream:
         expected = "[batch, h, w, channels] or [batch, h * w, channels]" if settings.grid_stream else "[batch, tokens, channels]"
@@ -358,18 +360,33 @@ def _grid(block: AttentionBlock, settings: BranchSettings, protected: int = 0) -
     return h, w
 
 
-def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, int]:
-    """Learned tokens (a class token) in front of each block's sequence [batch, tokens, C]: those
-    of the stream it starts from, or of the latest earlier block of as many tokens whose output it
-    reads (a stream carries them from block to block; TNT runs two streams)."""
+def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, tuple[int, int]]:
+    """Learned tokens before and after each block's sequence [batch, tokens, C] (a class token;
+    YOLOS's detection tokens after the patches): those of the stream it starts from, or of the
+    latest earlier block of as many tokens whose output it reads (a stream carries them from
+    block to block; TNT runs two streams)."""
+    found: dict[AttentionBlock, tuple[int, int]] = {}
+    for block, lead in _leading(blocks).items():
+        appended = count_joined_tokens(block.stream, at_end=True)
+        upstream = ancestors(block.stream)
+        if not appended:  # carried from the latest earlier block of as many tokens
+            before = next((b for b in reversed(list(found)) if b.residual in upstream
+                           and shape_of(b.stream)[1:2] == shape_of(block.stream)[1:2]), None)
+            appended = found[before][1] if before is not None else 0
+        found[block] = (lead, appended)
+    return found
+
+
+def _leading(blocks: list[AttentionBlock]) -> dict[AttentionBlock, int]:
+    """Learned tokens in front of each block's sequence (see ``_protected``)."""
     found: dict[AttentionBlock, int] = {}
     for i, block in enumerate(blocks):
         if len(shape_of(block.stream)) != 3:
             continue
         try:
             found[block] = count_protected_tokens(block.stream)
-        except UnsupportedModelError:
-            found[block] = 0
+        except UnsupportedModelError:  # (learned tokens after the patches too: YOLOS's)
+            found[block] = count_joined_tokens(block.stream, at_end=False)
         if found[block]:
             continue
         stream = block.stream
@@ -435,7 +452,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
             plans.append((block, BranchPlan(block.name, 0, 0, (), unmerged=f"every branch not merged: "
                                             f"{channels_first_why(block.stream)}")))
             continue
-        h, w = _grid(block, settings, protected.get(block, 0))
+        h, w = _grid(block, settings, protected.get(block, (0, 0)))
         tokens = h * w
         r = int(tokens * settings.ratio)
         chosen = [b for b in find_branches(block, attentions - {block.attention})
@@ -454,7 +471,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 "[batch, h, w, kh, kw] grid of query and key positions, a relative-position bias in a form tome_fx "
                 "does not recognise (it reads the einsum form of segment_anything, HF SamModel and timm samvit); "
                 "merge the other branches alone (SAM: attn=False)", (block.name, "attn"))
-        if block.why_not_joined and block.joined == (0, 0) and not protected.get(block):
+        if block.why_not_joined and block.joined == (0, 0) and not any(protected.get(block, ())):
             raise UnsupportedModelError(f"block {block.name}: {block.why_not_joined}, so it cannot merge")
         r = min(r, tokens - (h // settings.sy) * (w // settings.sx))
         windows_at = {b: _window_point(b, _merge_point(b)) for b in chosen if settings.grid_stream and b.kind == "attn"}
@@ -467,11 +484,12 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         lead, trail = block.joined
         own = block.own_input if block.own_input is not None else block.stream  # FLUX's single blocks: its piece
         anchor = block.stream
-        if protected.get(block):  # learned tokens in front stay out, as joined ones do
-            lead = protected[block]
+        if any(protected.get(block, ())):  # learned tokens before and after stay out, as joined ones do
+            lead, trail = protected[block]
+            count = shape_of(block.stream)[1]
             with graph.inserting_after(block.stream):
-                own = anchor = graph.call_function(aten.slice.Tensor, (block.stream, 1, lead))
-            own.meta["val"] = block.stream.meta["val"][:, lead:]
+                own = anchor = graph.call_function(aten.slice.Tensor, (block.stream, 1, lead, count - trail))
+            own.meta["val"] = block.stream.meta["val"][:, lead:count - trail]
         with graph.inserting_after(anchor):
             order = graph.call_function(merge.grid_order, (own, h, w, settings.sx, settings.sy, r, settings.rand, tile))
         if matchings is not None:

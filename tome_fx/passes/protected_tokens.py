@@ -1,4 +1,4 @@
-"""Count the protected tokens: learned tokens put in front of the patch tokens.
+"""Count the protected tokens: learned tokens put in front of the patch tokens (or after them).
 
 Class, distillation and register tokens are parameters concatenated along the token
 axis before the first block. They are found structurally -- the leading positions of
@@ -28,6 +28,26 @@ _PER_TOKEN = {
 def count_protected_tokens(stream: Node) -> int:
     """Learned tokens at the front of the first block's residual stream ``stream`` [B, N, C]."""
     return _learned_prefix(stream)
+
+
+def count_joined_tokens(stream: Node, at_end: bool) -> int:
+    """Learned tokens joined by a cat along the tokens (followed back through per-token ops) at
+    the front of a residual stream [B, N, C], or with ``at_end`` at its end (YOLOS's detection
+    tokens after the patches, a class token before them)."""
+    node = stream
+    while node.op == "call_function" and node.target in _PER_TOKEN and depends_on_inputs(node):
+        data = [a for a in node.args if isinstance(a, Node) and depends_on_inputs(a)]
+        if len(data) != 1:
+            return 0
+        node = data[0]
+    if node.op != "call_function" or node.target != aten.cat.default or (node.args[1] if len(node.args) > 1 else 0) % 3 != 1:
+        return 0
+    joined = 0
+    for part in (reversed(node.args[0]) if at_end else node.args[0]):
+        if depends_on_inputs(part):
+            break
+        joined += _tokens(part)
+    return joined
 
 
 def _tokens(node: Node) -> int:
