@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import tome_fx
 from tome_fx.local import LocalToMe
@@ -138,6 +139,44 @@ def test_pooled_keys_see_every_token_while_the_queries_merge(linear):
     torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert (fast(x) - model(x)).abs().max() > 1e-9  # (random init: small attention outputs)
+
+
+class _WindowsAndChannels(torch.nn.Module):
+    """Florence-2's DaViT in small on a token sequence [B, 64, C] (an 8 x 8 grid): attention
+    within 4 x 4 windows cut straight to [windows * B, 16, C], then channel attention as sdpa
+    over [B, heads, channels, tokens] (the logits contract the tokens), then an MLP."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(3))
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h = self.norms[0](x).view(b, 2, 4, 2, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, c)
+        q, k, v = self.qkv[0](h).reshape(-1, 16, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 2, 2, 4, 4, c)
+        x = x + self.proj[0](h.permute(0, 1, 3, 2, 4, 5).reshape(b, n, c))
+        q, k, v = self.qkv[1](self.norms[1](x)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 4, 1)
+        h = F.scaled_dot_product_attention(q, k, v)  # [b, heads, channels, tokens]
+        x = x + self.proj[1](h.permute(0, 3, 1, 2).reshape(b, n, c))
+        return x + self.proj[2](self.norms[2](x))
+
+
+def test_windows_of_a_sequence_and_channel_attention_merge_exactly():
+    """Duplicated 2 x 2 cells of the grid: merging within each window and merging under channel
+    attention (its logits' sum over tokens weighted by size, its 1/sqrt(tokens) scale kept at
+    the captured count) change no output (float64)."""
+    torch.manual_seed(0)
+    model = _WindowsAndChannels().double().eval()
+    x = torch.randn(2, 4, 4, 8, dtype=torch.float64).repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(2, 64, 8)
+    fast, _ = _merging(0.5, model, x, scheme="block")
+    summary = fast.summary()
+    assert "attn: 8 of 16 merged away in each of 4 windows" in summary and "32 merged away in attn, mlp" in summary, summary
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
+    x = torch.randn(2, 64, 8, dtype=torch.float64)
+    assert (fast(x) - model(x)).abs().max() > 1e-6
 
 
 class _GridBlockWithLearnedBias(torch.nn.Module):

@@ -34,6 +34,19 @@ def reads_parameters(mask: Node) -> bool:
     return any(node.op == "get_attr" for node in ancestors(mask) | {mask})
 
 
+def _reads_learned(mask: Node) -> bool:
+    """``mask`` is computed from a parameter of the model (not from buffers and constants alone)."""
+    module = mask.graph.owning_module
+    for node in ancestors(mask) | {mask}:
+        if node.op == "get_attr" and module is not None:
+            try:
+                module.get_parameter(node.target)
+                return True
+            except AttributeError:
+                continue
+    return False
+
+
 _INDEXING = {aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.embedding.default}
 
 
@@ -51,6 +64,10 @@ def _unmergeable_bias(mask: Node, stream: Node) -> str | None:
     if any(node.op == "call_function" and node.target in _INDEXING for node in ancestors(mask) | {mask}):
         return ("its attention bias is read from a learned table by token position (a relative-position bias "
                 "table), which no longer lines up with the tokens once they merge")
+    if not _reads_learned(mask):
+        return (f"its attention mask (shape {tuple(tensor_meta(mask).shape)}) is a constant over token pairs, built "
+                "from token positions alone (a causal mask: autoregressive attention), which merged tokens no longer "
+                "have")
     return (f"its attention bias is a learned parameter over token pairs (shape {tuple(tensor_meta(mask).shape)}), "
             "which no longer lines up with the tokens once they merge")
 

@@ -241,22 +241,27 @@ def _keeps_channels_last(node: Node) -> bool:
     return True
 
 
-def _window_point(branch: Branch, point: Node) -> Node | None:
-    """Where an attention branch on a token grid holds its tokens cut into windows: the last
-    [windows * batch, h', w', channels] tensor that views, permutes and pads of ``point`` (its
-    norm) make on the way to the attention; None where it attends over the whole grid. It
-    merges there, within each window, so windows keep equal token counts and merged tokens
-    never cross a window border."""
-    node, found, cut = point, None, False
+def _window_point(branch: Branch, point: Node) -> tuple[Node, int, int] | None:
+    """Where an attention branch on a token grid holds its tokens cut into windows, and each
+    window's h' x w': the last [windows * batch, h', w', channels] tensor that views, permutes
+    and pads of ``point`` (its norm) make on the way to the attention, or [windows * batch,
+    h' * w', channels] straight from a [batch, h/h', w/w', h', w', channels] partition (Florence-2's
+    DaViT); None where it attends over the whole grid. It merges there, within each window, so
+    windows keep equal token counts and merged tokens never cross a window border."""
+    node, found, cut, channels = point, None, False, shape_of(point)[-1]
     while True:
         users = [u for u in node.users if u in branch.nodes]
         if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PARTITION or (
                 not _keeps_channels_last(users[0])):
             break
-        node = users[0]
-        cut = cut or len(shape_of(node)) != 4  # through a view such as [B, h/w', w', w/w', w', C]: a partition
-        if cut and len(shape_of(node)) == 4 and shape_of(node)[-1] == shape_of(point)[-1]:
-            found = node
+        before, node = shape_of(node), users[0]
+        shape = shape_of(node)
+        cut = cut or len(shape) != 4  # through a view such as [B, h/w', w', w/w', w', C]: a partition
+        if cut and len(shape) == 4 and shape[-1] == channels:
+            found = (node, shape[1], shape[2])
+        elif (cut and len(shape) == 3 and len(before) == 6 and shape[-1] == channels and before[-1] == channels
+              and shape[1] == before[3] * before[4] and shape[0] == math.prod(before[:3])):
+            found = (node, before[3], before[4])
     return found
 
 
@@ -312,11 +317,14 @@ def _matching_tile(block: AttentionBlock, branches: list[Branch], h: int, w: int
                f"tiling of its grid brings that under {_MATCHING_SHARE:.0%} of it")
 
 
-def _window_order(graph, window: Node, batch: int, settings: BranchSettings) -> tuple[Node, tuple[int, int, int]] | None:
-    """The matching within each window of ``window`` [windows * batch, h', w', channels] (the
-    same number of merges in each), and (windows, tokens in each, merged away in each); None
-    where windows are too small to merge in (no whole cell, or ``ratio`` rounds to no token)."""
-    count, h, w, _ = shape_of(window)
+def _window_order(graph, window: tuple[Node, int, int], batch: int,
+                  settings: BranchSettings) -> tuple[Node, tuple[int, int, int]] | None:
+    """The matching within each h' x w' window of ``window`` [windows * batch, h', w', channels]
+    or [windows * batch, h' * w', channels] (the same number of merges in each), and (windows,
+    tokens in each, merged away in each); None where windows are too small to merge in (no
+    whole cell, or ``ratio`` rounds to no token)."""
+    window, h, w = window
+    count = shape_of(window)[0]
     cells, wanted = (h // settings.sy) * (w // settings.sx), int(h * w * settings.ratio)
     if cells == 0 or wanted <= 0:
         return None
@@ -503,7 +511,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                 windowed = _window_order(graph, window, stream_shape[0], settings)
                 if windowed is None:
                     continue  # (the plan leaves this branch out)
-                point, point_shape = window, shape_of(window)
+                point, point_shape = window[0], shape_of(window[0])
                 branch_order, windows = windowed
             elif len(point_shape) not in (3, 4) or (point_shape[0], point_shape[-1], math.prod(point_shape[1:-1])) != (
                 stream_shape[0], stream_shape[-1], tokens + lead + trail

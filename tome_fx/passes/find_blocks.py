@@ -28,7 +28,7 @@ EINSUM = aten.einsum.default
 # ops allowed between the scores matmul and the softmax, and between softmax and the value matmul
 # (tanh: soft-capped logits, cap * tanh(logits / cap), as VideoPrism's)
 _LOGIT_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar,
-              aten.tanh.default}
+              aten.tanh.default, aten.where.self}
 # (dropout_: nn.Dropout(inplace=True) on the weights, as TNT's)
 _PASS_THROUGH = {aten.dropout.default, aten.dropout_.default, aten._to_copy.default, aten.to.dtype,
                  aten.type_as.default, aten.clone.default, aten.alias.default}
@@ -68,9 +68,14 @@ _MASKING = {aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar}
 
 
 def _walk_back(node: Node, through: set) -> tuple[Node, list[tuple[Node, Node]]]:
-    """Follow the first operand back through ``through``; also the tensors added or masked in."""
+    """Follow the first operand back through ``through`` (the kept values of a ``where``: a mask
+    chosen in, ImageGPT's causal one); also the tensors added or masked in."""
     masks = []
     while node.op == "call_function" and node.target in through:
+        if node.target == aten.where.self:
+            masks.append((node, node.args[0]))
+            node = node.args[1]
+            continue
         if node.target in _MASKING and isinstance(node.args[1], Node):
             masks.append((node, node.args[1]))
         node = node.args[0]
@@ -159,9 +164,9 @@ def manual_attention(softmax: Node) -> ManualAttention | None:
     found = _scores_operands(scores)
     if found is None:
         return None
-    products = [(user, values) for user, read in _consumers(softmax, _PASS_THROUGH)
-                if (values := _values_of(user, read)) is not None]
-    products += [pair for user, _ in _consumers(softmax, _PASS_THROUGH) if (pair := _transposed_product(user))]
+    consumers = _consumers(softmax, _PASS_THROUGH | VIEWS)  # (views: GroupViT's weights, reshaped for bmm)
+    products = [(user, values) for user, read in consumers if (values := _values_of(user, read)) is not None]
+    products += [pair for user, _ in consumers if (pair := _transposed_product(user))]
     if len(products) != 1:
         return None
     (output, values), (queries, keys, key_token_dim) = products[0], found

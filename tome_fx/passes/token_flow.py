@@ -39,8 +39,8 @@ from torch.utils import _pytree as pytree
 from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import query_key_paths
-from .graph_utils import (VIEWS, aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, is_assertion,
-                          reads_values, shape_of, tensor_meta)
+from .graph_utils import (VIEWS, aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, evaluate_constant,
+                          is_assertion, reads_values, shape_of, tensor_meta)
 
 BATCH, TOKEN = "batch", "token"
 
@@ -742,6 +742,8 @@ class _Analysis:
             pass
         elif isinstance(mask, Node) and (self.layout(mask) or tensor_meta(mask).shape[-1] != 1):
             raise _Refuse("an attention mask over keys that is not the one mask shared by every block")
+        if lq is not None and lk is not None and lv is not None and TOKEN == lq.roles[-1] == lk.roles[-1] == lv.roles[-1]:
+            return self.channel_sdpa(node, lq, lk)
         if (lk is None) != (lv is None) or (lk and (lk.roles[-2] != TOKEN or lv.roles[-2] != TOKEN)):
             raise _Refuse("keys and values must both carry the tokens on dim -2")
         if lk and lk.tokens != lv.tokens:
@@ -755,6 +757,22 @@ class _Analysis:
         if lq is None:
             return None
         return replace(lq, roles=lq.roles[:-1] + (None,))
+
+    def channel_sdpa(self, node: Node, lq: Layout, lk: Layout) -> Layout:
+        """Exact: channel attention as sdpa (Florence-2's DaViT), queries, keys and values
+        [batch, heads, channels, tokens]: the logits contract the tokens, a sum over them that
+        counts a merged token ``size`` times once the queries are scaled by size, and each
+        token's output reads its own values. Its default scale, 1/sqrt(tokens), is pinned to
+        the captured count (``WeightedReductions``)."""
+        if len(node.args) > 3 and node.args[3] is not None or node.kwargs.get("attn_mask") is not None:
+            raise _Refuse("channel attention (tokens last) with an attention mask")
+        if lq.size is not lk.size or lq.positions is not lk.positions:
+            raise _Refuse("channel attention over queries and keys merged apart")
+        if lq.batch_dim() is None:
+            raise _Refuse("channel attention whose batch axis is folded inside another axis")
+        self.no_joined(lq, "channel attention over")
+        self.flow.weightings.append(Weighting(node, 0, len(lq.roles) - 1))
+        return lq
 
     @staticmethod
     def pair_bias(mask: Layout | None, lq: Layout | None, lk: Layout | None) -> bool:
@@ -1268,21 +1286,10 @@ def _learned(node: Node, seen: dict | None = None) -> bool:
 
 def _uniform_over_pairs(node: Node) -> bool:
     """``node`` (computed from no input and no parameter) holds one value over its last two axes."""
-    module, values = node.graph.owning_module, {}
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
     try:
-        for current in sorted(ancestors(node) | {node}, key=order.__getitem__):
-            if current.op == "get_attr":
-                values[current] = module.get_buffer(current.target) if module is not None else None
-            elif current.op == "call_function":
-                args, kwargs = pytree.tree_map(lambda a: values[a] if isinstance(a, Node) else a,
-                                               (current.args, current.kwargs))
-                values[current] = current.target(*args, **kwargs)
-            else:
-                return False
+        value = evaluate_constant(node.graph.owning_module, node, 1)
     except Exception:  # (anything that cannot be evaluated here is no known constant)
         return False
-    value = values[node]
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and bool(
         (value == value.flatten(-2)[..., :1].unsqueeze(-1)).all())
 

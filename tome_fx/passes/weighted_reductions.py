@@ -2,7 +2,8 @@
 
 A mean over tokens becomes the size-weighted mean; a sum over tokens, or a matmul that
 contracts them (a Gram matrix ``x^T x``, second-order pooling), reads its operand
-scaled by size; a p-norm over them (XCiT's), scaled by size ** (1 / p). Which reductions need it comes from the token-flow analysis: sums over
+scaled by size (channel attention's queries, when sdpa contracts the tokens: Florence-2's DaViT);
+a p-norm over them (XCiT's), scaled by size ** (1 / p). Which reductions need it comes from the token-flow analysis: sums over
 weights over tokens (attention's weights x values) are exact as they are.
 """
 
@@ -12,7 +13,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import merge
-from .graph_utils import aten
+from .graph_utils import aten, tensor_meta
 from .token_flow import FlowPass
 
 
@@ -35,6 +36,9 @@ class WeightedReductions(FlowPass):
                     node.target, node.args, node.kwargs = merge.weighted_mean, (tokens, weight, list(node.args[1]), keepdim), {}
                 else:
                     scaled = graph.call_function(merge.scale_by_size, (tokens, layout.size, *where, weighting.power))
+                    if node.target == aten.scaled_dot_product_attention.default and node.kwargs.get("scale") is None:
+                        # channel attention: its default scale reads the (merged) token count; keep the captured one
+                        node.update_kwarg("scale", tensor_meta(tokens).shape[-1] ** -0.5)
                     if node.target == aten.einsum.default:
                         operands[weighting.operand] = scaled
                         node.update_arg(1, operands)
