@@ -157,3 +157,14 @@ def test_family_merges_or_is_refused_with_its_cause(family):
         ref = model(x)
         assert fast(x).shape == ref.shape
         torch.testing.assert_close(identity(x), ref, rtol=0, atol=0)
+
+
+def test_talking_heads_attention_is_named_where_nothing_merges():
+    """CaiT mixes its heads' logits and weights by linears around the softmax (talking heads),
+    a form not recognised; its class-attention blocks hold no grid to merge: the warning names
+    the talking heads, not a ratio that rounds to no token."""
+    from timm.models.cait import Cait
+
+    model = Cait(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, depth_token_only=1, num_classes=3)
+    with pytest.warns(UserWarning, match="merges no token.*talking-heads attention"):
+        tome_fx.transform(model.eval(), 0.5, example_inputs=torch.randn(2, 3, 32, 32), scheme="block")

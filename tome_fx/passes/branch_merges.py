@@ -420,10 +420,12 @@ def _downsample(block: AttentionBlock, settings: BranchSettings) -> int:
     return max(1, math.ceil(math.sqrt(settings.grid[0] * settings.grid[1] // (shape_of(block.stream)[1] - sum(block.joined)))))
 
 
-def _why_nothing_merges(blocks: list[AttentionBlock], plans: list, settings: BranchSettings) -> str:
+def _why_nothing_merges(graph, blocks: list[AttentionBlock], plans: list, settings: BranchSettings) -> str:
     """Why no block merged, and what would make one merge."""
     if plans:  # every block that would merge matches at a cost above what it saves
         return plans[0][1].unmerged
+    if odd := first_unrecognised(graph):  # the blocks found are not the model's main attention
+        return f"no block found has tokens to merge, and {odd}"
     if not settings.grid_stream and all(_downsample(b, settings) > settings.max_downsample for b in blocks):
         lowest = min(_downsample(b, settings) for b in blocks)
         return (f"every attention block is at least {lowest}x below full resolution (SDXL's first level has no "
@@ -449,8 +451,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         why = why_no_blocks(gm.graph)
         if stage_changes:
             odd = first_unrecognised(gm.graph)
-            why = (f"every attention recognised changes the token grid ({len(stage_changes)} stage changes, as in "
-                   "Hiera)" + (f"; {odd}" if odd else ""))
+            why = (f"every attention recognised changes the token grid or adds to a subset of its tokens "
+                   f"({len(stage_changes)}: {stage_changes[0].reason})" + (f"; {odd}" if odd else ""))
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     attentions = {b.attention for b in blocks}
@@ -598,7 +600,9 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     Unmerge(flow, outputs=False)(gm)
     graph.lint()
     gm.recompile()
-    kept = tuple(BranchPlan(change.name, 0, 0, (), unmerged="its block changes the token grid (a stage change: the "
-                            "residual is a projection or pooling of the block's input)") for change in stage_changes)
+    kept = tuple(BranchPlan(change.name, 0, 0, (), unmerged=(
+        "its residual adds to some of its input's tokens (a class token alone, or the patches without it), not the "
+        "whole stream" if change.subset else "its block changes the token grid (a stage change: the residual is a "
+        "projection or pooling of the block's input)")) for change in stage_changes)
     merging = [plan for _, plan in plans if plan.merged]
-    return tuple(plan for _, plan in plans) + kept, None if merging else _why_nothing_merges(blocks, plans, settings)
+    return tuple(plan for _, plan in plans) + kept, None if merging else _why_nothing_merges(graph, blocks, plans, settings)

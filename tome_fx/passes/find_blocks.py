@@ -241,8 +241,10 @@ def _other_residual(output: Node, keys: Node, graph_order: dict[Node, int]) -> t
     """Why the add after ``output`` is not this attention's residual connection, where its other
     operand is still computed from what the keys are computed from: ("parallel", add) where that
     operand is the stream with another branch added (SD3.5's dual attention: two attentions on
-    one normed input, added one after the other); ("changed", add) where it is a projection or
-    pooling of the block's input (a stage change, Hiera's)."""
+    one normed input, added one after the other); ("subset", add) where it is some of the block
+    input's tokens (the class token alone: CaiT's class attention, CrossViT's fusion, VOLO's
+    head; the patches alone: TimeSformer's divided attention); ("changed", add) where it is a
+    projection or pooling of the block's input (a stage change, Hiera's)."""
     key_ancestors = ancestors(keys) | {keys}
     for add, other in _adds_after(output, graph_order):
         if not ancestors(other) & key_ancestors:
@@ -253,7 +255,15 @@ def _other_residual(output: Node, keys: Node, graph_order: dict[Node, int]) -> t
             chain.add(node)
             if node.op == "call_function" and node.target in RESIDUAL_ADD | CASTS:
                 stack += [a for a in node.args[:2] if isinstance(a, Node) and a not in chain]
-        return ("parallel" if chain & key_ancestors else "changed"), add
+        if chain & key_ancestors:
+            return "parallel", add
+        node = _uncast(other)
+        while node.op == "call_function" and node.target in VIEWS | {aten.clone.default, aten.contiguous.default}:
+            node = node.args[0]
+        cut = node.op == "call_function" and (
+            node.target == aten.slice.Tensor and node.args[1] % len(shape_of(node)) == 1
+            or node.target == aten.select.int and node.args[1] % len(shape_of(node.args[0])) == 1)
+        return ("subset" if cut and ancestors(node) & key_ancestors else "changed"), add
     return None
 
 
@@ -408,11 +418,13 @@ class _Parallel:
 
 @dataclass(frozen=True)
 class StageChange:
-    """An attention whose block changes the token grid (Hiera's pooled stage transitions):
-    named, with why it is no block to merge in."""
+    """An attention whose block changes the token grid (Hiera's pooled stage transitions), or
+    whose residual adds to some of its input's tokens (``subset``: a class token alone): named,
+    with why it is no block to merge in."""
 
     name: str
     reason: str
+    subset: bool = False
 
 
 def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel | None:
@@ -455,11 +467,14 @@ def _block_at(node: Node, order: dict[Node, int]) -> AttentionBlock | _Parallel 
                 "branches on one input (SD3.5's dual attention) leave no single point between them to merge the "
                 "stream at; merge per block instead (tome_fx.sd.apply)")
         if other is not None:
+            why = ("is some of the block input's tokens, not all of them: the class token alone (CaiT's class "
+                   "attention, CrossViT's fusion, VOLO's class head) or the patches without it (TimeSformer's divided "
+                   "space-time attention)" if other[0] == "subset" else
+                   "is computed from the block's input (projected or pooled), not the input itself: the token count "
+                   "or width changes here, as between the stages of a hierarchical model (Hiera, MViT)")
             return StageChange(module_path(other[1]) or module_path(node) or node.name, (
                 f"attention at {describe(node)}: " + (f"{windowed}; and " if windowed else "")
-                + f"the residual added after it ({describe(other[1])}) is computed from the block's input (projected "
-                "or pooled), not the input itself: the token count or width changes here, as between the stages of "
-                "a hierarchical model (Hiera, MViT)"))
+                + f"the residual added after it ({describe(other[1])}) {why}"), other[0] == "subset")
         raise UnsupportedModelError(
             f"attention at {describe(node)} has no residual connection around it; "
             "token merging is defined for residual transformer blocks"
@@ -542,12 +557,16 @@ _CHANNELS_ON_DIM_1 = {aten.conv2d.default, aten.convolution.default, aten.batch_
 def channels_first(stream: Node) -> bool:
     """A 4-d stream laid out [batch, channels, h, w], as convolutional hybrids keep it (NextViT,
     Visformer, FastViT, CoAtNet): a convolution or a batch/group norm reads it (their channels
-    are dim 1), or its last two axes are a square grid its dim 1 is not part of."""
+    are dim 1), or, where no layer norm reads its last axis, its last two axes are a square grid
+    its dim 1 is not part of."""
     shape = shape_of(stream)
     if len(shape) != 4:
         return False
-    if any(u.op == "call_function" and u.target in _CHANNELS_ON_DIM_1 and u.args[0] is stream for u in stream.users):
+    readers = [u for u in stream.users if u.op == "call_function" and u.args and u.args[0] is stream]
+    if any(u.target in _CHANNELS_ON_DIM_1 for u in readers):
         return True
+    if any(u.target == aten.layer_norm.default for u in readers):  # normalised over its last axis: channels last
+        return False
     return shape[2] == shape[3] != shape[1]
 
 
@@ -561,19 +580,20 @@ def unrecognised_attention(softmax: Node) -> str | None:
     """Why ``softmax`` is attention over a product of two computed tensors that block finding
     does not take as one (its weights meet the values through other ops); None where it is
     no such attention."""
-    scores = _walk_back(softmax.args[0], _LOGIT_OPS | _PASS_THROUGH | VIEWS)[0]
-    mixed = scores.op == "call_function" and scores.target in _CHANNELS_ON_DIM_1
-    if mixed:  # logits through a convolution over the heads (talking-heads attention)
-        scores = _walk_back(scores.args[0], _LOGIT_OPS | _PASS_THROUGH | VIEWS)[0]
+    through = _LOGIT_OPS | _PASS_THROUGH | VIEWS | {aten.permute.default}
+    scores = _walk_back(softmax.args[0], through)[0]
+    mixed = scores.op == "call_function" and scores.target in _CHANNELS_ON_DIM_1 | {aten.linear.default}
+    if mixed:  # logits through a convolution or a linear over the heads (talking-heads attention)
+        scores = _walk_back(scores.args[0], through)[0]
     if scores.op != "call_function" or scores.target not in MATMUL | {EINSUM}:
         return None
     operands = _scores_operands(scores)
     if operands is None or not all(depends_on_inputs(o) for o in operands[:2]) or (manual_attention(softmax) and not mixed):
         return None
     if mixed:
-        return ("its logits and weights are mixed across heads by convolutions around the softmax (talking-heads "
-                "attention, EfficientFormer-v2's), a form not recognised as an attention block, so its tokens do not "
-                "merge")
+        return ("its logits and weights are mixed across heads around the softmax (talking-heads attention: "
+                "CaiT's linears over the heads, EfficientFormer-v2's convolutions), a form not recognised as an "
+                "attention block, so its tokens do not merge")
     users = [user for user, _ in _consumers(softmax, _PASS_THROUGH)]
     through = ", ".join(sorted({str(u.target).replace("aten.", "") for u in users}))
     return (f"its softmax weights go on through {through} rather than straight into a product with the values (as "
