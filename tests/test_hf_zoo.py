@@ -54,6 +54,14 @@ FAMILIES = {
                        ["stages.0.blocks.0: 64 tokens, 32 merged away in attn", "for a convolution or pooling"]),
     # its detection tokens, after the patches, stay out as the class token in front does
     "YolosModel": (_yolos, "block", ["encoder.layer.0: 16 tokens, 8 merged away in attn, mlp"]),
+    # the first stage's patches merge beside its group tokens (learned, after them); the later
+    # stages run on group tokens, no grid, and are named
+    "GroupViTVisionModel": (lambda: T.GroupViTVisionModel(T.GroupViTVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, depths=[1, 1, 1], num_hidden_layers=3,
+        num_group_tokens=[16, 8, 0], num_output_groups=[16, 8, 8], image_size=32, patch_size=4)), "block",
+        ["stages.0.layers.0: 64 tokens, 32 merged away in attn, mlp",
+         "stages.1.layers.0: not merged: every branch not merged: block vision_model.encoder.stages.1.layers.0: its "
+         "24 tokens are no square h x w grid"]),
     # its relative-position table (expanded to the batch) is read per merged pair; the class token stays out
     "BeitModel": (_beit, "block", ["layers.0: 16 tokens, 8 merged away in attn, mlp"]),
 }

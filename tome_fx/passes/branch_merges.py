@@ -56,6 +56,9 @@ class BranchSettings:
     skip: frozenset[tuple[str, str]] = frozenset()  # (block, branch key) branches left unmerged (``BranchRefused``)
 
 
+EVERY_BRANCH = "every branch"  # the branch key of a refusal that concerns a whole block (it has no grid)
+
+
 class BranchRefused(UnsupportedModelError):
     """A refusal that concerns one branch: ``branch`` is (block name, branch key). Leaving that
     branch out (``BranchSettings.skip``) may let the others merge."""
@@ -458,11 +461,17 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     attentions = {b.attention for b in blocks}
     protected = _protected(blocks) if settings.grid_stream else {}
     for block in blocks:
-        if settings.grid_stream and channels_first(block.stream):
-            plans.append((block, BranchPlan(block.name, 0, 0, (), unmerged=f"every branch not merged: "
-                                            f"{channels_first_why(block.stream)}")))
+        if (block.name, EVERY_BRANCH) in settings.skip:
             continue
-        h, w = _grid(block, settings, protected.get(block, (0, 0)))
+        try:
+            if settings.grid_stream and channels_first(block.stream):
+                raise UnsupportedModelError(channels_first_why(block.stream))
+            h, w = _grid(block, settings, protected.get(block, (0, 0)))
+        except UnsupportedModelError as why:
+            if not settings.grid_stream:
+                raise
+            # (each block reads its own grid: one that has none may leave the others to merge)
+            raise BranchRefused(str(why), (block.name, EVERY_BRANCH)) from None
         tokens = h * w
         r = int(tokens * settings.ratio)
         chosen = [b for b in find_branches(block, attentions - {block.attention})
