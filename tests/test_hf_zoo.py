@@ -12,6 +12,7 @@ import torch
 import transformers as T
 
 import tome_fx
+from zoo_checks import check_family
 
 _STAGES = dict(image_size=32, hidden_sizes=[16, 32], depths=[1, 1], num_attention_heads=[1, 2], sr_ratios=[2, 1],
                patch_sizes=[7, 3], strides=[4, 2], num_encoder_blocks=2, mlp_ratios=[2, 2])
@@ -71,23 +72,7 @@ FAMILIES = {
 def test_family_merges_or_is_refused_with_its_cause(family):
     make, expected, said = FAMILIES[family]
     torch.manual_seed(0)
-    model = make().eval()
-    x = torch.randn(2, 3, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if expected not in ("stream", "block"):
-            with pytest.raises(tome_fx.UnsupportedModelError, match=expected):
-                tome_fx.transform(model, 0.5, example_inputs=x)
-            return
-        fast = tome_fx.transform(model, 0.5, example_inputs=x)
-        identity = tome_fx.transform(model, 0, example_inputs=x, scheme=expected)
-    assert isinstance(fast, tome_fx.ToMeModel if expected == "stream" else tome_fx.LocalToMe)
-    summary = fast.summary()
-    assert all(words in summary for words in said), summary
-    with torch.no_grad():
-        ref = model(x).last_hidden_state
-        assert fast(x).last_hidden_state.shape == ref.shape
-        torch.testing.assert_close(identity(x).last_hidden_state, ref, rtol=0, atol=0)
+    check_family(make().eval(), torch.randn(2, 3, 32, 32), expected, said, lambda out: out.last_hidden_state)
 
 
 def _duplicated(patch: int) -> torch.Tensor:

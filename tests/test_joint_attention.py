@@ -141,7 +141,7 @@ def test_sd35_dual_attention_merges_per_block_and_is_refused_whole_stream():
         want = model(**x).sample
         torch.testing.assert_close(fast(**x).sample, want, rtol=1e-9, atol=1e-9)
         assert (tome_fx.sd.apply(model, 0.5, use_rand=False)(**x).sample - want).abs().max() > 1e-4
-    assert [p.merged for p in next(iter(fast.plans.values()))] == [("attn", "attn", "mlp"), ("attn", "mlp")]
+    assert [p.merged for p in next(iter(fast.plans.values()))] == [("attn", "attn 2", "mlp"), ("attn", "mlp")]
     with pytest.raises(tome_fx.UnsupportedModelError, match="parallel attention branches on one input"):
         tome_fx.transform(model, [4], example_inputs=x)
 

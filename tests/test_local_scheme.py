@@ -274,3 +274,23 @@ def test_a_plain_vit_accounts_for_every_attention():
     fast, said = _merging(2, model, torch.randn(2, 3, 32, 32))
     assert fast.plan.unmerged_attention == () and fast.plan.attention_macs > 0
     assert not any("attention ops run on every token" in s for s in said)
+
+
+class _SequenceFirst(torch.nn.Module):
+    """OpenAI CLIP's blocks: nn.MultiheadAttention without batch_first, on [tokens, batch, C]."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.norm, self.attn = torch.nn.LayerNorm(dim), torch.nn.MultiheadAttention(dim, 2)
+
+    def forward(self, x):
+        x = x.transpose(0, 1)
+        h = self.norm(x)
+        return (x + self.attn(h, h, h, need_weights=False)[0]).transpose(0, 1)
+
+
+def test_a_sequence_first_stream_is_named_not_read_as_a_grid():
+    """[tokens, batch, C]: per-block merging says it is sequence first, rather than reading the
+    batch as the token count ("its 2 tokens are no square grid")."""
+    with pytest.raises(tome_fx.UnsupportedModelError, match=r"\('tokens', 'batch', 8\) is sequence first"):
+        tome_fx.transform(_SequenceFirst().eval(), 0.5, example_inputs=torch.randn(2, 16, 8), scheme="block")

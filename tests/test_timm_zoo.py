@@ -6,12 +6,11 @@ Small configs (a few blocks, 32-64 px) from each family's own constructor. This 
 source of the timm rows of docs/support.md (per-block families).
 """
 
-import warnings
-
 import pytest
 import torch
 
 import tome_fx
+from zoo_checks import check_family
 
 timm = pytest.importorskip("timm")
 
@@ -139,24 +138,7 @@ FAMILIES = {
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_merges_or_is_refused_with_its_cause(family):
     make, size, expected, said = FAMILIES[family]
-    model = make().eval()
-    x = torch.randn(2, 3, size, size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if expected not in ("stream", "block"):
-            with pytest.raises(tome_fx.UnsupportedModelError, match=expected):
-                tome_fx.transform(model, 0.5, example_inputs=x)
-            return
-        fast = tome_fx.transform(model, 0.5, example_inputs=x)
-        identity = tome_fx.transform(model, 0, example_inputs=x, scheme=expected)
-    assert isinstance(fast, tome_fx.ToMeModel if expected == "stream" else tome_fx.LocalToMe)
-    if expected == "block":
-        assert any(p.merged for plan in fast.plans.values() for p in plan), fast.summary()
-        assert all(words in fast.summary() for words in said), fast.summary()
-    with torch.no_grad():
-        ref = model(x)
-        assert fast(x).shape == ref.shape
-        torch.testing.assert_close(identity(x), ref, rtol=0, atol=0)
+    check_family(make().eval(), torch.randn(2, 3, size, size), expected, said)
 
 
 def test_talking_heads_attention_is_named_where_nothing_merges():

@@ -14,6 +14,7 @@ import math
 import operator
 from dataclasses import dataclass
 
+import torch
 from torch.fx import GraphModule, Node
 
 from .. import merge
@@ -371,6 +372,12 @@ def _grid(block: AttentionBlock, settings: BranchSettings, protected: tuple[int,
     return h, w
 
 
+def _sequence_first(stream: Node, batch: int | None) -> bool:
+    """A stream [tokens, batch, channels]: its dim 1, not its dim 0, is the inputs' batch."""
+    shape = shape_of(stream)
+    return batch is not None and len(shape) == 3 and shape[1] == batch != shape[0]
+
+
 def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, tuple[int, int]]:
     """Learned tokens before and after each block's sequence [batch, tokens, C] (a class token;
     YOLOS's detection tokens after the patches): those of the stream it starts from, or of the
@@ -458,6 +465,8 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
                    f"({len(stage_changes)}: {stage_changes[0].reason})" + (f"; {odd}" if odd else ""))
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
+    batch = next((shape_of(n)[0] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta
+                  and isinstance(n.meta["val"], torch.Tensor) and n.meta["val"].dim()), None)
     attentions = {b.attention for b in blocks}
     protected = _protected(blocks) if settings.grid_stream else {}
     for block in blocks:
@@ -466,6 +475,11 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         try:
             if settings.grid_stream and channels_first(block.stream):
                 raise UnsupportedModelError(channels_first_why(block.stream))
+            if settings.grid_stream and _sequence_first(block.stream, batch):
+                raise UnsupportedModelError(
+                    f"its stream {('tokens', 'batch', *shape_of(block.stream)[2:])} is sequence first "
+                    "(nn.MultiheadAttention without batch_first, as OpenAI CLIP's); per-block merging reads "
+                    "[batch, tokens, channels]")
             h, w = _grid(block, settings, protected.get(block, (0, 0)))
         except UnsupportedModelError as why:
             if not settings.grid_stream:
