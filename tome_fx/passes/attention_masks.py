@@ -24,7 +24,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import SDPA, AttentionBlock
-from .graph_utils import aten, ancestors, depends_on_inputs, describe, evaluate_constant, is_assertion, tensor_meta
+from .graph_utils import (aten, ancestors, depends_on_inputs, describe, evaluate_constant, is_assertion, is_parameter,
+                          tensor_meta)
 from .token_flow import FlowPass, TokenFlow
 
 
@@ -32,19 +33,6 @@ def reads_parameters(mask: Node) -> bool:
     """Masks built from parameters or buffers (or that are one) may change after ``transform``:
     never dropped."""
     return any(node.op == "get_attr" for node in ancestors(mask) | {mask})
-
-
-def _reads_learned(mask: Node) -> bool:
-    """``mask`` is computed from a parameter of the model (not from buffers and constants alone)."""
-    module = mask.graph.owning_module
-    for node in ancestors(mask) | {mask}:
-        if node.op == "get_attr" and module is not None:
-            try:
-                module.get_parameter(node.target)
-                return True
-            except AttributeError:
-                continue
-    return False
 
 
 _INDEXING = {aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.embedding.default}
@@ -64,7 +52,7 @@ def _unmergeable_bias(mask: Node, stream: Node) -> str | None:
     if any(node.op == "call_function" and node.target in _INDEXING for node in ancestors(mask) | {mask}):
         return ("its attention bias is read from a learned table by token position (a relative-position bias "
                 "table), which no longer lines up with the tokens once they merge")
-    if not _reads_learned(mask):
+    if not any(is_parameter(node) for node in ancestors(mask) | {mask}):
         return (f"its attention mask (shape {tuple(tensor_meta(mask).shape)}) is a constant over token pairs, built "
                 "from token positions alone (a causal mask: autoregressive attention), which merged tokens no longer "
                 "have")

@@ -25,7 +25,7 @@ from .find_blocks import (CASTS, RESIDUAL_ADD, SDPA, SOFTMAX, AttentionBlock, ch
                           why_no_blocks)
 from .graph_utils import VIEWS, aten, ancestors, descendants, describe, reads_values, shape_of
 from .proportional_attention import ProportionalAttention, form_of
-from .protected_tokens import count_joined_tokens, count_protected_tokens
+from .protected_tokens import count_appended_tokens, count_protected_tokens
 from .relative_positions import RelativePositionBias, RestagePairTables, RestageRelativePositions, pair_grid
 from .repair_shapes import RepairShapes
 from .rotary_tables import RestageTables
@@ -338,13 +338,21 @@ def _window_order(graph, window: tuple[Node, int, int], batch: int,
     return order, (count // batch, h * w, r)
 
 
-def _grid(block: AttentionBlock, settings: BranchSettings, protected: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+def _grid(block: AttentionBlock, settings: BranchSettings, protected: tuple[int, int] = (0, 0),
+          batch: int | None = None) -> tuple[int, int]:
     """The block's token grid (h, w); (0, 0) where it is too far below full resolution to merge.
     A stream [batch, h, w, channels] is its own grid (SAM); with ``grid_stream``, a sequence
     [batch, lead + h * w + trail, channels] is a square grid between ``protected`` = (lead, trail)
     learned tokens (PiT's class token, YOLOS's detection tokens); otherwise a sequence [batch, tokens, channels] is the full-resolution
-    ``settings.grid`` downsampled to its count (a UNet's levels)."""
+    ``settings.grid`` downsampled to its count (a UNet's levels). A channels-first stream, or one
+    whose dim 1 is the inputs' ``batch`` (sequence first), has no grid read here."""
     shape = shape_of(block.stream)
+    if settings.grid_stream and channels_first(block.stream):
+        raise UnsupportedModelError(channels_first_why(block.stream))
+    if settings.grid_stream and batch is not None and len(shape) == 3 and shape[1] == batch != shape[0]:
+        raise UnsupportedModelError(
+            f"its stream {('tokens', 'batch', *shape[2:])} is sequence first (nn.MultiheadAttention without "
+            "batch_first, as OpenAI CLIP's); per-block merging reads [batch, tokens, channels]")
     if settings.grid_stream and len(shape) == 4:
         return shape[1], shape[2]
     if settings.grid_stream and len(shape) == 3 and not block.unrolled:  # a square grid flattened (PVT's)
@@ -372,52 +380,36 @@ def _grid(block: AttentionBlock, settings: BranchSettings, protected: tuple[int,
     return h, w
 
 
-def _sequence_first(stream: Node, batch: int | None) -> bool:
-    """A stream [tokens, batch, channels]: its dim 1, not its dim 0, is the inputs' batch."""
-    shape = shape_of(stream)
-    return batch is not None and len(shape) == 3 and shape[1] == batch != shape[0]
-
-
 def _protected(blocks: list[AttentionBlock]) -> dict[AttentionBlock, tuple[int, int]]:
     """Learned tokens before and after each block's sequence [batch, tokens, C] (a class token;
     YOLOS's detection tokens after the patches): those of the stream it starts from, or of the
     latest earlier block of as many tokens whose output it reads (a stream carries them from
     block to block; TNT runs two streams)."""
     found: dict[AttentionBlock, tuple[int, int]] = {}
-    for block, lead in _leading(blocks).items():
-        appended = count_joined_tokens(block.stream, at_end=True)
-        upstream = ancestors(block.stream)
-        if not appended:  # carried from the latest earlier block of as many tokens
-            before = next((b for b in reversed(list(found)) if b.residual in upstream
-                           and shape_of(b.stream)[1:2] == shape_of(block.stream)[1:2]), None)
-            appended = found[before][1] if before is not None else 0
-        found[block] = (lead, appended)
-    return found
-
-
-def _leading(blocks: list[AttentionBlock]) -> dict[AttentionBlock, int]:
-    """Learned tokens in front of each block's sequence (see ``_protected``)."""
-    found: dict[AttentionBlock, int] = {}
     for i, block in enumerate(blocks):
-        if len(shape_of(block.stream)) != 3:
+        stream = block.stream
+        if len(shape_of(stream)) != 3:
             continue
         try:
-            found[block] = count_protected_tokens(block.stream)
-        except UnsupportedModelError:  # (learned tokens after the patches too: YOLOS's)
-            found[block] = count_joined_tokens(block.stream, at_end=False)
-        if found[block]:
+            lead = count_protected_tokens(stream, appended=True)
+        except UnsupportedModelError:
+            lead = 0
+        trail = count_appended_tokens(stream)
+        if lead and trail:
+            found[block] = (lead, trail)
             continue
-        stream = block.stream
         upstream = ancestors(stream) | {stream}
         before = next((b for b in reversed(blocks[:i]) if b.residual in upstream
                        and shape_of(b.stream)[1:2] == shape_of(stream)[1:2]), None)
-        found[block] = found.get(before, 0)
-        if not found[block] and stream.op == "call_function" and stream.target == aten.cat.default and (
+        carried = found.get(before, (0, 0))
+        lead, trail = lead or carried[0], trail or carried[1]
+        if not lead and stream.op == "call_function" and stream.target == aten.cat.default and (
                 stream.args[1] if len(stream.args) > 1 else 0) % 3 == 1:
             # a stage joins its leading tokens back in front (PiT: the class token, projected, before the
             # pooled grid): as many as an earlier stage kept apart
-            lead = shape_of(stream.args[0][0])[1]
-            found[block] = lead if any(found.get(b) == lead for b in blocks[:i] if b.residual in upstream) else 0
+            joined = shape_of(stream.args[0][0])[1]
+            lead = joined if any(found.get(b, (0,))[0] == joined for b in blocks[:i] if b.residual in upstream) else 0
+        found[block] = (lead, trail)
     return found
 
 
@@ -458,11 +450,12 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
     stage_changes = []
     blocks = find_attention_blocks(gm.graph, stage_changes=stage_changes, sequential=False)
     if not blocks:
-        why = why_no_blocks(gm.graph)
         if stage_changes:
             odd = first_unrecognised(gm.graph)
             why = (f"every attention recognised changes the token grid or adds to a subset of its tokens "
                    f"({len(stage_changes)}: {stage_changes[0].reason})" + (f"; {odd}" if odd else ""))
+        else:
+            why = why_no_blocks(gm.graph)
         raise UnsupportedModelError(f"no attention block was found: {why}")
     graph, seeds, closing, plans = gm.graph, {}, [], []
     batch = next((shape_of(n)[0] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta
@@ -473,14 +466,7 @@ def apply_branch_tome(gm: GraphModule, settings: BranchSettings, *, prop_attn: b
         if (block.name, EVERY_BRANCH) in settings.skip:
             continue
         try:
-            if settings.grid_stream and channels_first(block.stream):
-                raise UnsupportedModelError(channels_first_why(block.stream))
-            if settings.grid_stream and _sequence_first(block.stream, batch):
-                raise UnsupportedModelError(
-                    f"its stream {('tokens', 'batch', *shape_of(block.stream)[2:])} is sequence first "
-                    "(nn.MultiheadAttention without batch_first, as OpenAI CLIP's); per-block merging reads "
-                    "[batch, tokens, channels]")
-            h, w = _grid(block, settings, protected.get(block, (0, 0)))
+            h, w = _grid(block, settings, protected.get(block, (0, 0)), batch)
         except UnsupportedModelError as why:
             if not settings.grid_stream:
                 raise

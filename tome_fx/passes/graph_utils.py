@@ -124,6 +124,18 @@ def evaluate_constant(gm: torch.fx.GraphModule, node: Node, batch: int) -> torch
     return env[node]
 
 
+def is_parameter(node: Node) -> bool:
+    """``node`` reads a parameter of its graph's module (learned; not a buffer or a constant)."""
+    module = node.graph.owning_module
+    if node.op != "get_attr" or module is None:
+        return False
+    try:
+        module.get_parameter(node.target)
+        return True
+    except AttributeError:
+        return False
+
+
 def _reads_shape_only(node: Node) -> bool:
     return node.op == "call_function" and node.target == aten.sym_size.int
 

@@ -25,62 +25,70 @@ _PER_TOKEN = {
 }
 
 
-def count_protected_tokens(stream: Node) -> int:
-    """Learned tokens at the front of the first block's residual stream ``stream`` [B, N, C]."""
-    return _learned_prefix(stream)
+def count_protected_tokens(stream: Node, appended: bool = False) -> int:
+    """Learned tokens at the front of the first block's residual stream ``stream`` [B, N, C];
+    ``appended``: learned tokens after the patches are let be (per-block merging keeps them out
+    too, ``count_appended_tokens``), else refused."""
+    return _learned_prefix(stream, appended)
 
 
-def count_joined_tokens(stream: Node, at_end: bool) -> int:
-    """Learned tokens joined by a cat along the tokens (followed back through per-token ops) at
-    the front of a residual stream [B, N, C], or with ``at_end`` at its end (YOLOS's detection
-    tokens after the patches, a class token before them)."""
+def count_appended_tokens(stream: Node) -> int:
+    """Learned tokens joined after the patches by a cat along the tokens (YOLOS's detection
+    tokens), followed back through per-token ops."""
     node = stream
-    while node.op == "call_function" and node.target in _PER_TOKEN and depends_on_inputs(node):
-        data = [a for a in node.args if isinstance(a, Node) and depends_on_inputs(a)]
-        if len(data) != 1:
-            return 0
-        node = data[0]
-    if node.op != "call_function" or node.target != aten.cat.default or (node.args[1] if len(node.args) > 1 else 0) % 3 != 1:
+    while node is not None and node.op == "call_function" and node.target in _PER_TOKEN and depends_on_inputs(node):
+        node = _data_operand(node)
+    if node is None or node.op != "call_function" or node.target != aten.cat.default or _cat_dim(node) % 3 != 1:
         return 0
-    joined = 0
-    for part in (reversed(node.args[0]) if at_end else node.args[0]):
+    appended = 0
+    for part in reversed(node.args[0]):
         if depends_on_inputs(part):
             break
-        joined += _tokens(part)
-    return joined
+        appended += _tokens(part)
+    return appended
 
 
 def _tokens(node: Node) -> int:
     return tensor_meta(node).shape[1]
 
 
-def _learned_prefix(node: Node) -> int:
+def _data_operand(node: Node) -> Node | None:
+    """The one operand of a per-token op that depends on the inputs (the others are learned)."""
+    data = [a for a in node.args if isinstance(a, Node) and depends_on_inputs(a)]
+    return data[0] if len(data) == 1 else None
+
+
+def _cat_dim(node: Node) -> int:
+    return node.args[1] if len(node.args) > 1 else 0
+
+
+def _learned_prefix(node: Node, appended: bool) -> int:
     """How many leading tokens (dim 1) of ``node`` do not depend on the inputs' values."""
     if not depends_on_inputs(node):
         return _tokens(node)
     if node.op != "call_function":
         return 0
     if node.target in _PER_TOKEN:
-        data = [a for a in node.args if isinstance(a, Node) and depends_on_inputs(a)]
-        return _learned_prefix(data[0]) if len(data) == 1 else 0
+        data = _data_operand(node)
+        return _learned_prefix(data, appended) if data is not None else 0
     if node.target == aten.slice.Tensor:
         if node.args[1] % 3 != 1:  # a slice of the batch or channels keeps every token
-            return _learned_prefix(node.args[0])
+            return _learned_prefix(node.args[0], appended)
         start = node.args[2] if len(node.args) > 2 and node.args[2] else 0
-        return max(min(_learned_prefix(node.args[0]) - start, _tokens(node)), 0)
+        return max(min(_learned_prefix(node.args[0], appended) - start, _tokens(node)), 0)
     if node.target == aten.cat.default:
-        return _cat_prefix(node)
+        return _cat_prefix(node, appended)
     return 0
 
 
-def _cat_prefix(node: Node) -> int:
-    parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+def _cat_prefix(node: Node, appended: bool) -> int:
+    parts, dim = node.args[0], _cat_dim(node)
     if dim % 3 != 1:
         raise UnsupportedModelError(f"{describe(node)}: tokens are assembled along dim {dim}, expected dim 1")
     prefix, complete = 0, True
     for part in parts:
-        learned = _learned_prefix(part)
-        if not complete and learned == _tokens(part):
+        learned = _learned_prefix(part, appended)
+        if not complete and learned == _tokens(part) and not appended:
             raise UnsupportedModelError(
                 f"{describe(node)}: learned tokens are appended after the patch tokens; "
                 "only learned tokens in front (class/distillation/register) can be protected"

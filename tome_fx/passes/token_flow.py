@@ -34,13 +34,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import Graph, Node
 from torch.fx.passes.infra.pass_base import PassBase
-from torch.utils import _pytree as pytree
 
 from .. import merge
 from ..errors import UnsupportedModelError
 from .find_blocks import query_key_paths
 from .graph_utils import (VIEWS, aten, ancestors, at_node, depends_on_inputs, describe, einsum_letters, evaluate_constant,
-                          is_assertion, reads_values, shape_of, tensor_meta)
+                          is_assertion, is_parameter, reads_values, shape_of, tensor_meta)
 
 BATCH, TOKEN = "batch", "token"
 
@@ -1266,15 +1265,9 @@ def _learned(node: Node, seen: dict | None = None) -> bool:
     seen = {} if seen is None else seen
     if node in seen:
         return seen[node]
-    module, learned = node.graph.owning_module, False
-    if node.op == "get_attr" and module is not None:
-        try:
-            module.get_parameter(node.target)
-            learned = True
-        except AttributeError:
-            pass
-    elif node.op == "call_function" and node.target not in _MASKING:
-        operands = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, Node)]
+    learned = is_parameter(node)
+    if node.op == "call_function" and node.target not in _MASKING:
+        operands = node.all_input_nodes
         terms = [_learned(a, seen) for a in operands]
         if node.target in (aten.add.Tensor, aten.sub.Tensor) and len(terms) == 2:
             learned = any(terms) and all(t or _uniform_over_pairs(a) for t, a in zip(terms, operands))
